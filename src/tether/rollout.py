@@ -1,0 +1,117 @@
+"""Typed containers that carry rollouts through a PPO step.
+
+Layout, for causal and seq2seq alike: prompts are a padded (b, p) block with `prompt_mask`;
+responses are a right-padded (b, t) block with `valid_mask`, 1 for every token the policy emitted
+up to and including its first EOS. Every per-token tensor in `Experience` is (b, t), aligned with
+the response. Masks name their polarity: 1 = keep.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Decoding for rollouts. PPO's ratios assume samples come from softmax(logits / temperature);
+    top-k / top-p truncate that distribution, so leave them off unless you mean it."""
+
+    max_new_tokens: int = 48
+    min_new_tokens: int = 0
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    do_sample: bool = True
+
+
+@dataclass
+class Rollout:
+    """What the policy generated for a batch of prompts.
+
+    Fields:
+        prompt_ids: (b, p) prompt tokens, left-padded for causal models.
+        prompt_mask: (b, p) 1 for real prompt tokens.
+        response_ids: (b, t) generated tokens, right-padded.
+        valid_mask: (b, t) 1 for generated tokens up to and including the first EOS.
+        prompts: the b prompt texts as the reward sees them (before any chat template).
+        completions: the b decoded responses (special tokens removed).
+    """
+
+    prompt_ids: torch.Tensor
+    prompt_mask: torch.Tensor
+    response_ids: torch.Tensor
+    valid_mask: torch.Tensor
+    prompts: list[str]
+    completions: list[str]
+
+    def __len__(self) -> int:
+        return self.response_ids.shape[0]
+
+    def select(self, idx: torch.Tensor) -> Rollout:
+        """Rows `idx`, with padding columns that no selected row uses trimmed away."""
+        idx_list = idx.tolist()
+        prompt_keep = self.prompt_mask[idx].bool().any(0)
+        t = int(self.valid_mask[idx].sum(-1).max().clamp(min=1))
+        return Rollout(
+            prompt_ids=self.prompt_ids[idx][:, prompt_keep],
+            prompt_mask=self.prompt_mask[idx][:, prompt_keep],
+            response_ids=self.response_ids[idx, :t],
+            valid_mask=self.valid_mask[idx, :t],
+            prompts=[self.prompts[i] for i in idx_list],
+            completions=[self.completions[i] for i in idx_list],
+        )
+
+
+@dataclass
+class Experience:
+    """A scored rollout with everything the PPO update needs. All tensors (b, t) unless noted.
+
+    Fields:
+        rollout: the generated batch.
+        old_logprobs: policy log-probs of the response tokens at rollout time.
+        ref_logprobs: reference (starting policy) log-probs of the same tokens.
+        old_values: value estimates at rollout time.
+        scores: (b,) reward-model scores.
+        kl: per-token KL estimate (the penalised quantity).
+        rewards: per-token shaped rewards.
+        advantages: GAE advantages (whitened if configured).
+        returns: value targets.
+    """
+
+    rollout: Rollout
+    old_logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    scores: torch.Tensor
+    kl: torch.Tensor
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+
+    def select(self, idx: torch.Tensor) -> Experience:
+        """Rows `idx` (a mini-batch), response columns trimmed like `Rollout.select`."""
+        rollout = self.rollout.select(idx)
+        t = rollout.response_ids.shape[1]
+        per_token = {
+            f.name: getattr(self, f.name)[idx, :t]
+            for f in fields(self)
+            if f.name not in ("rollout", "scores")
+        }
+        return replace(self, rollout=rollout, scores=self.scores[idx], **per_token)
+
+
+def response_valid_mask(response_ids: torch.Tensor, eos_token_ids: list[int]) -> torch.Tensor:
+    """1 for each generated token up to and including the first EOS, 0 after it.
+
+    Args:
+        response_ids: (b, t) generated tokens (generation pads finished rows with pad = often EOS).
+        eos_token_ids: ids that end a response.
+    Returns:
+        (b, t) long mask.
+    """
+    is_eos = torch.isin(response_ids, torch.tensor(eos_token_ids, device=response_ids.device))
+    # number of EOS strictly before position t; a token is valid while that count is 0
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()
+    return (eos_before == 0).long()

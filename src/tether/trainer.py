@@ -1,0 +1,386 @@
+"""The PPO loop: a thin orchestrator over the policy, the reward, the math and the run directory.
+
+One step: (1) rollout -> (2) score -> (3) log-probs, values, reference log-probs -> (4) KL-shaped
+rewards -> (5) GAE advantages -> (6) epochs x mini-batches of clipped updates -> (7) KL control
+-> (8) log and checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from tether import ppo
+from tether.config import TrainConfig, config_to_yaml
+from tether.data import PromptRecord, load_prompts
+from tether.errors import TetherError
+from tether.kl import KLController, make_kl_controller
+from tether.models import load_model
+from tether.policy import LoraSettings, Policy
+from tether.rewards import RewardModel, checked_scores, load_reward
+from tether.rollout import Experience, Rollout, SamplingParams
+from tether.rundir import RunDir, load_trainer_state, set_rng_state
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    metrics: list[dict[str, Any]]
+    policy: Policy
+
+
+def warn(msg: str) -> None:
+    """A warning that does not break the progress bar."""
+    tqdm.write(f"warning: {msg}", file=sys.stderr)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise TetherError(f"unknown device {name!r}; expected cpu, cuda, cuda:N or auto") from None
+
+
+def build_policy(cfg: TrainConfig) -> Policy:
+    loaded = load_model(cfg.policy, dtype=cfg.dtype, device=resolve_device(cfg.device))
+    lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    return Policy(
+        loaded,
+        lora=lora,
+        adapter=cfg.adapter,
+        reference=cfg.reference,
+        temperature=cfg.temperature,
+        max_prompt_tokens=cfg.max_prompt_tokens,
+        chat_template=cfg.chat_template,
+    )
+
+
+def sampling_params(cfg: TrainConfig) -> SamplingParams:
+    return SamplingParams(
+        cfg.max_new_tokens, cfg.min_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p
+    )
+
+
+def step_seed(seed: int, step: int) -> int:
+    """Each step reseeds from (seed, step), so a resumed run samples exactly what an
+    uninterrupted one would have, whatever happened to the RNG in between."""
+    return (seed * 1_000_003 + step) % (2**63)
+
+
+def batch_indices(n_prompts: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Prompts for `step`: consecutive slices of one seeded permutation per pass over the data
+    (derived from the step alone, so data order needs no state to resume)."""
+    out = []
+    start = step * batch_size
+    while len(out) < batch_size:
+        epoch, offset = divmod(start + len(out), n_prompts)
+        perm = torch.randperm(
+            n_prompts, generator=torch.Generator().manual_seed(seed * 7919 + epoch)
+        )
+        take = min(batch_size - len(out), n_prompts - offset)
+        out.extend(perm[offset : offset + take].tolist())
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# experience: steps 3-5
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def make_experience(
+    policy: Policy, rollout: Rollout, scores: list[float], kl_coef: float, cfg: TrainConfig
+) -> tuple[Experience, torch.Tensor]:
+    """Old log-probs + values (one pass), reference log-probs (one pass), rewards, advantages.
+
+    Returns the experience and the per-token entropy (b, t) of the rollout policy.
+    """
+    chunks = torch.arange(len(rollout)).split(cfg.forward_batch_size)
+    t = rollout.response_ids.shape[1]
+
+    def padded(x: torch.Tensor) -> torch.Tensor:  # (c, t') -> (c, t): chunks trim padding
+        return torch.nn.functional.pad(x, (0, t - x.shape[1]))
+
+    logprobs, values, entropy, ref_logprobs = [], [], [], []
+    for idx in chunks:
+        out = policy(rollout.select(idx))
+        logprobs.append(padded(out.logprobs))
+        values.append(padded(out.values))
+        entropy.append(padded(out.entropy))
+    with policy.reference():
+        for idx in chunks:
+            ref_logprobs.append(padded(policy(rollout.select(idx), with_values=False).logprobs))
+    old_logprobs, old_values = torch.cat(logprobs), torch.cat(values)
+    ref_lp, valid = torch.cat(ref_logprobs), rollout.valid_mask
+
+    score_t = torch.tensor(scores, dtype=torch.float32, device=old_logprobs.device)
+    kl = ppo.kl_estimate(old_logprobs, ref_lp, cfg.kl_estimator)
+    kl = torch.where(valid.bool(), kl, torch.zeros_like(kl))
+    rewards = ppo.shaped_rewards(score_t, kl, kl_coef, valid)
+    advantages, returns = ppo.gae_advantages(rewards, old_values, valid, cfg.gamma, cfg.lam)
+    if cfg.whiten_advantages:
+        advantages = ppo.masked_whiten(advantages, valid)
+    exp = Experience(
+        rollout, old_logprobs, ref_lp, old_values, score_t, kl, rewards, advantages, returns
+    )
+    return exp, torch.cat(entropy)
+
+
+# ----------------------------------------------------------------------------------------------
+# update: step 6
+# ----------------------------------------------------------------------------------------------
+
+
+def ppo_update(
+    policy: Policy,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    exp: Experience,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """Epochs x shuffled mini-batches of clipped policy + value updates.
+
+    The loss of a mini-batch is a token mean over the whole mini-batch even when it is split
+    into micro-batches, so gradient accumulation gives the same gradient as one big batch.
+    """
+    n = len(exp.rollout)
+    micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
+    params = policy.trainable_parameters()
+    sums = {
+        "policy_loss": 0.0,
+        "value_loss": 0.0,
+        "clipfrac": 0.0,
+        "approx_kl": 0.0,
+        "vf_clipfrac": 0.0,
+    }
+    n_minibatches, n_skipped, epochs_run, early_stopped = 0, 0, 0, False
+    for _epoch in range(cfg.ppo_epochs):
+        epochs_run += 1
+        for mb_idx in torch.randperm(n, generator=generator).split(cfg.mini_batch_size):
+            mb = exp.select(mb_idx)
+            n_valid = mb.rollout.valid_mask.sum().clamp(min=1)
+            optimizer.zero_grad(set_to_none=True)
+            mb_stats = {k: 0.0 for k in sums}
+            finite = True
+            for micro_idx in torch.arange(len(mb_idx)).split(micro):
+                mu = mb.select(micro_idx)
+                valid = mu.rollout.valid_mask
+                out = policy(mu.rollout)
+                pg, pg_clipped, _ = ppo.policy_loss(
+                    out.logprobs, mu.old_logprobs, mu.advantages, valid, cfg.cliprange
+                )
+                vf, vf_clipped = ppo.value_loss(
+                    out.values, mu.old_values, mu.returns, valid, cfg.cliprange_value
+                )
+                # token mean over the whole mini-batch: sum over this micro-batch / mini-batch count
+                pg_loss = ppo.masked_sum(pg, valid) / n_valid
+                vf_loss = ppo.masked_sum(vf, valid) / n_valid
+                loss = pg_loss + cfg.vf_coef * vf_loss
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                loss.backward()
+                with torch.no_grad():
+                    log_ratio = out.logprobs - mu.old_logprobs
+                    mb_stats["policy_loss"] += pg_loss.item()
+                    mb_stats["value_loss"] += vf_loss.item()
+                    mb_stats["clipfrac"] += (
+                        ppo.masked_sum(pg_clipped.float(), valid) / n_valid
+                    ).item()
+                    mb_stats["vf_clipfrac"] += (
+                        ppo.masked_sum(vf_clipped.float(), valid) / n_valid
+                    ).item()
+                    # approx KL(old || new) ~ 1/2 (log r)^2, the k2 estimator
+                    mb_stats["approx_kl"] += (
+                        ppo.masked_sum(0.5 * log_ratio**2, valid) / n_valid
+                    ).item()
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+            )
+            if not finite or not torch.isfinite(grad_norm):
+                optimizer.zero_grad(set_to_none=True)
+                n_skipped += 1
+                warn(
+                    f"skipped a mini-batch with a non-finite {'loss' if not finite else 'gradient'}"
+                )
+                continue
+            optimizer.step()
+            scheduler.step()
+            n_minibatches += 1
+            for k in sums:
+                sums[k] += mb_stats[k]
+            if cfg.early_stop_kl is not None and mb_stats["approx_kl"] > cfg.early_stop_kl:
+                early_stopped = True
+                break
+        if early_stopped:
+            break
+    stats = {k: v / max(n_minibatches, 1) for k, v in sums.items()}
+    stats.update(
+        skipped_minibatches=n_skipped, ppo_epochs_run=epochs_run, early_stopped=early_stopped
+    )
+    return stats
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+# ----------------------------------------------------------------------------------------------
+
+
+def train(
+    cfg: TrainConfig, reward: RewardModel | None = None, policy: Policy | None = None
+) -> TrainResult:
+    """Run PPO as configured; `reward` / `policy` may be passed in by library callers."""
+    run = RunDir(cfg.out)
+    config_yaml = config_to_yaml(cfg)
+    records = load_prompts(cfg.prompts)
+    reward = reward or load_reward(cfg.reward)
+    run.prepare(config_yaml, cfg.resume)
+    torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn at build time
+    policy = policy or build_policy(cfg)
+    sampling = sampling_params(cfg)
+
+    params = policy.trainable_parameters()
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    total_updates = cfg.steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
+    scheduler = get_scheduler(
+        cfg.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=total_updates
+    )
+    kl_ctl: KLController = make_kl_controller(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+
+    start_step = 0
+    if cfg.resume:
+        start_step = _restore(run, policy, optimizer, scheduler, kl_ctl)
+    metrics = [r for r in run.read_metrics() if r["step"] < start_step]
+
+    bar = tqdm(
+        range(start_step, cfg.steps),
+        desc="ppo",
+        unit="step",
+        disable=not cfg.progress,
+        initial=start_step,
+        total=cfg.steps,
+        file=sys.stderr,
+    )
+    for step in bar:
+        row = ppo_step(policy, reward, optimizer, scheduler, kl_ctl, records, sampling, cfg, step)
+        run.append_metrics(row)
+        metrics.append(row)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_mean']:.3f}")
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            run.save_checkpoint(step, policy.save, _trainer_state(optimizer, scheduler, kl_ctl))
+    bar.close()
+    run.save_final(policy.save, config_yaml)
+    return TrainResult(run.root, metrics, policy)
+
+
+def ppo_step(
+    policy: Policy,
+    reward: RewardModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    kl_ctl: KLController,
+    records: list[PromptRecord],
+    sampling: SamplingParams,
+    cfg: TrainConfig,
+    step: int,
+) -> dict[str, Any]:
+    """One PPO step; returns its metrics row."""
+    t0 = time.perf_counter()
+    torch.manual_seed(step_seed(cfg.seed, step))
+    batch = [records[i] for i in batch_indices(len(records), cfg.batch_size, cfg.seed, step)]
+
+    # 1. rollout
+    rollout, n_truncated = policy.generate([r.prompt for r in batch], sampling)
+    if n_truncated:
+        warn(
+            f"step {step}: {n_truncated} prompt(s) longer than max_prompt_tokens {cfg.max_prompt_tokens} were cut from the left"
+        )
+    t_gen = time.perf_counter()
+    # 2. score
+    scores = checked_scores(reward, rollout.prompts, rollout.completions)
+    t_score = time.perf_counter()
+    # 3-5. log-probs, values, reference, KL-shaped rewards, advantages
+    kl_coef = kl_ctl.value
+    exp, entropy = make_experience(policy, rollout, scores, kl_coef, cfg)
+    t_fwd = time.perf_counter()
+    # 6. update
+    gen = torch.Generator().manual_seed(step_seed(cfg.seed, step))
+    stats = ppo_update(policy, optimizer, scheduler, exp, cfg, gen)
+    t_update = time.perf_counter()
+    # 7. KL control, on the mean per-sequence KL of this batch
+    valid = rollout.valid_mask
+    seq_kl = ppo.masked_sum(exp.kl, valid, dim=1)
+    kl_ctl.update(seq_kl.mean().item(), cfg.batch_size)
+
+    # 8. metrics
+    score_t = exp.scores
+    return {
+        "step": step,
+        "reward_mean": score_t.mean().item(),
+        "reward_std": score_t.std().item() if len(score_t) > 1 else 0.0,
+        "kl_mean": seq_kl.mean().item(),
+        "kl_coef": kl_coef,
+        "policy_loss": stats["policy_loss"],
+        "value_loss": stats["value_loss"],
+        "clipfrac": stats["clipfrac"],
+        "vf_clipfrac": stats["vf_clipfrac"],
+        "approx_kl": stats["approx_kl"],
+        "entropy": ppo.masked_mean(entropy, valid).item(),
+        "explained_variance": ppo.explained_variance(exp.old_values, exp.returns, valid).item(),
+        "non_score_reward_mean": ppo.masked_sum(-kl_coef * exp.kl, valid, dim=1).mean().item(),
+        "response_len_mean": valid.sum(-1).float().mean().item(),
+        "skipped_minibatches": stats["skipped_minibatches"],
+        "ppo_epochs_run": stats["ppo_epochs_run"],
+        "lr": scheduler.get_last_lr()[0],
+        "truncated_prompts": n_truncated,
+        "step_seconds": time.perf_counter() - t0,
+        "gen_seconds": t_gen - t0,
+        "score_seconds": t_score - t_gen,
+        "forward_seconds": t_fwd - t_score,
+        "update_seconds": t_update - t_fwd,
+    }
+
+
+def _trainer_state(
+    optimizer: torch.optim.Optimizer, scheduler: Any, kl_ctl: KLController
+) -> dict[str, Any]:
+    return {
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler.state_dict(),
+        "kl_controller": kl_ctl.state_dict(),
+    }
+
+
+def _restore(
+    run: RunDir,
+    policy: Policy,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    kl_ctl: KLController,
+) -> int:
+    """Load the last complete checkpoint; returns the step to continue from."""
+    ckpt = run.latest_checkpoint()
+    if ckpt is None:
+        warn(f"--resume: no complete checkpoint in {run.root}; starting from step 0")
+        run.truncate_metrics(-1)
+        return 0
+    state = load_trainer_state(ckpt)
+    policy.load_trainable(ckpt)
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    kl_ctl.load_state_dict(state["kl_controller"])
+    set_rng_state(state["rng"])
+    run.truncate_metrics(state["step"])
+    tqdm.write(f"resumed from {ckpt} (step {state['step']})", file=sys.stderr)
+    return state["step"] + 1

@@ -1,0 +1,126 @@
+"""Tiny randomly initialised models (Llama-style causal, T5 seq2seq) with a character-level
+tokenizer, saved to a temp dir once per session: real Hugging Face code paths, seconds on CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+SPECIALS = ["<pad>", "</s>", "<s>", "<unk>"]
+CHARS = list(string.ascii_lowercase + " .,!?")
+
+
+def char_tokenizer():
+    """One token per character: a toy reward on characters is then directly learnable."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + CHARS)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tk.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
+    )
+
+
+def save_tiny_llama(path: Path, seed: int = 0) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = char_tokenizer()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+        initializer_range=0.3,
+    )
+    model = LlamaForCausalLM(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def save_tiny_t5(path: Path, seed: int = 0) -> Path:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    tok = char_tokenizer()
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=len(tok),
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=2,
+        num_decoder_layers=2,
+        num_heads=4,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+        initializer_factor=1.0,
+    )
+    model = T5ForConditionalGeneration(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="session")
+def tiny_t5(tmp_path_factory) -> Path:
+    return save_tiny_t5(tmp_path_factory.mktemp("tiny-t5"))
+
+
+@pytest.fixture(params=["llama", "t5"])
+def tiny_model(request, tiny_llama, tiny_t5) -> Path:
+    return {"llama": tiny_llama, "t5": tiny_t5}[request.param]
+
+
+@pytest.fixture
+def prompts_file(tmp_path) -> Path:
+    words = [
+        "hello there",
+        "how are you",
+        "tell me a story",
+        "the cat sat",
+        "good morning",
+        "what is this",
+        "once upon a time",
+        "see you soon",
+    ]
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": w}) + "\n" for w in words))
+    return path
+
+
+@pytest.fixture
+def reward_file(tmp_path) -> Path:
+    """Toy reward: the fraction of 'a' characters in the completion."""
+    path = tmp_path / "toy_reward.py"
+    path.write_text(
+        "def frac_a(prompts, completions):\n"
+        "    return [c.count('a') / max(len(c), 1) for c in completions]\n"
+        "def constant(prompts, completions):\n"
+        "    return [0.0 for _ in completions]\n"
+    )
+    return path

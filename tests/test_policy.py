@@ -1,0 +1,160 @@
+"""The policy interface: one forward pass, padding invariance, the shared reference."""
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from tether.models import load_model
+from tether.policy import Policy
+from tether.rollout import SamplingParams, response_valid_mask
+
+PROMPTS = ["hello", "how are you doing today", "a cat"]
+
+
+def _policy(path, **kw):
+    return Policy(load_model(str(path)), **kw)
+
+
+def test_padded_batch_equals_single_rows(tiny_model):
+    """Left/right padding and trimming must not change any row's log-probs or values."""
+    policy = _policy(tiny_model)
+    torch.manual_seed(0)
+    rollout, _ = policy.generate(PROMPTS, SamplingParams(max_new_tokens=10))
+    # LoRA B is zero at init: nudge the adapter and value head so the check is not trivial
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+        batch = policy(rollout)
+        for i in range(len(PROMPTS)):
+            row = rollout.select(torch.tensor([i]))
+            single = policy(row)
+            n = row.response_ids.shape[1]
+            torch.testing.assert_close(
+                single.logprobs[0], batch.logprobs[i, :n], atol=1e-5, rtol=1e-5
+            )
+            torch.testing.assert_close(single.values[0], batch.values[i, :n], atol=1e-5, rtol=1e-5)
+
+
+def test_reference_is_the_base_model_and_costs_no_copy(tiny_model):
+    policy = _policy(tiny_model)
+    plain = load_model(str(tiny_model))
+    torch.manual_seed(0)
+    rollout, _ = policy.generate(PROMPTS, SamplingParams(max_new_tokens=8))
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.2 * torch.randn_like(p))
+        trained = policy(rollout).logprobs
+        with policy.reference():
+            ref = policy(rollout, with_values=False).logprobs
+        # the same tokens scored by a separately loaded, adapter-free copy of the base
+        other = Policy(plain, reference="shared")
+        with other.reference():
+            expected = other(rollout, with_values=False).logprobs
+    valid = rollout.valid_mask.bool()
+    torch.testing.assert_close(ref[valid], expected[valid], atol=1e-5, rtol=1e-5)
+    assert (trained - ref)[valid].abs().max() > 1e-3  # the adapter really was off
+    # the shared reference holds no second set of base weights
+    n_base = sum(p.numel() for p in plain.model.parameters())
+    n_policy = sum(p.numel() for p in policy.parameters())
+    assert n_policy < 1.5 * n_base
+
+
+def test_only_lora_and_value_head_train(tiny_model):
+    policy = _policy(tiny_model)
+    names = [n for n, p in policy.named_parameters() if p.requires_grad]
+    assert names and all("lora_" in n or n.startswith("value_head") for n in names)
+    assert not policy.training  # dropout off
+
+
+def test_generation_respects_sampling_and_masks(tiny_llama):
+    policy = _policy(tiny_llama)
+    torch.manual_seed(0)
+    rollout, _ = policy.generate(PROMPTS, SamplingParams(max_new_tokens=6, min_new_tokens=6))
+    assert rollout.response_ids.shape == (3, 6)
+    assert rollout.valid_mask.sum(-1).tolist() == [6, 6, 6]  # min_new_tokens forbids early EOS
+    # greedy decoding is deterministic
+    a, _ = policy.generate(PROMPTS, SamplingParams(max_new_tokens=6, do_sample=False))
+    b, _ = policy.generate(PROMPTS, SamplingParams(max_new_tokens=6, do_sample=False))
+    assert torch.equal(a.response_ids, b.response_ids)
+
+
+def test_response_valid_mask_includes_first_eos_only():
+    ids = torch.tensor([[5, 6, 1, 1, 1], [1, 7, 7, 7, 7], [5, 5, 5, 5, 5]])
+    assert response_valid_mask(ids, [1]).tolist() == [
+        [1, 1, 1, 0, 0],
+        [1, 0, 0, 0, 0],
+        [1, 1, 1, 1, 1],
+    ]
+
+
+def test_prompt_truncation_is_counted(tiny_llama):
+    policy = _policy(tiny_llama, max_prompt_tokens=5)
+    ids, mask, n_cut = policy.encode_prompts(["abcdefghij", "abc"])
+    assert n_cut == 1 and ids.shape[1] == 5
+    # cut from the left: the end of the prompt survives
+    assert policy.tokenizer.decode(ids[0]) == "fghij"
+
+
+def test_starting_adapter_is_merged_so_reference_is_starting_policy(tiny_model, tmp_path):
+    """Start from a non-trivial SFT adapter: the reference must be that policy (KL ~ 0)."""
+    base = load_model(str(tiny_model)).model
+    sft = get_peft_model(
+        base,
+        LoraConfig(
+            r=4,
+            lora_alpha=8,
+            target_modules=["q", "v"] if base.config.is_encoder_decoder else ["q_proj", "v_proj"],
+        ),
+    )
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for n, p in sft.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    sft.save_pretrained(tmp_path / "sft")
+
+    policy = _policy(tiny_model, adapter=str(tmp_path / "sft"))
+    raw = _policy(tiny_model)
+    torch.manual_seed(0)
+    rollout, _ = policy.generate(PROMPTS, SamplingParams(max_new_tokens=8))
+    with torch.no_grad():
+        start = policy(rollout).logprobs
+        with policy.reference():
+            ref = policy(rollout, with_values=False).logprobs
+        with raw.reference():
+            raw_base = raw(rollout, with_values=False).logprobs
+    valid = rollout.valid_mask.bool()
+    assert (start - ref)[valid].abs().max() < 1e-5  # initial KL ~ 0
+    assert (start - raw_base)[valid].abs().max() > 1e-2  # and the adapter did change the model
+
+
+def test_save_and_load_trainable_round_trip(tiny_llama, tmp_path):
+    a = _policy(tiny_llama)
+    with torch.no_grad():
+        for p in a.trainable_parameters():
+            p.add_(torch.randn_like(p))
+    a.save(tmp_path / "ckpt")
+    b = _policy(tiny_llama)
+    b.load_trainable(tmp_path / "ckpt")
+    for pa, pb in zip(a.trainable_parameters(), b.trainable_parameters(), strict=True):
+        assert torch.equal(pa, pb)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+        "value_head.safetensors",
+    ]
+
+
+@pytest.mark.parametrize("reference", ["full-copy"])
+def test_full_copy_reference_matches_shared(tiny_llama, reference):
+    shared = _policy(tiny_llama)
+    copy = _policy(tiny_llama, reference=reference)
+    torch.manual_seed(0)
+    rollout, _ = shared.generate(PROMPTS, SamplingParams(max_new_tokens=8))
+    with torch.no_grad():
+        with shared.reference():
+            a = shared(rollout, with_values=False).logprobs
+        with copy.reference():
+            b = copy(rollout, with_values=False).logprobs
+    torch.testing.assert_close(a, b)

@@ -1,0 +1,223 @@
+"""End to end on tiny models: PPO learns a toy reward, the leash holds, invariances, resume."""
+
+import json
+import statistics
+
+import pytest
+import torch
+
+from tether.config import TrainConfig
+from tether.rewards.python import PythonReward
+from tether.trainer import batch_indices, build_policy, make_experience, ppo_update, train
+
+
+def _cfg(model, prompts, reward_file, out, **kw):
+    base = dict(
+        policy=str(model),
+        reward=f"python:{reward_file}:vowels",
+        prompts=f"jsonl:{prompts}",
+        out=str(out),
+        steps=40,
+        batch_size=32,
+        mini_batch_size=8,
+        max_new_tokens=16,
+        lr=5e-3,
+        lora_r=8,
+        progress=False,
+        save_every=0,
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+@pytest.fixture
+def vowel_reward(tmp_path):
+    path = tmp_path / "vowel_reward.py"
+    path.write_text(
+        "def vowels(prompts, completions):\n"
+        "    return [sum(ch in 'aeiou' for ch in c) / max(len(c), 1) for c in completions]\n"
+        "def constant(prompts, completions):\n"
+        "    return [0.0 for _ in completions]\n"
+    )
+    return path
+
+
+def test_ppo_raises_a_toy_reward(tiny_model, prompts_file, vowel_reward, tmp_path):
+    """The fraction of vowels must rise clearly above its starting level, KL staying finite."""
+    result = train(_cfg(tiny_model, prompts_file, vowel_reward, tmp_path / "run"))
+    rewards = [m["reward_mean"] for m in result.metrics]
+    first, last = statistics.mean(rewards[:5]), statistics.mean(rewards[-10:])
+    assert last > first + 0.1, f"reward did not rise: first5 {first:.3f}, last10 {last:.3f}"
+    kls = [m["kl_mean"] for m in result.metrics]
+    assert all(map(lambda k: k == k and abs(k) < 100, kls))
+    assert kls[0] == pytest.approx(0.0, abs=1e-4)  # step 0: the policy IS the reference
+
+
+def test_constant_reward_kl_control_keeps_policy_near_reference(
+    tiny_llama, prompts_file, vowel_reward, tmp_path
+):
+    """With nothing to gain, only the KL penalty acts: KL must stay small."""
+    cfg = _cfg(
+        tiny_llama,
+        prompts_file,
+        vowel_reward,
+        tmp_path / "run",
+        reward=f"python:{vowel_reward}:constant",
+        steps=15,
+        kl_coef=0.2,
+    )
+    kls = [m["kl_mean"] for m in train(cfg).metrics]
+    assert max(abs(k) for k in kls) < 0.5, kls
+
+
+def test_adaptive_kl_coefficient_rises_when_kl_exceeds_target(
+    tiny_llama, prompts_file, vowel_reward, tmp_path
+):
+    cfg = _cfg(
+        tiny_llama,
+        prompts_file,
+        vowel_reward,
+        tmp_path / "run",
+        steps=12,
+        target_kl=0.01,
+        kl_horizon=100,
+    )
+    coefs = [m["kl_coef"] for m in train(cfg).metrics]
+    assert coefs[0] == 0.05 and coefs[-1] > coefs[0]
+
+
+def test_metrics_and_run_directory(tiny_t5, prompts_file, vowel_reward, tmp_path):
+    out = tmp_path / "run"
+    train(
+        _cfg(
+            tiny_t5,
+            prompts_file,
+            vowel_reward,
+            out,
+            steps=4,
+            batch_size=8,
+            mini_batch_size=4,
+            save_every=2,
+        )
+    )
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    required = {
+        "step",
+        "reward_mean",
+        "reward_std",
+        "kl_mean",
+        "kl_coef",
+        "policy_loss",
+        "value_loss",
+        "clipfrac",
+        "approx_kl",
+        "entropy",
+        "response_len_mean",
+        "step_seconds",
+        "gen_seconds",
+    }
+    assert required <= rows[0].keys()
+    assert (out / "config.yaml").read_text().startswith("policy: ")
+    assert (out / "final" / "adapter_model.safetensors").is_file()
+    assert (out / "final" / "value_head.safetensors").is_file()
+    assert (out / "checkpoints" / "step-1" / "trainer_state.pt").is_file()
+    assert not (
+        out / "checkpoints" / "step-3"
+    ).exists()  # the last step is final/, not a checkpoint
+    assert not [p for p in out.rglob(".*tmp*")]
+
+
+def test_gradient_accumulation_equals_full_minibatch(
+    tiny_llama, prompts_file, vowel_reward, tmp_path
+):
+    """4 micro-batches of 2 must give the same update as one mini-batch of 8."""
+    reward = PythonReward.from_spec(f"{vowel_reward}:vowels")
+    results = []
+    for accum in (1, 4):
+        cfg = _cfg(
+            tiny_llama,
+            prompts_file,
+            vowel_reward,
+            tmp_path / f"r{accum}",
+            batch_size=8,
+            mini_batch_size=8,
+            gradient_accumulation_steps=accum,
+            ppo_epochs=1,
+        )
+        torch.manual_seed(0)
+        policy = build_policy(cfg)
+        torch.manual_seed(0)
+        rollout, _ = policy.generate(
+            ["hello there", "the cat sat", "good day", "see you"] * 2,
+            __import__("tether.trainer").trainer.sampling_params(cfg),
+        )
+        scores = reward.score(rollout.prompts, rollout.completions)
+        exp, _ = make_experience(policy, rollout, scores, 0.05, cfg)
+        opt = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+        stats = ppo_update(policy, opt, sched, exp, cfg, torch.Generator().manual_seed(0))
+        results.append(([p.detach().clone() for p in policy.trainable_parameters()], stats))
+    (p1, s1), (p4, s4) = results
+    for a, b in zip(p1, p4, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    assert s1["policy_loss"] == pytest.approx(s4["policy_loss"], abs=1e-5)
+
+
+def test_nan_loss_minibatch_is_skipped(tiny_llama, prompts_file, tmp_path, capsys):
+    path = tmp_path / "nan_reward.py"
+    path.write_text("def f(p, c):\n    return [1.0 for _ in c]\n")
+    cfg = _cfg(
+        tiny_llama,
+        prompts_file,
+        path,
+        tmp_path / "run",
+        reward=f"python:{path}:f",
+        batch_size=8,
+        mini_batch_size=4,
+        ppo_epochs=1,
+    )
+    policy = build_policy(cfg)
+    rollout, _ = policy.generate(
+        ["hello"] * 8, __import__("tether.trainer").trainer.sampling_params(cfg)
+    )
+    exp, _ = make_experience(policy, rollout, [1.0] * 8, 0.05, cfg)
+    exp.advantages[0, 0] = float("nan")  # poisons exactly one mini-batch (the one holding row 0)
+    before = [p.detach().clone() for p in policy.trainable_parameters()]
+    opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    stats = ppo_update(policy, opt, sched, exp, cfg, torch.Generator().manual_seed(0))
+    assert stats["skipped_minibatches"] == 1
+    assert "non-finite loss" in capsys.readouterr().err
+    after = policy.trainable_parameters()
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(
+        not torch.equal(a, b) for a, b in zip(before, after, strict=True)
+    )  # the other one stepped
+
+
+def test_resume_matches_uninterrupted_run(tiny_llama, prompts_file, vowel_reward, tmp_path):
+    kw = dict(steps=6, batch_size=8, mini_batch_size=4, save_every=3)
+    full = train(_cfg(tiny_llama, prompts_file, vowel_reward, tmp_path / "full", **kw))
+    # the "crashed" run stopped after step 4: checkpoint step-2 exists, metrics has rows 0..4
+    part_dir = tmp_path / "part"
+    train(_cfg(tiny_llama, prompts_file, vowel_reward, part_dir, **{**kw, "steps": 5}))
+    resumed = train(_cfg(tiny_llama, prompts_file, vowel_reward, part_dir, resume=True, **kw))
+    rows_full = [{k: v for k, v in r.items() if "seconds" not in k} for r in full.metrics]
+    rows_res = [json.loads(line) for line in (part_dir / "metrics.jsonl").read_text().splitlines()]
+    rows_res = [{k: v for k, v in r.items() if "seconds" not in k} for r in rows_res]
+    assert [r["step"] for r in rows_res] == list(range(6))
+    for a, b in zip(rows_full, rows_res, strict=True):
+        for k in a:
+            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+    for a, b in zip(
+        full.policy.trainable_parameters(), resumed.policy.trainable_parameters(), strict=True
+    ):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def test_batch_indices_cover_every_prompt_once_per_pass():
+    seen = [i for step in range(4) for i in batch_indices(10, 5, seed=3, step=step)]
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert batch_indices(10, 5, 3, 1) == batch_indices(10, 5, 3, 1)
+    assert len(batch_indices(3, 8, 0, 0)) == 8  # a batch bigger than the pool wraps around
