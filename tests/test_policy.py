@@ -19,7 +19,7 @@ def test_padded_batch_equals_single_rows(tiny_model):
     """Left/right padding and trimming must not change any row's log-probs or values."""
     policy = _policy(tiny_model)
     torch.manual_seed(0)
-    rollout, _ = policy.generate(PROMPTS, SamplingParams(max_new_tokens=10))
+    rollout, _, _ = policy.generate(PROMPTS, SamplingParams(max_new_tokens=10))
     # LoRA B is zero at init: nudge the adapter and value head so the check is not trivial
     with torch.no_grad():
         for p in policy.trainable_parameters():
@@ -39,7 +39,7 @@ def test_reference_is_the_base_model_and_costs_no_copy(tiny_model):
     policy = _policy(tiny_model)
     plain = load_model(str(tiny_model))
     torch.manual_seed(0)
-    rollout, _ = policy.generate(PROMPTS, SamplingParams(max_new_tokens=8))
+    rollout, _, _ = policy.generate(PROMPTS, SamplingParams(max_new_tokens=8))
     with torch.no_grad():
         for p in policy.trainable_parameters():
             p.add_(0.2 * torch.randn_like(p))
@@ -69,12 +69,12 @@ def test_only_lora_and_value_head_train(tiny_model):
 def test_generation_respects_sampling_and_masks(tiny_llama):
     policy = _policy(tiny_llama)
     torch.manual_seed(0)
-    rollout, _ = policy.generate(PROMPTS, SamplingParams(max_new_tokens=6, min_new_tokens=6))
+    rollout, _, _ = policy.generate(PROMPTS, SamplingParams(max_new_tokens=6, min_new_tokens=6))
     assert rollout.response_ids.shape == (3, 6)
     assert rollout.valid_mask.sum(-1).tolist() == [6, 6, 6]  # min_new_tokens forbids early EOS
     # greedy decoding is deterministic
-    a, _ = policy.generate(PROMPTS, SamplingParams(max_new_tokens=6, do_sample=False))
-    b, _ = policy.generate(PROMPTS, SamplingParams(max_new_tokens=6, do_sample=False))
+    a, _, _ = policy.generate(PROMPTS, SamplingParams(max_new_tokens=6, do_sample=False))
+    b, _, _ = policy.generate(PROMPTS, SamplingParams(max_new_tokens=6, do_sample=False))
     assert torch.equal(a.response_ids, b.response_ids)
 
 
@@ -116,7 +116,7 @@ def test_starting_adapter_is_merged_so_reference_is_starting_policy(tiny_model, 
     policy = _policy(tiny_model, adapter=str(tmp_path / "sft"))
     raw = _policy(tiny_model)
     torch.manual_seed(0)
-    rollout, _ = policy.generate(PROMPTS, SamplingParams(max_new_tokens=8))
+    rollout, _, _ = policy.generate(PROMPTS, SamplingParams(max_new_tokens=8))
     with torch.no_grad():
         start = policy(rollout).logprobs
         with policy.reference():
@@ -151,10 +151,28 @@ def test_full_copy_reference_matches_shared(tiny_llama, reference):
     shared = _policy(tiny_llama)
     copy = _policy(tiny_llama, reference=reference)
     torch.manual_seed(0)
-    rollout, _ = shared.generate(PROMPTS, SamplingParams(max_new_tokens=8))
+    rollout, _, _ = shared.generate(PROMPTS, SamplingParams(max_new_tokens=8))
     with torch.no_grad():
         with shared.reference():
             a = shared(rollout, with_values=False).logprobs
         with copy.reference():
             b = copy(rollout, with_values=False).logprobs
     torch.testing.assert_close(a, b)
+
+
+def test_generation_pass_gives_the_forward_logprobs_and_values(tiny_model):
+    """The rollout log-probs/values come from the sampling pass (no second forward): they must
+    equal what a full forward over prompt + response computes."""
+    policy = _policy(tiny_model, temperature=0.7)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    torch.manual_seed(0)
+    rollout, gen, _ = policy.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=0.7))
+    with torch.no_grad():
+        fwd = policy(rollout)
+    valid = rollout.valid_mask.bool()
+    torch.testing.assert_close(gen.logprobs[valid], fwd.logprobs[valid], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gen.values[valid], fwd.values[valid], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gen.entropy[valid], fwd.entropy[valid], atol=1e-4, rtol=1e-4)
+    assert (gen.logprobs[~valid] == 0).all()

@@ -35,7 +35,7 @@ def test_chat_prompt_keeps_inner_eos_and_generation_is_coherent(smollm2):
     inner_eos = (ids == 2) & mask.bool()
     assert inner_eos.sum(-1).min() >= 2  # system and user turns both end with <|im_end|>
     torch.manual_seed(0)
-    rollout, _ = policy.generate(
+    rollout, _, _ = policy.generate(
         ["Name a colour that the sky can have."], SamplingParams(max_new_tokens=16, do_sample=False)
     )
     assert "blue" in rollout.completions[0].lower()

@@ -8,7 +8,14 @@ import torch
 
 from tether.config import TrainConfig
 from tether.rewards.python import PythonReward
-from tether.trainer import batch_indices, build_policy, make_experience, ppo_update, train
+from tether.trainer import (
+    batch_indices,
+    build_policy,
+    make_experience,
+    ppo_update,
+    sampling_params,
+    train,
+)
 
 
 def _cfg(model, prompts, reward_file, out, **kw):
@@ -53,10 +60,12 @@ def test_ppo_raises_a_toy_reward(tiny_model, prompts_file, vowel_reward, tmp_pat
     assert kls[0] == pytest.approx(0.0, abs=1e-4)  # step 0: the policy IS the reference
 
 
-def test_constant_reward_kl_control_keeps_policy_near_reference(
-    tiny_llama, prompts_file, vowel_reward, tmp_path
+@pytest.mark.parametrize("kl_coef", [0.0, 0.5])
+def test_constant_reward_kl_penalty_alone_pulls_policy_back(
+    tiny_llama, prompts_file, vowel_reward, tmp_path, kl_coef
 ):
-    """With nothing to gain, only the KL penalty acts: KL must stay small."""
+    """Start the policy far from the reference (random LoRA B); with a constant reward the KL
+    penalty is the only signal: with it KL must shrink, without it KL must stay where it was."""
     cfg = _cfg(
         tiny_llama,
         prompts_file,
@@ -64,10 +73,21 @@ def test_constant_reward_kl_control_keeps_policy_near_reference(
         tmp_path / "run",
         reward=f"python:{vowel_reward}:constant",
         steps=15,
-        kl_coef=0.2,
+        kl_coef=kl_coef,
     )
-    kls = [m["kl_mean"] for m in train(cfg).metrics]
-    assert max(abs(k) for k in kls) < 0.5, kls
+    torch.manual_seed(0)
+    policy = build_policy(cfg)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.3)
+    kls = [m["kl_mean"] for m in train(cfg, policy=policy).metrics]
+    start, end = kls[0], statistics.mean(kls[-5:])
+    assert start > 5.0, kls  # the perturbation really moved the policy away
+    if kl_coef:
+        assert end < 0.4 * start, kls
+    else:
+        assert end > 0.7 * start, kls
 
 
 def test_adaptive_kl_coefficient_rises_when_kl_exceeds_target(
@@ -148,12 +168,11 @@ def test_gradient_accumulation_equals_full_minibatch(
         torch.manual_seed(0)
         policy = build_policy(cfg)
         torch.manual_seed(0)
-        rollout, _ = policy.generate(
-            ["hello there", "the cat sat", "good day", "see you"] * 2,
-            __import__("tether.trainer").trainer.sampling_params(cfg),
+        rollout, gen_out, _ = policy.generate(
+            ["hello there", "the cat sat", "good day", "see you"] * 2, sampling_params(cfg)
         )
         scores = reward.score(rollout.prompts, rollout.completions)
-        exp, _ = make_experience(policy, rollout, scores, 0.05, cfg)
+        exp = make_experience(policy, rollout, gen_out, scores, 0.05, cfg)
         opt = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         stats = ppo_update(policy, opt, sched, exp, cfg, torch.Generator().manual_seed(0))
@@ -178,10 +197,8 @@ def test_nan_loss_minibatch_is_skipped(tiny_llama, prompts_file, tmp_path, capsy
         ppo_epochs=1,
     )
     policy = build_policy(cfg)
-    rollout, _ = policy.generate(
-        ["hello"] * 8, __import__("tether.trainer").trainer.sampling_params(cfg)
-    )
-    exp, _ = make_experience(policy, rollout, [1.0] * 8, 0.05, cfg)
+    rollout, gen_out, _ = policy.generate(["hello"] * 8, sampling_params(cfg))
+    exp = make_experience(policy, rollout, gen_out, [1.0] * 8, 0.05, cfg)
     exp.advantages[0, 0] = float("nan")  # poisons exactly one mini-batch (the one holding row 0)
     before = [p.detach().clone() for p in policy.trainable_parameters()]
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-3)

@@ -117,6 +117,7 @@ class Policy(torch.nn.Module):
         # The lm_head's input is the final hidden state (after the last norm, and after T5's
         # d_model**-0.5 rescale): the value head reads it there, so one pass gives both.
         self._hidden: torch.Tensor | None = None
+        self._gen_hidden: list[torch.Tensor] | None = None
         base.get_output_embeddings().register_forward_pre_hook(self._capture_hidden)
         # Causal LMs that accept logits_to_keep skip the (b, p, v) prompt logits entirely.
         self._keeps_logits = (
@@ -135,7 +136,12 @@ class Policy(torch.nn.Module):
     # ------------------------------------------------------------------------------------------
 
     def _capture_hidden(self, module: torch.nn.Module, args: tuple) -> None:
-        self._hidden = args[0]
+        if self._gen_hidden is not None:
+            # during generate(): each decoding step feeds the lm_head the state that predicts
+            # the next token, i.e. exactly the state whose value PPO needs
+            self._gen_hidden.append(args[0][:, -1:])
+        else:
+            self._hidden = args[0]
 
     @property
     def device(self) -> torch.device:
@@ -199,11 +205,19 @@ class Policy(torch.nn.Module):
         return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device), n_truncated
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], sampling: SamplingParams) -> tuple[Rollout, int]:
+    def generate(
+        self, prompts: list[str], sampling: SamplingParams
+    ) -> tuple[Rollout, PolicyOutput, int]:
         """Sample one completion per prompt, batched, with the KV cache.
 
+        The sampling pass also yields what PPO needs from the rollout policy, so no second
+        forward is spent on it: log-probs of the sampled tokens (from the raw logits / temperature,
+        the distribution they were drawn from when top-k/top-p are off), entropy, and values from
+        the hidden states captured at the lm_head.
+
         Returns:
-            the rollout and the number of prompts truncated to max_prompt_tokens.
+            the rollout; its (b, t) log-probs, values (None for a full-copy reference), entropy;
+            and the number of prompts truncated to max_prompt_tokens.
         """
         prompt_ids, prompt_mask, n_truncated = self.encode_prompts(prompts)
         gen_cfg = GenerationConfig(
@@ -217,22 +231,43 @@ class Policy(torch.nn.Module):
             eos_token_id=self.eos_token_ids,
             decoder_start_token_id=self.decoder_start_token_id,
             use_cache=True,
+            output_logits=True,
+            return_dict_in_generate=True,
         )
         model = self._ref_model if self._use_copy else self.model
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
-            out = model.generate(
-                input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg
-            )
+        self._gen_hidden = []
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
+                out = model.generate(
+                    input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg
+                )
+        finally:
+            hidden_steps, self._gen_hidden = self._gen_hidden, None
         # causal: [prompt | response]; seq2seq: [decoder_start | response]
-        response_ids = out[:, 1:] if self.is_encoder_decoder else out[:, prompt_ids.shape[1] :]
-        if response_ids.shape[1] == 0:  # nothing generated at all: keep shapes (b, 1)
-            response_ids = torch.full_like(out[:, :1], self.eos_token_ids[0])
+        seq = out.sequences
+        response_ids = seq[:, 1:] if self.is_encoder_decoder else seq[:, prompt_ids.shape[1] :]
         valid_mask = response_valid_mask(response_ids, self.eos_token_ids)
         completions = self.decode(response_ids, valid_mask)
-        return Rollout(
+        rollout = Rollout(
             prompt_ids, prompt_mask, response_ids, valid_mask, list(prompts), completions
-        ), n_truncated
+        )
+
+        logits = torch.stack(out.logits, dim=1).float() / self.temperature  # (b, t, v)
+        logprobs = ppo.logprobs_from_logits(logits, response_ids)
+        entropy = ppo.entropy_from_logits(logits)
+        del logits, out
+        values = None
+        if len(hidden_steps) == response_ids.shape[1]:
+            values = self.value_head(torch.cat(hidden_steps, dim=1).float()).squeeze(-1)
+        zero = torch.zeros_like(logprobs)
+        keep = valid_mask.bool()
+        output = PolicyOutput(
+            torch.where(keep, logprobs, zero),
+            None if values is None else torch.where(keep, values, zero),
+            torch.where(keep, entropy, zero),
+        )
+        return rollout, output, n_truncated
 
     def decode(self, response_ids: torch.Tensor, valid_mask: torch.Tensor) -> list[str]:
         lengths = valid_mask.sum(-1).tolist()

@@ -24,7 +24,7 @@ from tether.data import PromptRecord, load_prompts
 from tether.errors import TetherError
 from tether.kl import KLController, make_kl_controller
 from tether.models import load_model
-from tether.policy import LoraSettings, Policy
+from tether.policy import LoraSettings, Policy, PolicyOutput
 from tether.rewards import RewardModel, checked_scores, load_reward
 from tether.rollout import Experience, Rollout, SamplingParams
 from tether.rundir import RunDir, load_trainer_state, set_rng_state
@@ -99,29 +99,25 @@ def batch_indices(n_prompts: int, batch_size: int, seed: int, step: int) -> list
 
 @torch.no_grad()
 def make_experience(
-    policy: Policy, rollout: Rollout, scores: list[float], kl_coef: float, cfg: TrainConfig
-) -> tuple[Experience, torch.Tensor]:
-    """Old log-probs + values (one pass), reference log-probs (one pass), rewards, advantages.
+    policy: Policy,
+    rollout: Rollout,
+    rollout_out: PolicyOutput,
+    scores: list[float],
+    kl_coef: float,
+    cfg: TrainConfig,
+) -> Experience:
+    """Reference log-probs (one pass, adapter disabled), KL-shaped rewards, advantages.
 
-    Returns the experience and the per-token entropy (b, t) of the rollout policy.
+    `rollout_out` holds the rollout policy's log-probs and values, taken from the sampling pass.
     """
-    chunks = torch.arange(len(rollout)).split(cfg.forward_batch_size)
     t = rollout.response_ids.shape[1]
-
-    def padded(x: torch.Tensor) -> torch.Tensor:  # (c, t') -> (c, t): chunks trim padding
-        return torch.nn.functional.pad(x, (0, t - x.shape[1]))
-
-    logprobs, values, entropy, ref_logprobs = [], [], [], []
-    for idx in chunks:
-        out = policy(rollout.select(idx))
-        logprobs.append(padded(out.logprobs))
-        values.append(padded(out.values))
-        entropy.append(padded(out.entropy))
+    ref_logprobs = []
     with policy.reference():
-        for idx in chunks:
-            ref_logprobs.append(padded(policy(rollout.select(idx), with_values=False).logprobs))
-    old_logprobs, old_values = torch.cat(logprobs), torch.cat(values)
+        for idx in torch.arange(len(rollout)).split(cfg.forward_batch_size):
+            lp = policy(rollout.select(idx), with_values=False).logprobs
+            ref_logprobs.append(torch.nn.functional.pad(lp, (0, t - lp.shape[1])))  # select() trims
     ref_lp, valid = torch.cat(ref_logprobs), rollout.valid_mask
+    old_logprobs, old_values = rollout_out.logprobs, rollout_out.values
 
     score_t = torch.tensor(scores, dtype=torch.float32, device=old_logprobs.device)
     kl = ppo.kl_estimate(old_logprobs, ref_lp, cfg.kl_estimator)
@@ -130,10 +126,9 @@ def make_experience(
     advantages, returns = ppo.gae_advantages(rewards, old_values, valid, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         advantages = ppo.masked_whiten(advantages, valid)
-    exp = Experience(
+    return Experience(
         rollout, old_logprobs, ref_lp, old_values, score_t, kl, rewards, advantages, returns
     )
-    return exp, torch.cat(entropy)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -301,7 +296,7 @@ def ppo_step(
     batch = [records[i] for i in batch_indices(len(records), cfg.batch_size, cfg.seed, step)]
 
     # 1. rollout
-    rollout, n_truncated = policy.generate([r.prompt for r in batch], sampling)
+    rollout, rollout_out, n_truncated = policy.generate([r.prompt for r in batch], sampling)
     if n_truncated:
         warn(
             f"step {step}: {n_truncated} prompt(s) longer than max_prompt_tokens {cfg.max_prompt_tokens} were cut from the left"
@@ -310,9 +305,9 @@ def ppo_step(
     # 2. score
     scores = checked_scores(reward, rollout.prompts, rollout.completions)
     t_score = time.perf_counter()
-    # 3-5. log-probs, values, reference, KL-shaped rewards, advantages
+    # 3-5. reference log-probs, KL-shaped rewards, advantages
     kl_coef = kl_ctl.value
-    exp, entropy = make_experience(policy, rollout, scores, kl_coef, cfg)
+    exp = make_experience(policy, rollout, rollout_out, scores, kl_coef, cfg)
     t_fwd = time.perf_counter()
     # 6. update
     gen = torch.Generator().manual_seed(step_seed(cfg.seed, step))
@@ -336,7 +331,7 @@ def ppo_step(
         "clipfrac": stats["clipfrac"],
         "vf_clipfrac": stats["vf_clipfrac"],
         "approx_kl": stats["approx_kl"],
-        "entropy": ppo.masked_mean(entropy, valid).item(),
+        "entropy": ppo.masked_mean(rollout_out.entropy, valid).item(),
         "explained_variance": ppo.explained_variance(exp.old_values, exp.returns, valid).item(),
         "non_score_reward_mean": ppo.masked_sum(-kl_coef * exp.kl, valid, dim=1).mean().item(),
         "response_len_mean": valid.sum(-1).float().mean().item(),
