@@ -36,9 +36,10 @@ def test_chat_prompt_keeps_inner_eos_and_generation_is_coherent(smollm2):
     assert inner_eos.sum(-1).min() >= 2  # system and user turns both end with <|im_end|>
     torch.manual_seed(0)
     rollout, _, _ = policy.generate(
-        ["Name a colour that the sky can have."], SamplingParams(max_new_tokens=16, do_sample=False)
+        ["What is the capital of France? Answer in one word."],
+        SamplingParams(max_new_tokens=16, do_sample=False),
     )
-    assert "blue" in rollout.completions[0].lower()
+    assert "paris" in rollout.completions[0].lower()
 
 
 def test_one_ppo_step_on_the_default(tmp_path):
