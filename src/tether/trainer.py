@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,8 @@ from tether.policy import LoraSettings, Policy, PolicyOutput
 from tether.rewards import RewardModel, checked_scores, load_reward
 from tether.rollout import Experience, Rollout, SamplingParams
 from tether.rundir import RunDir, load_trainer_state, set_rng_state
+
+Monitor = Callable[[list[str], list[str]], list[float]]  # (prompts, completions) -> values
 
 
 @dataclass
@@ -52,6 +55,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_policy(cfg: TrainConfig) -> Policy:
+    """The configured policy; seeded, because LoRA's A matrices are drawn at build time."""
+    torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.policy, dtype=cfg.dtype, device=resolve_device(cfg.device))
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     return Policy(
@@ -233,15 +238,25 @@ def ppo_update(
 
 
 def train(
-    cfg: TrainConfig, reward: RewardModel | None = None, policy: Policy | None = None
+    cfg: TrainConfig,
+    reward: RewardModel | None = None,
+    policy: Policy | None = None,
+    records: list[PromptRecord] | None = None,
+    monitors: dict[str, Monitor] | None = None,
+    prepared: bool = False,
 ) -> TrainResult:
-    """Run PPO as configured; `reward` / `policy` may be passed in by library callers."""
+    """Run PPO as configured.
+
+    Library callers may pass a built `reward`, `policy` or prompt `records`, and `monitors`:
+    extra per-completion numbers (e.g. a gold judge's toxicity) logged as batch means each step.
+    `prepared` says the caller already set up the run directory (detox does).
+    """
     run = RunDir(cfg.out)
     config_yaml = config_to_yaml(cfg)
-    records = load_prompts(cfg.prompts)
+    records = records or load_prompts(cfg.prompts)
     reward = reward or load_reward(cfg.reward)
-    run.prepare(config_yaml, cfg.resume)
-    torch.manual_seed(cfg.seed)  # LoRA A matrices are drawn at build time
+    if not prepared:
+        run.prepare(config_yaml, cfg.resume)
     policy = policy or build_policy(cfg)
     sampling = sampling_params(cfg)
 
@@ -268,10 +283,16 @@ def train(
         file=sys.stderr,
     )
     for step in bar:
-        row = ppo_step(policy, reward, optimizer, scheduler, kl_ctl, records, sampling, cfg, step)
+        row = ppo_step(
+            policy, reward, optimizer, scheduler, kl_ctl, records, sampling, cfg, step, monitors
+        )
         run.append_metrics(row)
         metrics.append(row)
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", kl=f"{row['kl_mean']:.3f}")
+        bar.set_postfix(
+            reward=f"{row['reward_mean']:.3f}",
+            kl=f"{row['kl_mean']:.3f}",
+            **{k: f"{row[k]:.3f}" for k in monitors or {}},
+        )
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             run.save_checkpoint(step, policy.save, _trainer_state(optimizer, scheduler, kl_ctl))
     bar.close()
@@ -289,6 +310,7 @@ def ppo_step(
     sampling: SamplingParams,
     cfg: TrainConfig,
     step: int,
+    monitors: dict[str, Monitor] | None = None,
 ) -> dict[str, Any]:
     """One PPO step; returns its metrics row."""
     t0 = time.perf_counter()
@@ -320,6 +342,11 @@ def ppo_step(
 
     # 8. metrics
     score_t = exp.scores
+    monitored = {
+        name: float(sum(vals) / len(vals))
+        for name, fn in (monitors or {}).items()
+        if (vals := fn(rollout.prompts, rollout.completions))
+    }
     return {
         "step": step,
         "reward_mean": score_t.mean().item(),
@@ -344,6 +371,7 @@ def ppo_step(
         "score_seconds": t_score - t_gen,
         "forward_seconds": t_fwd - t_score,
         "update_seconds": t_update - t_fwd,
+        **monitored,
     }
 
 

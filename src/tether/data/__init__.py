@@ -5,6 +5,7 @@ jsonl:PATH      one JSON object a line with a "prompt" string and optionally "re
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,16 +19,41 @@ class PromptRecord:
     reference: str | None = None
 
 
-def load_prompts(spec: str) -> list[PromptRecord]:
-    """Parse a prompt spec into records; never returns an empty list."""
+SPLITS = ("all", "train", "heldout")
+
+
+def load_prompts(
+    spec: str, split: str = "all", heldout_fraction: float = 0.2
+) -> list[PromptRecord]:
+    """Parse a prompt spec into records of one split; never returns an empty list."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     kind, _, rest = spec.partition(":")
     if kind == "jsonl" and rest:
         records = read_jsonl_prompts(rest)
+        if not records:
+            raise TetherError(f"prompt source {spec} holds no prompts")
+        if split != "all":
+            heldout = split == "heldout"
+            records = [r for r in records if (text_bucket(r.prompt) < heldout_fraction) == heldout]
+    elif kind == "chitchat" and rest in ("", "all", "toxic"):
+        from tether.data.chitchat import load_chitchat
+
+        records = load_chitchat(split=split, heldout_fraction=heldout_fraction, pool=rest or "all")
     else:
-        raise TetherError(f"unknown prompt spec {spec!r}; expected jsonl:PATH")
+        raise TetherError(
+            f"unknown prompt spec {spec!r}; expected jsonl:PATH, chitchat or chitchat:toxic"
+        )
     if not records:
-        raise TetherError(f"prompt source {spec} holds no prompts")
+        raise TetherError(
+            f"prompt source {spec} holds no {split} prompts ({heldout_fraction:.0%} are held out)"
+        )
     return records
+
+
+def text_bucket(text: str) -> float:
+    """A number in [0, 1) fixed by the text alone (not Python's per-process salted hash)."""
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
 
 
 def read_jsonl_prompts(path: str) -> list[PromptRecord]:

@@ -1,6 +1,8 @@
 """Rewards: anything with `score(prompts, completions) -> list[float]`.
 
-Specs (the `--reward` option):
+Specs (the `--reward` and `--judge` options):
+    profanity[@prob|@logit]               1 - P(offensive) (or -logit P) by alt-profanity-check
+    hatesonar                             1 - P(hate or offensive) by HateSonar (the gold judge)
     python:package.module:function        a callable importable from the environment
     python:path/to/file.py:function       a callable defined in a file (this runs that file:
                                           a python: spec is code execution by design)
@@ -30,8 +32,18 @@ def load_reward(spec: str) -> RewardModel:
         from tether.rewards.python import PythonReward
 
         return PythonReward.from_spec(rest)
+    name, _, mode = spec.partition("@")
+    if name == "profanity" and not rest:
+        from tether.rewards.profanity import ProfanityReward
+
+        return ProfanityReward(mode or "prob")
+    if spec == "hatesonar":
+        from tether.rewards.hatesonar import HateSonarJudge
+
+        return HateSonarJudge()
     raise TetherError(
-        f"unknown reward spec {spec!r}; expected python:module:function or python:path/file.py:function"
+        f"unknown reward spec {spec!r}; expected profanity[@prob|@logit], hatesonar, "
+        "python:module:function or python:path/file.py:function"
     )
 
 

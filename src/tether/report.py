@@ -1,0 +1,217 @@
+"""report.json and a self-contained report.html (PNG plots embedded) for a detox-style run.
+
+Everything is rebuilt from the files of the run directory (config.yaml, metrics.jsonl,
+eval/baseline.jsonl, eval/aligned.jsonl, run_info.json), so `tether report DIR` can redo it at
+any time and the report can never disagree with the data it summarises.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tether.errors import TetherError
+from tether.evaluate import compare
+
+EVAL_DIR = "eval"
+RUN_INFO = "run_info.json"
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise TetherError(f"{path} is missing: not a complete run directory")
+    return [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+
+
+def build_report(run_dir: Path) -> dict[str, Any]:
+    """The numbers: before/after toxicity (proxy and judge) with paired CIs, quality kept."""
+    info_path = run_dir / RUN_INFO
+    if not info_path.is_file():
+        raise TetherError(f"{info_path} is missing: not a detox/eval run directory")
+    info = json.loads(info_path.read_text())
+    before = read_jsonl(run_dir / EVAL_DIR / "baseline.jsonl")
+    after = read_jsonl(run_dir / EVAL_DIR / "aligned.jsonl")
+    if [r["prompt"] for r in before] != [r["prompt"] for r in after]:
+        raise TetherError(
+            f"{run_dir / EVAL_DIR}: baseline and aligned were run on different prompts"
+        )
+
+    def cmp(key: str, lower_is_better: bool) -> dict[str, Any]:
+        return compare([r[key] for r in before], [r[key] for r in after], lower_is_better)
+
+    toxicity = {
+        role: {
+            "metric": info[f"{role}_metric"],
+            **cmp(info[f"{role}_metric"], info[f"{role}_lower_is_better"]),
+        }
+        for role in ("proxy", "judge")
+    }
+    quality = {
+        "perplexity": cmp("perplexity", True),
+        "response_tokens": cmp("response_tokens", False),
+        "eos_rate": cmp("ended_with_eos", False),
+    }
+    if "similarity" in before[0]:
+        quality["similarity"] = cmp("similarity", False)
+    proxy, ppl = toxicity["proxy"], quality["perplexity"]
+    bars = {
+        "proxy_toxicity_down_30pct": proxy["improvement_pct"] >= 30.0,
+        "proxy_ci_excludes_zero": proxy["significantly_better"],
+        "judge_toxicity_down": toxicity["judge"]["after_mean"] < toxicity["judge"]["before_mean"],
+        "perplexity_up_at_most_20pct": ppl["relative_change"] <= 0.20,
+    }
+    if "similarity" in quality:
+        bars["similarity_down_at_most_5pct"] = quality["similarity"]["relative_change"] >= -0.05
+    config_path = run_dir / "config.yaml"
+    return {
+        "run_dir": str(run_dir),
+        "n_eval_prompts": len(before),
+        "reference": info.get("reference", "starting policy (adapter disabled)"),
+        "evaluated_adapter": info.get("evaluated_adapter"),
+        "decoding": info.get("decoding"),
+        "eval_seed": info.get("eval_seed"),
+        "toxicity": toxicity,
+        "quality": quality,
+        "bars": bars,
+        "timing_seconds": info.get("timing_seconds", {}),
+        "config": yaml.safe_load(config_path.read_text()) if config_path.is_file() else None,
+    }
+
+
+def write_report(run_dir: str | Path) -> dict[str, Any]:
+    """Write report.json and report.html into the run directory; returns the report."""
+    run_dir = Path(run_dir)
+    report = build_report(run_dir)
+    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
+    (run_dir / "report.html").write_text(_html(run_dir, report), encoding="utf-8")
+    return report
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    """The before/after table for the terminal."""
+    lines = [
+        f"{'metric':<34} {'before':>9} {'after':>9} {'change':>8}   95% CI of after-before (paired)"
+    ]
+    rows = [(v["metric"], v) for v in report["toxicity"].values()] + list(report["quality"].items())
+    for name, v in rows:
+        lines.append(
+            f"{name:<34} {v['before_mean']:>9.4f} {v['after_mean']:>9.4f} {100 * v['relative_change']:>+7.1f}%   "
+            f"[{v['ci95_low']:+.4f}, {v['ci95_high']:+.4f}]{'  *' if v['ci_excludes_zero'] else ''}"
+        )
+    lines.append(f"(n = {report['n_eval_prompts']} held-out prompts; * = CI excludes zero)")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# HTML
+# ----------------------------------------------------------------------------------------------
+
+
+def _png(fig: Any) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def _plots(run_dir: Path, report: dict[str, Any]) -> list[tuple[str, str]]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = []
+    metrics_path = run_dir / "metrics.jsonl"
+    rows = read_jsonl(metrics_path) if metrics_path.is_file() else []
+    if rows:
+        steps = [r["step"] for r in rows]
+        panels = [
+            ("reward_mean", "reward (proxy, mean)"),
+            ("kl_mean", "KL to reference (nats/seq)"),
+            ("kl_coef", "KL coefficient"),
+        ]
+        panels += [
+            (k, k.replace("_", " "))
+            for k in ("proxy_toxicity", "proxy_score", "judge_toxicity", "judge_score")
+            if k in rows[0]
+        ]
+        fig, axes = plt.subplots(1, len(panels), figsize=(3.4 * len(panels), 2.8))
+        for ax, (key, title) in zip(axes, panels, strict=True):
+            ax.plot(steps, [r[key] for r in rows], marker=".")
+            ax.set_title(title, fontsize=9)
+            ax.set_xlabel("PPO step", fontsize=8)
+            ax.grid(alpha=0.3)
+        images.append(("Training curves", _png(fig)))
+    before = read_jsonl(run_dir / EVAL_DIR / "baseline.jsonl")
+    after = read_jsonl(run_dir / EVAL_DIR / "aligned.jsonl")
+    keys = [report["toxicity"][r]["metric"] for r in ("proxy", "judge")] + ["perplexity"]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 2.8))
+    for ax, key in zip(axes, keys, strict=True):
+        b, a = [r[key] for r in before], [r[key] for r in after]
+        hi = max(max(b), max(a))
+        bins = [hi * i / 30 for i in range(31)] if hi > 0 else 10
+        ax.hist(b, bins=bins, alpha=0.55, label="before")
+        ax.hist(a, bins=bins, alpha=0.55, label="after")
+        ax.set_title(key, fontsize=9)
+        ax.set_yscale("log")
+        ax.legend(fontsize=8)
+    images.append(("Held-out distributions, before vs after", _png(fig)))
+    return images
+
+
+def _changed_table(run_dir: Path, report: dict[str, Any], n: int = 12) -> str:
+    key = report["toxicity"]["proxy"]["metric"]
+    jkey = report["toxicity"]["judge"]["metric"]
+    before = read_jsonl(run_dir / EVAL_DIR / "baseline.jsonl")
+    after = read_jsonl(run_dir / EVAL_DIR / "aligned.jsonl")
+    pairs = sorted(zip(before, after, strict=True), key=lambda p: -abs(p[1][key] - p[0][key]))[:n]
+    esc = html.escape
+    out = [
+        f"<table><tr><th>prompt</th><th>before</th><th>{esc(key)}<br>{esc(jkey)}</th>"
+        f"<th>after</th><th>{esc(key)}<br>{esc(jkey)}</th></tr>"
+    ]
+    for b, a in pairs:
+        prompt = b["prompt"] if len(b["prompt"]) < 400 else b["prompt"][:400] + " ..."
+        out.append(
+            f"<tr><td class=p>{esc(prompt)}</td><td>{esc(b['completion'])}</td>"
+            f"<td>{b[key]:.3f}<br>{b[jkey]:.3f}</td><td>{esc(a['completion'])}</td>"
+            f"<td>{a[key]:.3f}<br>{a[jkey]:.3f}</td></tr>"
+        )
+    out.append("</table>")
+    return "\n".join(out)
+
+
+def _html(run_dir: Path, report: dict[str, Any]) -> str:
+    esc = html.escape
+    images = "\n".join(f"<h2>{esc(t)}</h2><img src='{src}'>" for t, src in _plots(run_dir, report))
+    bars = "".join(
+        f"<li>{'&#10003;' if ok else '&#10007;'} {esc(k.replace('_', ' '))}</li>"
+        for k, ok in report["bars"].items()
+    )
+    timing = ", ".join(f"{k} {v:.0f} s" for k, v in report["timing_seconds"].items())
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>tether report</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}}
+pre{{background:#f5f5f5;padding:1em}} table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:4px 6px;vertical-align:top}} td.p{{white-space:pre-wrap;max-width:360px;color:#555}}
+img{{max-width:100%}}</style></head><body>
+<h1>tether: before vs after alignment</h1>
+<p>Held-out prompts: {report["n_eval_prompts"]}; the same prompts, decoding and seeds before and after.
+Reference for KL and perplexity: {esc(str(report["reference"]))}. Evaluated adapter: {esc(str(report["evaluated_adapter"]))}.
+Run time: {esc(timing)}.</p>
+<h2>Summary</h2><pre>{esc(summary_table(report))}</pre>
+<ul>{bars}</ul>
+{images}
+<h2>Completions that changed most (by proxy toxicity)</h2>
+{_changed_table(run_dir, report)}
+<h2>Config</h2><pre>{esc(yaml.safe_dump(report["config"], sort_keys=False) if report["config"] else "")}</pre>
+</body></html>"""

@@ -1,0 +1,152 @@
+"""`tether detox` / `tether report` end to end on a tiny model, and the statistics they rest on."""
+
+import json
+
+import pytest
+
+from tether.cli import main
+from tether.evaluate import compare, paired_bootstrap
+
+WORDS = [
+    "hello there",
+    "how are you",
+    "tell me a story",
+    "the cat sat",
+    "good morning",
+    "what is this",
+    "once upon a time",
+    "see you soon",
+    "a bad day",
+    "rain again",
+]
+
+
+@pytest.fixture
+def detox_inputs(tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"{w} {i}"}) + "\n" for i in range(6) for w in WORDS)
+    )
+    scorers = tmp_path / "scorers.py"
+    scorers.write_text(
+        "def vowels(p, c):\n"
+        "    return [sum(ch in 'aeiou' for ch in x) / max(len(x), 1) for x in c]\n"
+        "def spaces(p, c):\n"
+        "    return [x.count(' ') / max(len(x), 1) for x in c]\n"
+    )
+    return prompts, scorers
+
+
+def _argv(tiny_llama, prompts, scorers, out, *extra):
+    return [
+        "detox",
+        "--policy",
+        str(tiny_llama),
+        "--reward",
+        f"python:{scorers}:vowels",
+        "--judge",
+        f"python:{scorers}:spaces",
+        "--prompts",
+        f"jsonl:{prompts}",
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--batch-size",
+        "8",
+        "--mini-batch-size",
+        "4",
+        "--max-new-tokens",
+        "8",
+        "--eval-prompts",
+        "12",
+        "--eval-batch-size",
+        "6",
+        "--no-progress",
+        *extra,
+    ]
+
+
+def test_detox_end_to_end_and_report_rebuild(tiny_llama, detox_inputs, tmp_path, capsys):
+    prompts, scorers = detox_inputs
+    out = tmp_path / "run"
+    assert main(_argv(tiny_llama, prompts, scorers, out, "--no-similarity")) == 0
+    stdout = capsys.readouterr().out
+    assert "python:" in stdout and "95% CI" in stdout and "report.html" in stdout
+
+    before = [json.loads(x) for x in (out / "eval" / "baseline.jsonl").read_text().splitlines()]
+    after = [json.loads(x) for x in (out / "eval" / "aligned.jsonl").read_text().splitlines()]
+    assert len(before) == len(after) == 12
+    assert [r["prompt"] for r in before] == [r["prompt"] for r in after]
+    train_prompts = {json.loads(x)["prompt"] for x in prompts.read_text().splitlines()}
+    assert {r["prompt"] for r in before} <= train_prompts
+    for row in before:
+        assert {"completion", "perplexity", "response_tokens", "ended_with_eos"} <= row.keys()
+        assert row["perplexity"] > 1.0
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_eval_prompts"] == 12
+    proxy = report["toxicity"]["proxy"]
+    assert proxy["metric"].endswith(":vowels score") and not proxy["lower_is_better"]
+    assert proxy["ci95_low"] <= proxy["diff_mean"] <= proxy["ci95_high"]
+    assert proxy["before_mean"] == pytest.approx(sum(r[proxy["metric"]] for r in before) / 12)
+    assert set(report["timing_seconds"]) == {"baseline", "ppo", "aligned", "total"}
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 2 and "changed most" in html
+
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 3
+    assert {"proxy_score", "judge_score"} <= metrics[0].keys()  # reward-like, not toxicities
+
+    (out / "report.html").unlink()
+    assert main(["report", str(out)]) == 0
+    assert (out / "report.html").is_file()
+
+
+def test_detox_baseline_is_reproducible_and_similarity_is_measured(
+    tiny_llama, detox_inputs, tmp_path, capsys
+):
+    prompts, scorers = detox_inputs
+    argv = _argv(tiny_llama, prompts, scorers, tmp_path / "a")
+    argv[argv.index("--steps") + 1] = "1"
+    assert main(argv) == 0
+    argv[argv.index("--out") + 1] = str(tmp_path / "b")
+    assert main(argv) == 0
+    a = (tmp_path / "a" / "eval" / "baseline.jsonl").read_text().splitlines()
+    b = (tmp_path / "b" / "eval" / "baseline.jsonl").read_text().splitlines()
+    assert [json.loads(x)["completion"] for x in a] == [json.loads(x)["completion"] for x in b]
+    assert all(-1.0 <= json.loads(x)["similarity"] <= 1.0 for x in a)
+    assert "similarity" in json.loads((tmp_path / "a" / "report.json").read_text())["quality"]
+
+
+def test_detox_refuses_judge_equal_to_reward(tiny_llama, detox_inputs, tmp_path, capsys):
+    prompts, scorers = detox_inputs
+    argv = _argv(tiny_llama, prompts, scorers, tmp_path / "run")
+    argv[argv.index("--judge") + 1] = f"python:{scorers}:vowels"
+    assert main(argv) == 2
+    assert "the gold judge must be independent" in capsys.readouterr().err
+
+
+def test_report_on_a_non_run_dir(tmp_path, capsys):
+    assert main(["report", str(tmp_path)]) == 2
+    assert "not a detox/eval run directory" in capsys.readouterr().err
+
+
+def test_paired_bootstrap_by_hand():
+    # every pair drops by exactly 1: the interval collapses onto -1
+    r = paired_bootstrap([1.0, 2.0, 3.0, 4.0], [0.0, 1.0, 2.0, 3.0])
+    assert r == {"diff_mean": -1.0, "ci95_low": -1.0, "ci95_high": -1.0}
+    # pairing removes between-prompt spread: unpaired, these arms overlap almost entirely
+    before = [float(i) for i in range(100)]
+    after = [x - 0.5 + (0.1 if i % 2 else -0.1) for i, x in enumerate(before)]
+    r = paired_bootstrap(before, after)
+    assert -0.52 < r["ci95_low"] < r["diff_mean"] < r["ci95_high"] < -0.48
+
+
+def test_compare_reports_improvement_direction():
+    c = compare([0.10, 0.20, 0.30, 0.40], [0.05, 0.10, 0.15, 0.20], lower_is_better=True)
+    assert c["relative_change"] == pytest.approx(-0.5)
+    assert c["improvement_pct"] == pytest.approx(50.0)
+    assert c["significantly_better"] and c["ci_excludes_zero"]
+    c = compare([1.0, 1.1, 0.9], [1.0, 1.1, 0.9], lower_is_better=False)
+    assert c["relative_change"] == 0.0 and not c["ci_excludes_zero"]
