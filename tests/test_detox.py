@@ -150,3 +150,42 @@ def test_compare_reports_improvement_direction():
     assert c["significantly_better"] and c["ci_excludes_zero"]
     c = compare([1.0, 1.1, 0.9], [1.0, 1.1, 0.9], lower_is_better=False)
     assert c["relative_change"] == 0.0 and not c["ci_excludes_zero"]
+
+
+def test_eval_command_compares_a_trained_adapter(tiny_llama, detox_inputs, tmp_path, capsys):
+    prompts, scorers = detox_inputs
+    run = tmp_path / "run"
+    assert main(_argv(tiny_llama, prompts, scorers, run, "--no-similarity", "--lora-r", "4")) == 0
+    trained_after = (run / "eval" / "aligned.jsonl").read_text().splitlines()
+    capsys.readouterr()
+    ev = [
+        "eval",
+        "--policy",
+        str(tiny_llama),
+        "--reward",
+        f"python:{scorers}:vowels",
+        "--judge",
+        f"python:{scorers}:spaces",
+        "--prompts",
+        f"jsonl:{prompts}",
+        "--max-new-tokens",
+        "8",
+        "--eval-prompts",
+        "12",
+        "--eval-batch-size",
+        "6",
+        "--no-progress",
+        "--no-similarity",
+    ]
+    # the starting policy alone
+    assert main(ev + ["--out", str(tmp_path / "base")]) == 0
+    assert "held-out prompts" in capsys.readouterr().out
+    # with the trained adapter: its rank is read from the adapter dir, results equal detox's
+    assert main(ev + ["--out", str(tmp_path / "ev"), "--trained", str(run / "final")]) == 0
+    assert "95% CI" in capsys.readouterr().out
+    assert (tmp_path / "ev" / "eval" / "aligned.jsonl").read_text().splitlines() == trained_after
+    # not an adapter dir, and an eval over a training run, are refused in one line
+    assert main(ev + ["--out", str(tmp_path / "x"), "--trained", str(tmp_path)]) == 2
+    assert "no readable adapter_config.json" in capsys.readouterr().err
+    assert main(ev + ["--out", str(run)]) == 2
+    assert "holds a training run" in capsys.readouterr().err

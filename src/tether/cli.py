@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
-from tether.config import DetoxConfig, TrainConfig, build_config, closest_key, field_type
+from tether.config import (
+    DetoxConfig,
+    EvalConfig,
+    TrainConfig,
+    build_config,
+    closest_key,
+    field_type,
+)
 from tether.errors import TetherError
 
 
@@ -68,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="baseline eval, PPO against a toxicity reward, aligned eval, report (embedded default)",
     )
     _add_config_options(detox, DetoxConfig)
+    evaluate = sub.add_parser(
+        "eval", help="evaluate the starting policy (and --trained ADAPTER) on held-out prompts"
+    )
+    _add_config_options(evaluate, EvalConfig)
     report = sub.add_parser("report", help="rebuild report.json and report.html from a run dir")
     report.add_argument("run_dir", help="a directory written by tether detox")
     return parser
@@ -86,6 +97,23 @@ def cmd_detox(args: argparse.Namespace) -> int:
     result = detox(_config(args))
     print(summary_table(result.report))
     print(f"report: {result.run_dir / 'report.html'}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from tether.detox import evaluate_adapter
+    from tether.report import summary_table
+
+    result = evaluate_adapter(_config(args))
+    if result.report is None:
+        keys = [k for k in result.baseline[0] if isinstance(result.baseline[0][k], float)]
+        for key in keys:
+            mean = sum(r[key] for r in result.baseline) / len(result.baseline)
+            print(f"{key:<34} {mean:>9.4f}")
+        print(f"(n = {len(result.baseline)} held-out prompts; rows in {result.run_dir / 'eval'})")
+    else:
+        print(summary_table(result.report))
+        print(f"report: {result.run_dir / 'report.html'}")
     return 0
 
 
@@ -115,7 +143,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "detox": cmd_detox, "report": cmd_report}[args.command](args)
+        return {"train": cmd_train, "detox": cmd_detox, "eval": cmd_eval, "report": cmd_report}[
+            args.command
+        ](args)
     except TetherError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

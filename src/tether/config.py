@@ -210,6 +210,16 @@ class DetoxConfig(TrainConfig):
             raise TetherError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
 
 
+@dataclass
+class EvalConfig(DetoxConfig):
+    """`tether eval`: the starting policy, and optionally a trained adapter, on the held-out
+    prompts with the same decoding and seeds as detox (its PPO options are ignored)."""
+
+    trained: str | None = _opt(
+        None, "a trained adapter dir (e.g. RUN/final) to compare with the starting policy"
+    )
+
+
 def field_type(cls: type, f: dataclasses.Field) -> tuple[type, bool, tuple | None, bool]:
     """(scalar type, optional?, literal choices or None, is_list) of a config field."""
     hint = typing.get_type_hints(cls)[f.name]

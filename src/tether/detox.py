@@ -1,8 +1,9 @@
-"""`tether detox`: the "make summaries less toxic" recipe, measured properly.
+"""`tether detox`: the "make summaries less toxic" recipe, measured properly; and `tether eval`.
 
-(1) baseline: the starting policy on N held-out prompts -> (2) PPO on the training split
+detox: (1) baseline: the starting policy on N held-out prompts -> (2) PPO on the training split
 -> (3) aligned: the same N prompts, decoding and seeds -> (4) report.json + report.html
 -> (5) a terminal summary. The proxy reward and the gold judge are different models.
+eval: steps 1 and 3 alone, for any policy and a trained adapter directory.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tether.config import DetoxConfig, config_to_yaml
+from tether.config import DetoxConfig, EvalConfig, config_to_yaml
 from tether.data import PromptRecord, load_prompts
+from tether.errors import TetherError
 from tether.evaluate import Embedder, Metric, evaluate, text_metric
 from tether.policy import Policy
 from tether.report import EVAL_DIR, RUN_INFO, write_report
@@ -27,115 +29,156 @@ from tether.trainer import build_policy, sampling_params, train, warn
 @dataclasses.dataclass
 class DetoxResult:
     run_dir: Path
-    report: dict[str, Any]
+    report: dict[str, Any] | None  # None for an eval without a trained adapter
+    baseline: list[dict[str, Any]]
 
 
-def heldout_records(cfg: DetoxConfig) -> list[PromptRecord]:
-    """The first `eval_prompts` of the held-out split (hash-ordered, so a random sample)."""
+@dataclasses.dataclass
+class _Setup:
+    """What both commands load before spending any compute: user mistakes fail here."""
+
+    run: RunDir
+    metrics: list[Metric]  # [proxy, judge]
+    eval_records: list[PromptRecord]
+    embedder: Embedder | None
+
+
+def _setup(cfg: DetoxConfig, reward: RewardModel, judge: RewardModel) -> _Setup:
     records = load_prompts(cfg.prompts, "heldout", cfg.heldout_fraction)
     if len(records) < cfg.eval_prompts:
         warn(
-            f"{cfg.prompts} holds only {len(records)} held-out prompts; evaluating all of them, not {cfg.eval_prompts}"
+            f"{cfg.prompts} holds only {len(records)} held-out prompts; "
+            f"evaluating all of them, not {cfg.eval_prompts}"
         )
-    return records[: cfg.eval_prompts]
+    embedder = Embedder() if cfg.similarity else None
+    run = RunDir(cfg.out)
+    return _Setup(
+        run, [text_metric(reward), text_metric(judge)], records[: cfg.eval_prompts], embedder
+    )
 
 
-def run_eval(
-    policy: Policy,
-    records: list[PromptRecord],
-    metrics: list[Metric],
-    embedder: Embedder | None,
-    cfg: DetoxConfig,
-    as_reference: bool,
-    path: Path,
-    desc: str,
+def _run_eval(
+    policy: Policy, setup: _Setup, cfg: DetoxConfig, as_reference: bool, name: str
 ) -> list[dict[str, Any]]:
-    """Evaluate and write one JSONL row per prompt (atomically)."""
+    """Evaluate the held-out prompts and write eval/NAME.jsonl, one row per prompt (atomically)."""
     rows = evaluate(
         policy,
-        records,
+        setup.eval_records,
         sampling_params(cfg),
-        metrics,
-        embedder,
+        setup.metrics,
+        setup.embedder,
         cfg.eval_batch_size,
         cfg.eval_seed,
         as_reference=as_reference,
-        desc=desc,
+        desc=name,
         progress=cfg.progress,
     )
+    path = setup.run.root / EVAL_DIR / f"{name}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
     return rows
+
+
+def _finish(setup: _Setup, cfg: DetoxConfig, adapter: str, timing: dict[str, float]) -> dict:
+    """run_info.json (what the report needs beyond the rows), then report.json/html."""
+    proxy, judge = setup.metrics
+    info = {
+        "proxy_metric": proxy.name,
+        "proxy_lower_is_better": proxy.lower_is_better,
+        "judge_metric": judge.name,
+        "judge_lower_is_better": judge.lower_is_better,
+        "reference": "starting policy: the base model with the PPO adapter disabled"
+        + (f" (starting adapter {cfg.adapter} merged in)" if cfg.adapter else ""),
+        "evaluated_adapter": adapter,
+        "decoding": dataclasses.asdict(sampling_params(cfg)),
+        "eval_seed": cfg.eval_seed,
+        "timing_seconds": timing,
+    }
+    atomic_write_text(setup.run.root / RUN_INFO, json.dumps(info, indent=2))
+    report = write_report(setup.run.root)
+    print(f"report: {setup.run.root / 'report.html'}", file=sys.stderr)
+    return report
 
 
 def detox(
     cfg: DetoxConfig, reward: RewardModel | None = None, judge: RewardModel | None = None
 ) -> DetoxResult:
     t_start = time.perf_counter()
-    run = RunDir(cfg.out)
-    config_yaml = config_to_yaml(cfg)
-    # everything that can fail on user input fails before any compute is spent
     reward = reward or load_reward(cfg.reward)
     judge = judge or load_reward(cfg.judge)
     train_records = load_prompts(cfg.prompts, "train", cfg.heldout_fraction)
-    eval_records = heldout_records(cfg)
-    embedder = Embedder() if cfg.similarity else None
-    run.prepare(config_yaml, cfg.resume)
+    setup = _setup(cfg, reward, judge)
+    setup.run.prepare(config_to_yaml(cfg), cfg.resume)
     policy = build_policy(cfg)
-    proxy_metric, judge_metric = text_metric(reward), text_metric(judge)
-    metrics = [proxy_metric, judge_metric]
     timing: dict[str, float] = {}
 
     # 1. baseline: the starting policy (adapter disabled), unless a resumed run already has it
-    baseline_path = run.root / EVAL_DIR / "baseline.jsonl"
     t0 = time.perf_counter()
-    if not (cfg.resume and baseline_path.is_file()):
-        run_eval(policy, eval_records, metrics, embedder, cfg, True, baseline_path, "baseline")
+    baseline_path = setup.run.root / EVAL_DIR / "baseline.jsonl"
+    if cfg.resume and baseline_path.is_file():
+        baseline = [json.loads(line) for line in baseline_path.read_text().splitlines()]
+    else:
+        baseline = _run_eval(policy, setup, cfg, as_reference=True, name="baseline")
     timing["baseline"] = time.perf_counter() - t0
 
-    # 2. PPO; the batch means of both toxicities are logged each step
+    # 2. PPO on the training split; both toxicities logged as batch means every step
     t0 = time.perf_counter()
     monitors = {
-        _monitor_name(role, m): m.fn
-        for role, m in (("proxy", proxy_metric), ("judge", judge_metric))
+        _monitor_name(r, m): m.fn for r, m in zip(("proxy", "judge"), setup.metrics, strict=True)
     }
-    train(
-        cfg, reward=reward, policy=policy, records=train_records, monitors=monitors, prepared=True
-    )
+    train(cfg, reward, policy, train_records, monitors, prepared=True)
     timing["ppo"] = time.perf_counter() - t0
 
     # 3. aligned: the same prompts, decoding and seeds
     t0 = time.perf_counter()
-    run_eval(
-        policy,
-        eval_records,
-        metrics,
-        embedder,
-        cfg,
-        False,
-        run.root / EVAL_DIR / "aligned.jsonl",
-        "aligned",
-    )
+    _run_eval(policy, setup, cfg, as_reference=False, name="aligned")
     timing["aligned"] = time.perf_counter() - t0
     timing["total"] = time.perf_counter() - t_start
 
     # 4-5. report
-    info = {
-        "proxy_metric": proxy_metric.name,
-        "proxy_lower_is_better": proxy_metric.lower_is_better,
-        "judge_metric": judge_metric.name,
-        "judge_lower_is_better": judge_metric.lower_is_better,
-        "reference": "starting policy: the base model with the PPO adapter disabled"
-        + (f" (starting adapter {cfg.adapter} merged in)" if cfg.adapter else ""),
-        "evaluated_adapter": str(run.root / "final"),
-        "decoding": dataclasses.asdict(sampling_params(cfg)),
-        "eval_seed": cfg.eval_seed,
-        "timing_seconds": timing,
-    }
-    atomic_write_text(run.root / RUN_INFO, json.dumps(info, indent=2))
-    report = write_report(run.root)
-    print(f"report: {run.root / 'report.html'}", file=sys.stderr)
-    return DetoxResult(run.root, report)
+    report = _finish(setup, cfg, str(setup.run.root / "final"), timing)
+    return DetoxResult(setup.run.root, report, baseline)
+
+
+def evaluate_adapter(cfg: EvalConfig) -> DetoxResult:
+    """Baseline (starting policy) and, with `cfg.trained`, that adapter on the same prompts."""
+    t_start = time.perf_counter()
+    setup = _setup(cfg, load_reward(cfg.reward), load_reward(cfg.judge))
+    if cfg.trained is not None:
+        cfg = _with_adapter_shape(cfg, Path(cfg.trained))
+    setup.run.prepare_eval(config_to_yaml(cfg))
+    policy = build_policy(cfg)
+    timing = {}
+    t0 = time.perf_counter()
+    baseline = _run_eval(policy, setup, cfg, as_reference=True, name="baseline")
+    timing["baseline"] = time.perf_counter() - t0
+    if cfg.trained is None:
+        return DetoxResult(setup.run.root, None, baseline)
+    policy.load_trainable(cfg.trained)
+    t0 = time.perf_counter()
+    _run_eval(policy, setup, cfg, as_reference=False, name="aligned")
+    timing["aligned"] = time.perf_counter() - t0
+    timing["total"] = time.perf_counter() - t_start
+    return DetoxResult(setup.run.root, _finish(setup, cfg, cfg.trained, timing), baseline)
+
+
+def _with_adapter_shape(cfg: EvalConfig, trained: Path) -> EvalConfig:
+    """The LoRA rank/alpha/targets of a saved adapter, so its weights load into the policy."""
+    try:
+        saved = json.loads((trained / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        raise TetherError(f"--trained {trained}: no readable adapter_config.json there") from None
+    if not (trained / "value_head.safetensors").is_file():
+        raise TetherError(
+            f"--trained {trained}: not a tether adapter dir (value_head.safetensors missing)"
+        )
+    targets = saved.get("target_modules")
+    return dataclasses.replace(
+        cfg,
+        lora_r=int(saved["r"]),
+        lora_alpha=int(saved["lora_alpha"]),
+        lora_target_modules=sorted(targets) if isinstance(targets, list | set) else None,
+    )
 
 
 def _monitor_name(role: str, metric: Metric) -> str:

@@ -94,6 +94,18 @@ class RunDir:
             raise TetherError(f"cannot create {self.root}: {e.strerror}") from None
         atomic_write_text(self.root / CONFIG, config_yaml)
 
+    def prepare_eval(self, config_yaml: str) -> None:
+        """An evaluation directory: never one that holds a training run."""
+        if self.metrics_path.exists():
+            raise TetherError(
+                f"--out {self.root} holds a training run; pick a new dir for the evaluation"
+            )
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TetherError(f"cannot create {self.root}: {e.strerror}") from None
+        atomic_write_text(self.root / CONFIG, config_yaml)
+
     # --- metrics -----------------------------------------------------------------------------
 
     def append_metrics(self, row: dict[str, Any]) -> None:

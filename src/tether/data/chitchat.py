@@ -39,11 +39,12 @@ CHITCHAT_TEMPLATE = "Summarize the following conversation.\n\n{dialogue}\n\nSumm
 SPEAKERS = ("#Person1#", "#Person2#")
 SPLITS = ("train", "heldout", "all")
 POOLS = ("all", "toxic")
-# The 600 most offensive dialogues of <= 700 characters: the detox recipe's prompt set. Of the
-# 3,963 dialogues that remain at 700 characters that is the top 15%: scores >= 0.156, where the
-# median dialogue scores 0.037 (alt-profanity-check 1.9.1). The collection is tame: even near the
-# top, most of the pool is mild ("sick", "poop", "freaking", shouting) rather than abusive.
-DEFAULT_TOXIC_TOP = 600
+# The 1,000 most offensive dialogues of <= 700 characters: the detox recipe's prompt set. Of the
+# 3,963 dialogues that remain at 700 characters that is the top quarter: scores >= 0.094, where
+# the median dialogue scores 0.037 (alt-profanity-check 1.9.1); 268 of them fall in a 25%
+# held-out split, enough for the >= 200 evaluation prompts. The collection is tame: even near
+# the top, most of the pool is mild ("sick", "poop", "freaking", shouting) rather than abusive.
+DEFAULT_TOXIC_TOP = 1000
 INSTALL_HINT = "pip install chitchat-dataset==0.9.0"
 
 Scorer = Callable[[list[str]], Sequence[float]]
