@@ -176,3 +176,18 @@ def test_generation_pass_gives_the_forward_logprobs_and_values(tiny_model):
     torch.testing.assert_close(gen.values[valid], fwd.values[valid], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gen.entropy[valid], fwd.entropy[valid], atol=1e-4, rtol=1e-4)
     assert (gen.logprobs[~valid] == 0).all()
+
+
+def test_model_cache_marker_detects_partial_or_corrupt_copies(tmp_path):
+    from tether.models import _cache_is_complete
+
+    d = tmp_path / "cache"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"x" * 100)
+    assert not _cache_is_complete(d)  # no marker: a conversion that died before the end
+    (d / "tether-complete.json").write_text('{"files": {"model.safetensors": 100}}')
+    assert _cache_is_complete(d)
+    (d / "model.safetensors").write_bytes(b"x" * 50)  # truncated
+    assert not _cache_is_complete(d)
+    (d / "tether-complete.json").write_text("{not json")
+    assert not _cache_is_complete(d)

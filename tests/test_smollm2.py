@@ -71,3 +71,67 @@ def test_one_ppo_step_on_the_default(tmp_path):
     assert row["kl_mean"] == pytest.approx(0.0, abs=1e-3)  # the first rollout IS the reference
     assert 0 < row["response_len_mean"] <= 8
     assert (tmp_path / "run" / "final" / "adapter_model.safetensors").is_file()
+
+
+def test_detox_on_the_embedded_default(tmp_path, capsys):
+    """The real recipe in miniature: SmolLM2 + alt-profanity-check + HateSonar + chit-chat."""
+    from tether.cli import main
+    from tether.rewards.hatesonar import locale_available
+
+    assert locale_available(), "make test installs the en_US.UTF-8 locale; it is missing"
+    out = tmp_path / "run"
+    argv = [
+        "detox",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--mini-batch-size",
+        "2",
+        "--max-new-tokens",
+        "12",
+        "--eval-prompts",
+        "8",
+        "--eval-batch-size",
+        "8",
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "profanity@logit toxicity" in stdout and "hatesonar toxicity" in stdout
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_eval_prompts"] == 8 and report["config"]["policy"] == "smollm2"
+    assert report["toxicity"]["judge"]["metric"] == "hatesonar toxicity"
+    for section in ("perplexity", "similarity", "response_tokens"):
+        assert report["quality"][section]["before_mean"] > 0
+    rows = [json.loads(x) for x in (out / "eval" / "baseline.jsonl").read_text().splitlines()]
+    assert all(r["prompt"].startswith("Summarize the following conversation.") for r in rows)
+    assert all(
+        0.0 <= r["hatesonar toxicity"] <= 1.0 and 0.0 <= r["profanity@logit toxicity"] <= 1.0
+        for r in rows
+    )
+    metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics] == [0, 1]
+    assert {"proxy_toxicity", "judge_toxicity"} <= metrics[0].keys()
+    assert (out / "final" / "adapter_model.safetensors").is_file() and (
+        out / "report.html"
+    ).is_file()
+
+
+def test_corrupt_cache_is_rebuilt(tmp_path, monkeypatch):
+    """Same size, garbage bytes: the size marker passes, loading fails, tether rebuilds."""
+    import shutil
+
+    from tether.models import load_model, smollm2_dir
+
+    cache = tmp_path / "cache"
+    shutil.copytree(smollm2_dir(), cache / "smollm2-135m-instruct")
+    weights = cache / "smollm2-135m-instruct" / "model.safetensors"
+    size = weights.stat().st_size
+    weights.write_bytes(b"\0" * size)
+    monkeypatch.setenv("TETHER_CACHE", str(cache))
+    loaded = load_model("smollm2")
+    assert loaded.model.config.model_type == "llama"
+    assert weights.stat().st_size == size and weights.read_bytes()[:8] != b"\0" * 8

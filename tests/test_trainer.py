@@ -238,3 +238,36 @@ def test_batch_indices_cover_every_prompt_once_per_pass():
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
     assert batch_indices(10, 5, 3, 1) == batch_indices(10, 5, 3, 1)
     assert len(batch_indices(3, 8, 0, 0)) == 8  # a batch bigger than the pool wraps around
+
+
+def test_early_stop_on_approx_kl(tiny_llama, prompts_file, vowel_reward, tmp_path):
+    """A tiny approx-KL limit ends the epoch loop after the first mini-batch that moves."""
+    cfg = _cfg(
+        tiny_llama,
+        prompts_file,
+        vowel_reward,
+        tmp_path / "run",
+        steps=2,
+        batch_size=8,
+        mini_batch_size=2,
+        ppo_epochs=4,
+        early_stop_kl=1e-9,
+        lr=1e-2,
+    )
+    rows = train(cfg).metrics
+    # step 0's first mini-batch has ratio 1 (approx-KL 0); the second one already moved
+    assert all(r["ppo_epochs_run"] == 1 for r in rows), rows
+    full = train(
+        _cfg(
+            tiny_llama,
+            prompts_file,
+            vowel_reward,
+            tmp_path / "run2",
+            steps=1,
+            batch_size=8,
+            mini_batch_size=2,
+            ppo_epochs=4,
+            lr=1e-2,
+        )
+    ).metrics
+    assert full[0]["ppo_epochs_run"] == 4

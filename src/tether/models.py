@@ -14,6 +14,7 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import (
@@ -120,7 +121,7 @@ def resolve_model_path(spec: str) -> str:
 
 
 def load_model(
-    spec: str, dtype: str = "float32", device: str | torch.device = "cpu"
+    spec: str, dtype: str = "float32", device: str | torch.device = "cpu", _rebuilt: bool = False
 ) -> LoadedModel:
     """Load a causal or seq2seq LM and its tokenizer; the architecture decides which.
 
@@ -150,16 +151,37 @@ def load_model(
     try:
         model = auto.from_pretrained(path, dtype=_dtype(dtype))
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except ValueError as e:
-        kind = "seq2seq" if is_enc_dec else "causal"
-        raise TetherError(
-            f"model {spec!r} (model_type {config.model_type!r}) is not a {kind} language model "
-            f"that transformers can load: {str(e).splitlines()[0]}"
-        ) from None
-    except OSError as e:
-        raise TetherError(f"cannot load model {spec!r}: {str(e).splitlines()[0]}") from None
+    except Exception as e:
+        if spec != SMOLLM2 or _rebuilt:
+            raise _load_error(spec, config, is_enc_dec, e) from None
+        # the marker said complete, yet the files do not load (bit rot, a foreign write): rebuild
+        print(
+            f"tether: the model cache {path} does not load ({type(e).__name__}); rebuilding",
+            file=sys.stderr,
+        )
+        try:
+            shutil.rmtree(path)
+        except OSError as err:
+            raise TetherError(
+                f"the model cache {path} is unreadable and cannot be removed: {err.strerror}"
+            ) from None
+        return load_model(spec, dtype, device, _rebuilt=True)
     if tokenizer.pad_token_id is None:
         # Padding is always masked out, so any id will do; eos is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
     model.to(device)
     return LoadedModel(model, tokenizer, is_enc_dec, path)
+
+
+def _load_error(spec: str, config: Any, is_enc_dec: bool, e: Exception) -> Exception:
+    """One-line TetherError for what a user can fix; anything else propagates unchanged."""
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, ValueError):
+        kind = "seq2seq" if is_enc_dec else "causal"
+        return TetherError(
+            f"model {spec!r} (model_type {config.model_type!r}) is not a {kind} language model "
+            f"that transformers can load: {first}"
+        )
+    if isinstance(e, OSError):
+        return TetherError(f"cannot load model {spec!r}: {first}")
+    return e
