@@ -27,13 +27,11 @@ PROMPTS = ROOT / "examples" / "prompts.jsonl"
 def run_one(args: argparse.Namespace) -> dict:
     """One configuration in this process; returns the figures as a dict."""
     import torch
-    from transformers import get_scheduler
 
     from tether.config import TrainConfig
     from tether.data import load_prompts
-    from tether.kl import make_kl_controller
     from tether.rewards import load_reward
-    from tether.trainer import build_policy, ppo_step, sampling_params
+    from tether.trainer import TrainState, build_policy, ppo_step, sampling_params
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(
@@ -61,21 +59,9 @@ def run_one(args: argparse.Namespace) -> dict:
         )
         records = load_prompts(cfg.prompts)
         reward = load_reward(cfg.reward)
-        optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=cfg.lr)
-        scheduler = get_scheduler("constant", optimizer)
-        kl_ctl = make_kl_controller(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+        state = TrainState.create(policy, cfg)
         rows = [
-            ppo_step(
-                policy,
-                reward,
-                optimizer,
-                scheduler,
-                kl_ctl,
-                records,
-                sampling_params(cfg),
-                cfg,
-                step,
-            )
+            ppo_step(policy, reward, state, records, sampling_params(cfg), cfg, step)
             for step in range(args.steps)
         ]
     timed = rows[1:]  # step 0 is the warm-up

@@ -271,3 +271,21 @@ def test_early_stop_on_approx_kl(tiny_llama, prompts_file, vowel_reward, tmp_pat
         )
     ).metrics
     assert full[0]["ppo_epochs_run"] == 4
+
+
+def test_running_moments_match_numpy_over_batches():
+    import numpy as np
+
+    from tether.trainer import RunningMoments
+
+    rng = np.random.default_rng(0)
+    batches = [list(rng.normal(3.0, 2.0, size=n)) for n in (5, 16, 1, 9)]
+    rm = RunningMoments()
+    for batch in batches:
+        out = rm.normalize(batch)
+    seen = np.concatenate(batches)
+    assert rm.count == len(seen)
+    assert rm.mean == pytest.approx(seen.mean())
+    assert rm.m2 / (rm.count - 1) == pytest.approx(seen.var(ddof=1))
+    expected = (np.array(batches[-1]) - seen.mean()) / seen.std(ddof=1)
+    assert out == pytest.approx(list(expected))

@@ -67,6 +67,11 @@ class TrainConfig:
     gamma: float = _opt(1.0, "discount over response tokens")
     lam: float = _opt(0.95, "GAE lambda")
     whiten_advantages: bool = _opt(True, "normalise advantages over each batch")
+    score_norm: bool = _opt(
+        False,
+        "normalise reward scores by their running mean and std over all steps so far (not per batch: "
+        "a batch of near-equal scores is not blown up into a strong signal)",
+    )
     early_stop_kl: float | None = _opt(
         None, "stop the epoch loop when the mean approx-KL of a mini-batch exceeds this"
     )

@@ -34,6 +34,75 @@ Monitor = Callable[[list[str], list[str]], list[float]]  # (prompts, completions
 
 
 @dataclass
+class RunningMoments:
+    """Running mean and variance of every score seen (Chan et al.'s parallel Welford update)."""
+
+    count: int = 0
+    mean: float = 0.0
+    m2: float = 0.0
+
+    def normalize(self, scores: list[float]) -> list[float]:
+        """Fold `scores` into the statistics, then return them standardised by all seen so far."""
+        n = len(scores)
+        batch_mean = sum(scores) / n
+        batch_m2 = sum((x - batch_mean) ** 2 for x in scores)
+        total = self.count + n
+        delta = batch_mean - self.mean
+        # M2 = M2_a + M2_b + delta^2 * n_a * n_b / n
+        self.m2 += batch_m2 + delta**2 * self.count * n / total
+        self.mean += delta * n / total
+        self.count = total
+        std = math.sqrt(self.m2 / max(self.count - 1, 1)) or 1.0
+        return [(x - self.mean) / std for x in scores]
+
+    def state_dict(self) -> dict[str, float]:
+        return {"count": self.count, "mean": self.mean, "m2": self.m2}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.count, self.mean, self.m2 = (
+            int(state["count"]),
+            float(state["mean"]),
+            float(state["m2"]),
+        )
+
+
+@dataclass
+class TrainState:
+    """Everything besides the weights that a resumed run needs to continue bit for bit."""
+
+    optimizer: torch.optim.Optimizer
+    scheduler: Any
+    kl_ctl: KLController
+    score_moments: RunningMoments
+
+    @classmethod
+    def create(cls, policy: Policy, cfg: TrainConfig) -> TrainState:
+        optimizer = torch.optim.AdamW(
+            policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+        )
+        total_updates = cfg.steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
+        scheduler = get_scheduler(
+            cfg.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=total_updates
+        )
+        kl_ctl = make_kl_controller(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+        return cls(optimizer, scheduler, kl_ctl, RunningMoments())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "kl_controller": self.kl_ctl.state_dict(),
+            "score_moments": self.score_moments.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.kl_ctl.load_state_dict(state["kl_controller"])
+        self.score_moments.load_state_dict(state["score_moments"])
+
+
+@dataclass
 class TrainResult:
     run_dir: Path
     metrics: list[dict[str, Any]]
@@ -260,17 +329,8 @@ def train(
     policy = policy or build_policy(cfg)
     sampling = sampling_params(cfg)
 
-    params = policy.trainable_parameters()
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    total_updates = cfg.steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
-    scheduler = get_scheduler(
-        cfg.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=total_updates
-    )
-    kl_ctl: KLController = make_kl_controller(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
-
-    start_step = 0
-    if cfg.resume:
-        start_step = _restore(run, policy, optimizer, scheduler, kl_ctl)
+    state = TrainState.create(policy, cfg)
+    start_step = _restore(run, policy, state) if cfg.resume else 0
     metrics = [r for r in run.read_metrics() if r["step"] < start_step]
 
     bar = tqdm(
@@ -283,9 +343,7 @@ def train(
         file=sys.stderr,
     )
     for step in bar:
-        row = ppo_step(
-            policy, reward, optimizer, scheduler, kl_ctl, records, sampling, cfg, step, monitors
-        )
+        row = ppo_step(policy, reward, state, records, sampling, cfg, step, monitors)
         run.append_metrics(row)
         metrics.append(row)
         bar.set_postfix(
@@ -294,7 +352,7 @@ def train(
             **{k: f"{row[k]:.3f}" for k in monitors or {}},
         )
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            run.save_checkpoint(step, policy.save, _trainer_state(optimizer, scheduler, kl_ctl))
+            run.save_checkpoint(step, policy.save, state.state_dict())
     bar.close()
     run.save_final(policy.save, config_yaml)
     return TrainResult(run.root, metrics, policy)
@@ -303,9 +361,7 @@ def train(
 def ppo_step(
     policy: Policy,
     reward: RewardModel,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    kl_ctl: KLController,
+    state: TrainState,
     records: list[PromptRecord],
     sampling: SamplingParams,
     cfg: TrainConfig,
@@ -328,20 +384,21 @@ def ppo_step(
     scores = checked_scores(reward, rollout.prompts, rollout.completions)
     t_score = time.perf_counter()
     # 3-5. reference log-probs, KL-shaped rewards, advantages
-    kl_coef = kl_ctl.value
-    exp = make_experience(policy, rollout, rollout_out, scores, kl_coef, cfg)
+    kl_coef = state.kl_ctl.value
+    train_scores = state.score_moments.normalize(scores) if cfg.score_norm else scores
+    exp = make_experience(policy, rollout, rollout_out, train_scores, kl_coef, cfg)
     t_fwd = time.perf_counter()
     # 6. update
     gen = torch.Generator().manual_seed(step_seed(cfg.seed, step))
-    stats = ppo_update(policy, optimizer, scheduler, exp, cfg, gen)
+    stats = ppo_update(policy, state.optimizer, state.scheduler, exp, cfg, gen)
     t_update = time.perf_counter()
     # 7. KL control, on the mean per-sequence KL of this batch
     valid = rollout.valid_mask
     seq_kl = ppo.masked_sum(exp.kl, valid, dim=1)
-    kl_ctl.update(seq_kl.mean().item(), cfg.batch_size)
+    state.kl_ctl.update(seq_kl.mean().item(), cfg.batch_size)
 
-    # 8. metrics
-    score_t = exp.scores
+    # 8. metrics (on the raw scores, whatever the update saw)
+    score_t = torch.tensor(scores)
     monitored = {
         name: float(sum(vals) / len(vals))
         for name, fn in (monitors or {}).items()
@@ -364,7 +421,7 @@ def ppo_step(
         "response_len_mean": valid.sum(-1).float().mean().item(),
         "skipped_minibatches": stats["skipped_minibatches"],
         "ppo_epochs_run": stats["ppo_epochs_run"],
-        "lr": scheduler.get_last_lr()[0],
+        "lr": state.scheduler.get_last_lr()[0],
         "truncated_prompts": n_truncated,
         "step_seconds": time.perf_counter() - t0,
         "gen_seconds": t_gen - t0,
@@ -375,35 +432,17 @@ def ppo_step(
     }
 
 
-def _trainer_state(
-    optimizer: torch.optim.Optimizer, scheduler: Any, kl_ctl: KLController
-) -> dict[str, Any]:
-    return {
-        "optimizer": optimizer.state_dict(),
-        "scheduler": scheduler.state_dict(),
-        "kl_controller": kl_ctl.state_dict(),
-    }
-
-
-def _restore(
-    run: RunDir,
-    policy: Policy,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    kl_ctl: KLController,
-) -> int:
+def _restore(run: RunDir, policy: Policy, state: TrainState) -> int:
     """Load the last complete checkpoint; returns the step to continue from."""
     ckpt = run.latest_checkpoint()
     if ckpt is None:
         warn(f"--resume: no complete checkpoint in {run.root}; starting from step 0")
         run.truncate_metrics(-1)
         return 0
-    state = load_trainer_state(ckpt)
+    saved = load_trainer_state(ckpt)
     policy.load_trainable(ckpt)
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    kl_ctl.load_state_dict(state["kl_controller"])
-    set_rng_state(state["rng"])
-    run.truncate_metrics(state["step"])
-    tqdm.write(f"resumed from {ckpt} (step {state['step']})", file=sys.stderr)
-    return state["step"] + 1
+    state.load_state_dict(saved)
+    set_rng_state(saved["rng"])
+    run.truncate_metrics(saved["step"])
+    tqdm.write(f"resumed from {ckpt} (step {saved['step']})", file=sys.stderr)
+    return saved["step"] + 1
