@@ -142,6 +142,9 @@ def test_metrics_and_run_directory(tiny_t5, prompts_file, vowel_reward, tmp_path
     assert (out / "final" / "adapter_model.safetensors").is_file()
     assert (out / "final" / "value_head.safetensors").is_file()
     assert (out / "checkpoints" / "step-1" / "trainer_state.pt").is_file()
+    assert (out / "checkpoints" / "step-1" / "config.yaml").read_text() == (
+        out / "config.yaml"
+    ).read_text()
     assert not (
         out / "checkpoints" / "step-3"
     ).exists()  # the last step is final/, not a checkpoint

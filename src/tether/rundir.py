@@ -136,13 +136,19 @@ class RunDir:
     # --- checkpoints -------------------------------------------------------------------------
 
     def save_checkpoint(
-        self, step: int, save_weights: Callable[[Path], None], state: dict[str, Any]
+        self,
+        step: int,
+        save_weights: Callable[[Path], None],
+        state: dict[str, Any],
+        config_yaml: str,
     ) -> Path:
-        """checkpoints/step-N: weights (safetensors, via `save_weights`) + trainer_state.pt."""
+        """checkpoints/step-N: weights (safetensors, via `save_weights`), trainer_state.pt and
+        the config that produced them."""
 
         def fill(tmp: Path) -> None:
             save_weights(tmp)
             torch.save({**state, "step": step, "rng": rng_state()}, tmp / TRAINER_STATE)
+            (tmp / CONFIG).write_text(config_yaml, encoding="utf-8")
 
         target = self.root / CHECKPOINTS / f"step-{step}"
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -352,7 +352,7 @@ def train(
             **{k: f"{row[k]:.3f}" for k in monitors or {}},
         )
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            run.save_checkpoint(step, policy.save, state.state_dict())
+            run.save_checkpoint(step, policy.save, state.state_dict(), config_yaml)
     bar.close()
     run.save_final(policy.save, config_yaml)
     return TrainResult(run.root, metrics, policy)
