@@ -39,9 +39,7 @@ test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
 demo: locale $(STAMP)
-	$(VENV)/bin/tether train --policy smollm2 --reward python:examples/rewards.py:positive_words \
-		--prompts jsonl:examples/prompts.jsonl --out $(OUT) --steps 8 --batch-size 16 \
-		--mini-batch-size 4 --max-new-tokens 32 --target-kl 2.0
+	$(VENV)/bin/tether detox --out $(OUT)
 
 bench: $(STAMP)
 	$(PY) benchmarks/ppo_step.py --policy smollm2 --batch-size 16 --max-new-tokens 48

@@ -207,3 +207,9 @@ def test_chitchat_bad_arguments_raise_tether_errors():
         load_chitchat(pool="toxic", scorer=lambda texts: [float("nan")] * len(texts))
     with pytest.raises(TetherError, match="max_chars"):
         load_chitchat(max_chars=0)
+
+
+def test_chitchat_records_carry_their_dialogue_as_source():
+    records = load_chitchat(split="heldout")[:20]
+    for r in records:
+        assert r.source and r.source.startswith("#Person1#:") and dialogue_of(r) == r.source

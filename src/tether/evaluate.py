@@ -4,7 +4,7 @@ Each batch of prompts is sampled under a seed fixed by its position, so the base
 aligned policy draw from the same random stream on the same prompts, and differences are paired
 by prompt. Toxicity comes from the proxy (the reward model) and from an independent judge;
 quality from the reference model's perplexity of each completion, and the embedding similarity
-between completion and prompt (a summary that drifts off its dialogue scores lower).
+between completion and its source text (a summary that drifts off its dialogue scores lower).
 """
 
 from __future__ import annotations
@@ -124,7 +124,8 @@ def evaluate(
         for row, value in zip(rows, metric.fn(prompts, completions), strict=True):
             row[metric.name] = float(value)
     if embedder is not None:
-        for row, sim in zip(rows, embedder.similarity(completions, prompts), strict=True):
+        sources = [r.source or r.prompt for r in records]
+        for row, sim in zip(rows, embedder.similarity(completions, sources), strict=True):
             row["similarity"] = float(sim)
     return rows
 

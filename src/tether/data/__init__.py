@@ -15,8 +15,12 @@ from tether.errors import TetherError
 
 @dataclass(frozen=True)
 class PromptRecord:
+    """A prompt; optionally a reference answer, and the source text the answer is about (the
+    dialogue a summary should stay close to; the prompt itself when None)."""
+
     prompt: str
     reference: str | None = None
+    source: str | None = None
 
 
 SPLITS = ("all", "train", "heldout")

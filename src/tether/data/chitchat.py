@@ -211,4 +211,7 @@ def load_chitchat(
         raise TetherError(
             f"chitchat selection is empty (max_chars={max_chars}, split={split}, pool={pool})"
         )
-    return [PromptRecord(template.replace("{dialogue}", dialogue)) for _, dialogue in items]
+    return [
+        PromptRecord(template.replace("{dialogue}", dialogue), source=dialogue)
+        for _, dialogue in items
+    ]
