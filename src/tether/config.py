@@ -192,8 +192,8 @@ class DetoxConfig(TrainConfig):
     # the recipe, measured on 2 cores (see README): ~18 min for 200 held-out prompts before/after
     steps: int = _opt(18, "PPO steps (each = one batch of rollouts + its update)")
     ppo_epochs: int = _opt(1, "passes over each batch of rollouts")
-    lr: float = _opt(3e-4, "AdamW learning rate for the LoRA adapter and value head")
-    kl_coef: float = _opt(0.1, "initial KL penalty coefficient beta")
+    lr: float = _opt(6e-4, "AdamW learning rate for the LoRA adapter and value head")
+    kl_coef: float = _opt(0.05, "initial KL penalty coefficient beta")
     score_norm: bool = _opt(
         True, "normalise reward scores by their running mean and std over all steps so far"
     )
