@@ -15,6 +15,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 SPECIALS = ["<pad>", "</s>", "<s>", "<unk>"]
+PROMPT_WORDS = [
+    "hello there",
+    "how are you",
+    "tell me a story",
+    "the cat sat",
+    "good morning",
+    "what is this",
+    "once upon a time",
+    "see you soon",
+]
 CHARS = list(string.ascii_lowercase + " .,!?")
 
 
@@ -98,18 +108,8 @@ def tiny_model(request, tiny_llama, tiny_t5) -> Path:
 
 @pytest.fixture
 def prompts_file(tmp_path) -> Path:
-    words = [
-        "hello there",
-        "how are you",
-        "tell me a story",
-        "the cat sat",
-        "good morning",
-        "what is this",
-        "once upon a time",
-        "see you soon",
-    ]
     path = tmp_path / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": w}) + "\n" for w in words))
+    path.write_text("".join(json.dumps({"prompt": w}) + "\n" for w in PROMPT_WORDS))
     return path
 
 

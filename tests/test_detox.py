@@ -3,22 +3,12 @@
 import json
 
 import pytest
+from conftest import PROMPT_WORDS
 
 from tether.cli import main
 from tether.evaluate import compare, paired_bootstrap
 
-WORDS = [
-    "hello there",
-    "how are you",
-    "tell me a story",
-    "the cat sat",
-    "good morning",
-    "what is this",
-    "once upon a time",
-    "see you soon",
-    "a bad day",
-    "rain again",
-]
+WORDS = [*PROMPT_WORDS, "a bad day", "rain again"]
 
 
 @pytest.fixture
