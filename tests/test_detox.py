@@ -27,9 +27,9 @@ def detox_inputs(tmp_path):
     return prompts, scorers
 
 
-def _argv(tiny_llama, prompts, scorers, out, *extra):
+def _scored(tiny_llama, prompts, scorers):
+    """Policy, reward, judge and prompts shared by the detox and eval commands."""
     return [
-        "detox",
         "--policy",
         str(tiny_llama),
         "--reward",
@@ -38,6 +38,20 @@ def _argv(tiny_llama, prompts, scorers, out, *extra):
         f"python:{scorers}:spaces",
         "--prompts",
         f"jsonl:{prompts}",
+        "--max-new-tokens",
+        "8",
+        "--eval-prompts",
+        "12",
+        "--eval-batch-size",
+        "6",
+        "--no-progress",
+    ]
+
+
+def _argv(tiny_llama, prompts, scorers, out, *extra):
+    return [
+        "detox",
+        *_scored(tiny_llama, prompts, scorers),
         "--out",
         str(out),
         "--steps",
@@ -46,13 +60,6 @@ def _argv(tiny_llama, prompts, scorers, out, *extra):
         "8",
         "--mini-batch-size",
         "4",
-        "--max-new-tokens",
-        "8",
-        "--eval-prompts",
-        "12",
-        "--eval-batch-size",
-        "6",
-        "--no-progress",
         *extra,
     ]
 
@@ -148,25 +155,7 @@ def test_eval_command_compares_a_trained_adapter(tiny_llama, detox_inputs, tmp_p
     assert main(_argv(tiny_llama, prompts, scorers, run, "--no-similarity", "--lora-r", "4")) == 0
     trained_after = (run / "eval" / "aligned.jsonl").read_text().splitlines()
     capsys.readouterr()
-    ev = [
-        "eval",
-        "--policy",
-        str(tiny_llama),
-        "--reward",
-        f"python:{scorers}:vowels",
-        "--judge",
-        f"python:{scorers}:spaces",
-        "--prompts",
-        f"jsonl:{prompts}",
-        "--max-new-tokens",
-        "8",
-        "--eval-prompts",
-        "12",
-        "--eval-batch-size",
-        "6",
-        "--no-progress",
-        "--no-similarity",
-    ]
+    ev = ["eval", *_scored(tiny_llama, prompts, scorers), "--no-similarity"]
     # the starting policy alone
     assert main(ev + ["--out", str(tmp_path / "base")]) == 0
     assert "held-out prompts" in capsys.readouterr().out

@@ -88,6 +88,7 @@ class Policy(torch.nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self._ref_model = None
+        self._use_copy = False  # inside reference() with a full-copy reference
         if reference == "full-copy":
             # A second frozen model, as TRL's old PPOTrainer did without PEFT: for benchmarks.
             self._ref_model = copy.deepcopy(base).eval()
@@ -144,6 +145,12 @@ class Policy(torch.nn.Module):
             self._hidden = args[0]
 
     @property
+    def _active_model(self) -> torch.nn.Module:
+        """The module that generates and scores now: the full-copy reference inside
+        `reference()`, else the adapter-wrapped model (whose adapter reference() may disable)."""
+        return self._ref_model if self._use_copy else self.model
+
+    @property
     def device(self) -> torch.device:
         return self.value_head.weight.device
 
@@ -163,8 +170,6 @@ class Policy(torch.nn.Module):
         else:
             with self.model.disable_adapter():
                 yield
-
-    _use_copy = False
 
     # ------------------------------------------------------------------------------------------
     # prompts and generation
@@ -234,7 +239,7 @@ class Policy(torch.nn.Module):
             output_logits=True,
             return_dict_in_generate=True,
         )
-        model = self._ref_model if self._use_copy else self.model
+        model = self._active_model
         self._gen_hidden = []
         try:
             with warnings.catch_warnings():
@@ -288,7 +293,7 @@ class Policy(torch.nn.Module):
         Gradients flow when called under grad mode; entropy never carries one. `temperature`
         overrides the sampling temperature (perplexity is measured at 1).
         """
-        model = self._ref_model if self._use_copy else self.model
+        model = self._active_model
         self._hidden = None
         t = rollout.response_ids.shape[1]
         if self.is_encoder_decoder:
