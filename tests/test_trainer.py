@@ -32,6 +32,7 @@ def _cfg(model, prompts, reward_file, out, **kw):
         lora_r=8,
         progress=False,
         save_every=0,
+        judge_every=0,
     )
     base.update(kw)
     return TrainConfig(**base)
@@ -217,7 +218,7 @@ def test_nan_loss_minibatch_is_skipped(tiny_llama, prompts_file, tmp_path, capsy
 
 
 def test_resume_matches_uninterrupted_run(tiny_llama, prompts_file, vowel_reward, tmp_path):
-    kw = dict(steps=6, batch_size=8, mini_batch_size=4, save_every=3)
+    kw = dict(steps=6, batch_size=8, mini_batch_size=4, save_every=3, judge_every=2)
     full = train(_cfg(tiny_llama, prompts_file, vowel_reward, tmp_path / "full", **kw))
     # the "crashed" run stopped after step 4: checkpoint step-2 exists, metrics has rows 0..4
     part_dir = tmp_path / "part"
@@ -228,12 +229,26 @@ def test_resume_matches_uninterrupted_run(tiny_llama, prompts_file, vowel_reward
     rows_res = [{k: v for k, v in r.items() if "seconds" not in k} for r in rows_res]
     assert [r["step"] for r in rows_res] == list(range(6))
     for a, b in zip(rows_full, rows_res, strict=True):
-        for k in a:
-            assert a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-5), k
+        _assert_close_nested(a, b)
     for a, b in zip(
         full.policy.trainable_parameters(), resumed.policy.trainable_parameters(), strict=True
     ):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+def _assert_close_nested(a, b, path="row"):
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            _assert_close_nested(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            _assert_close_nested(x, y, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=1e-4, abs=1e-5), path
+    else:
+        assert a == b, path
 
 
 def test_batch_indices_cover_every_prompt_once_per_pass():

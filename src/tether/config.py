@@ -117,6 +117,21 @@ class TrainConfig:
         "shared",
         "shared: adapter disabled on the same weights; full-copy: a second frozen model (benchmarks)",
     )
+    # --- the reward-hacking guard (see guard.py) ---
+    judge: str | None = _opt(
+        None, "independent gold judge for the guard's probes, never the reward (a reward spec)"
+    )
+    judge_every: int = _opt(
+        10, "probe held-out prompts every N steps: proxy vs gold, phrases, fluency (0 = off)"
+    )
+    probe_prompts: int = _opt(32, "held-out prompts in the guard's fixed probe set")
+    heldout_fraction: float = _opt(
+        0.25, "share of the prompt source held out (guard probes, evaluation), never trained on"
+    )
+    kl_budget: float | None = _opt(None, "flag KL to the reference above this (nats/sequence)")
+    on_hack: Literal["warn", "stop", "rollback"] = _opt(
+        "warn", "when the guard flags hacking: warn, stop the run, or roll back to best/ and stop"
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = _opt("float32", "model weight dtype")
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     resume: bool = _opt(False, "continue from the last complete checkpoint in --out")
@@ -169,6 +184,19 @@ class TrainConfig:
             raise TetherError(f"kl_coef must be >= 0, got {self.kl_coef}")
         if self.lr <= 0:
             raise TetherError(f"lr must be > 0, got {self.lr}")
+        if self.judge_every < 0 or self.probe_prompts < 1:
+            raise TetherError(
+                f"judge_every must be >= 0 and probe_prompts >= 1, got {self.judge_every}, "
+                f"{self.probe_prompts}"
+            )
+        if self.kl_budget is not None and self.kl_budget <= 0:
+            raise TetherError(f"kl_budget must be > 0, got {self.kl_budget}")
+        if not 0 < self.heldout_fraction < 1:
+            raise TetherError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.judge is not None and self.judge == self.reward:
+            raise TetherError(
+                f"--judge {self.judge} is also the --reward: the gold judge must be independent"
+            )
 
 
 @dataclass
@@ -189,6 +217,9 @@ class DetoxConfig(TrainConfig):
     judge: str = _opt(
         "hatesonar", "independent gold judge, never the reward (same specs as --reward)"
     )
+    judge_every: int = _opt(
+        9, "probe held-out prompts every N steps: proxy vs gold, phrases, fluency (0 = off)"
+    )
     # the recipe, measured on 2 cores (see README): ~18 min for 200 held-out prompts before/after
     steps: int = _opt(18, "PPO steps (each = one batch of rollouts + its update)")
     ppo_epochs: int = _opt(1, "passes over each batch of rollouts")
@@ -203,7 +234,6 @@ class DetoxConfig(TrainConfig):
     )
     eval_batch_size: int = _opt(16, "prompts per generation batch in evaluation")
     eval_seed: int = _opt(1234, "seed of the evaluation sampling (the same before and after)")
-    heldout_fraction: float = _opt(0.25, "share of the prompt source held out for evaluation")
     similarity: bool = _opt(
         True, "measure completion-prompt embedding similarity (all-MiniLM-L6-v2)"
     )
@@ -212,16 +242,10 @@ class DetoxConfig(TrainConfig):
         super().validate()
         if self.out is None:
             return
-        if self.judge == self.reward:
-            raise TetherError(
-                f"--judge {self.judge} is also the --reward: the gold judge must be independent"
-            )
         if self.eval_prompts < 1 or self.eval_batch_size < 1:
             raise TetherError(
                 f"eval_prompts and eval_batch_size must be >= 1, got {self.eval_prompts}, {self.eval_batch_size}"
             )
-        if not 0 < self.heldout_fraction < 1:
-            raise TetherError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
 
 
 @dataclass

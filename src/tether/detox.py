@@ -126,7 +126,7 @@ def detox(
     monitors = {
         _monitor_name(r, m): m.fn for r, m in zip(("proxy", "judge"), setup.metrics, strict=True)
     }
-    train(cfg, reward, policy, train_records, monitors, prepared=True)
+    train(cfg, reward, policy, train_records, monitors, prepared=True, judge=judge)
     timing["ppo"] = time.perf_counter() - t0
 
     # 3. aligned: the same prompts, decoding and seeds

@@ -26,7 +26,7 @@ from tether.data import PromptRecord
 from tether.errors import TetherError
 from tether.policy import Policy
 from tether.rewards import RewardModel, checked_scores
-from tether.rollout import SamplingParams
+from tether.rollout import Rollout, SamplingParams
 
 
 @dataclass(frozen=True)
@@ -83,41 +83,55 @@ def evaluate(
     desc: str = "eval",
     progress: bool = True,
 ) -> list[dict[str, Any]]:
-    """Generate one completion per prompt and score it; one row (dict) per prompt.
+    """Generate one completion per prompt and score it; one row (dict) per prompt, in the order
+    of `records`.
 
-    `as_reference` evaluates the starting policy (adapter disabled). Perplexity is always the
-    reference model's, at temperature 1: for the baseline that is the sampling pass's own
-    log-probs, for any other policy one extra reference forward.
+    Prompts are batched in order of length, so a batch pads little; the order and the per-batch
+    seeds depend on the prompts alone, so every policy evaluated on the same records samples from
+    the same random stream on the same prompts. `as_reference` evaluates the starting policy
+    (adapter disabled). Perplexity is always the reference model's at temperature 1, and `kl` the
+    per-sequence KL estimate (sum of log-ratios) to the reference at the sampling temperature:
+    for the baseline the sampling pass itself gives both, for any other policy one extra reference
+    forward (two when the temperature is not 1).
     """
-    rows: list[dict[str, Any]] = []
-    chunks = [records[i : i + batch_size] for i in range(0, len(records), batch_size)]
+    order = sorted(range(len(records)), key=lambda i: (len(records[i].prompt), i))
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    rows: list[dict[str, Any]] = [{} for _ in records]
     for i, chunk in enumerate(tqdm(chunks, desc=desc, unit="batch", disable=not progress)):
         torch.manual_seed(seed * 1_000_003 + i)
-        prompts = [r.prompt for r in chunk]
+        prompts = [records[k].prompt for k in chunk]
         ctx = policy.reference() if as_reference else contextlib.nullcontext()
         with ctx:
             rollout, out, _ = policy.generate(prompts, sampling)
         valid = rollout.valid_mask
-        if as_reference and policy.temperature == 1.0:
-            ref_lp = out.logprobs
+        if as_reference:
+            kl = torch.zeros(len(chunk))
+            if policy.temperature == 1.0:
+                ref_lp = out.logprobs
+            else:
+                ref_lp = _reference_logprobs(policy, rollout, 1.0)
         else:
-            with torch.no_grad(), policy.reference():
-                ref_lp = policy(rollout, with_values=False, temperature=1.0).logprobs
+            ref_lp = _reference_logprobs(policy, rollout, 1.0)
+            ref_at_t = (
+                ref_lp
+                if policy.temperature == 1.0
+                else _reference_logprobs(policy, rollout, policy.temperature)
+            )
+            kl = ppo.masked_sum(out.logprobs - ref_at_t, valid, dim=1)
         n_tokens = valid.sum(-1)
         mean_nll = -ppo.masked_sum(ref_lp, valid, dim=1) / n_tokens.clamp(min=1)
         last_token = rollout.response_ids.gather(1, ppo.last_valid_index(valid)[:, None]).squeeze(1)
         ended = torch.isin(last_token, torch.tensor(policy.eos_token_ids, device=valid.device))
-        for j, record in enumerate(chunk):
-            rows.append(
-                {
-                    "index": len(rows),
-                    "prompt": record.prompt,
-                    "completion": rollout.completions[j],
-                    "response_tokens": int(n_tokens[j]),
-                    "perplexity": math.exp(min(mean_nll[j].item(), 50.0)),
-                    "ended_with_eos": bool(ended[j]),
-                }
-            )
+        for j, k in enumerate(chunk):
+            rows[k] = {
+                "index": k,
+                "prompt": records[k].prompt,
+                "completion": rollout.completions[j],
+                "response_tokens": int(n_tokens[j]),
+                "perplexity": math.exp(min(mean_nll[j].item(), 50.0)),
+                "ended_with_eos": bool(ended[j]),
+                "kl": float(kl[j]),
+            }
     completions = [r["completion"] for r in rows]
     prompts = [r["prompt"] for r in rows]
     for metric in metrics:
@@ -128,6 +142,12 @@ def evaluate(
         for row, sim in zip(rows, embedder.similarity(completions, sources), strict=True):
             row["similarity"] = float(sim)
     return rows
+
+
+@torch.no_grad()
+def _reference_logprobs(policy: Policy, rollout: Rollout, temperature: float) -> torch.Tensor:
+    with policy.reference():
+        return policy(rollout, with_values=False, temperature=temperature).logprobs
 
 
 def paired_bootstrap(

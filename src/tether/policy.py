@@ -350,6 +350,16 @@ class Policy(torch.nn.Module):
             directory / VALUE_HEAD_FILE,
         )
 
+    @torch.no_grad()
+    def reset_adapter(self) -> None:
+        """Back to the starting policy: LoRA's B matrices (so every adapter delta) and the value
+        head to zero, as they were built."""
+        for name, p in self.model.named_parameters():
+            if "lora_B" in name:
+                p.zero_()
+        self.value_head.weight.zero_()
+        self.value_head.bias.zero_()
+
     def load_trainable(self, directory: str | Path) -> None:
         """Restore adapter and value head saved by `save` (resume, evaluation)."""
         directory = Path(directory)

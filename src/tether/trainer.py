@@ -7,6 +7,7 @@ rewards -> (5) GAE advantages -> (6) epochs x mini-batches of clipped updates ->
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -23,12 +24,13 @@ from tether import ppo
 from tether.config import TrainConfig, config_to_yaml
 from tether.data import PromptRecord, load_prompts
 from tether.errors import TetherError
+from tether.guard import GUARD_JSON, Guard, GuardSettings
 from tether.kl import KLController, make_kl_controller
 from tether.models import load_model
 from tether.policy import LoraSettings, Policy, PolicyOutput
 from tether.rewards import RewardModel, checked_scores, load_reward
 from tether.rollout import Experience, Rollout, SamplingParams
-from tether.rundir import RunDir, load_trainer_state, set_rng_state
+from tether.rundir import RunDir, atomic_write_text, load_trainer_state, set_rng_state
 
 Monitor = Callable[[list[str], list[str]], list[float]]  # (prompts, completions) -> values
 
@@ -107,6 +109,7 @@ class TrainResult:
     run_dir: Path
     metrics: list[dict[str, Any]]
     policy: Policy
+    guard: dict[str, Any]  # guard.json: probes, best checkpoint, how the run ended
 
 
 def warn(msg: str) -> None:
@@ -313,17 +316,29 @@ def train(
     records: list[PromptRecord] | None = None,
     monitors: dict[str, Monitor] | None = None,
     prepared: bool = False,
+    judge: RewardModel | None = None,
 ) -> TrainResult:
-    """Run PPO as configured.
+    """Run PPO as configured, with the reward-hacking guard watching.
 
-    Library callers may pass a built `reward`, `policy` or prompt `records`, and `monitors`:
-    extra per-completion numbers (e.g. a gold judge's toxicity) logged as batch means each step.
-    `prepared` says the caller already set up the run directory (detox does).
+    Library callers may pass a built `reward`, `judge`, `policy` or training prompt `records`,
+    and `monitors`: extra per-completion numbers (e.g. a gold judge's toxicity) logged as batch
+    means each step. `prepared` says the caller already set up the run directory (detox does).
+    With guard probes on, training uses the prompt source's train split and the probes come from
+    its held-out split.
     """
     run = RunDir(cfg.out)
     config_yaml = config_to_yaml(cfg)
-    records = records or load_prompts(cfg.prompts)
+    probing = cfg.judge_every > 0
+    split = "train" if probing else "all"
+    records = records or load_prompts(cfg.prompts, split, cfg.heldout_fraction)
+    probe_records = (
+        load_prompts(cfg.prompts, "heldout", cfg.heldout_fraction)[: cfg.probe_prompts]
+        if probing
+        else []
+    )
     reward = reward or load_reward(cfg.reward)
+    if judge is None and cfg.judge:
+        judge = load_reward(cfg.judge)
     if not prepared:
         run.prepare(config_yaml, cfg.resume)
     policy = policy or build_policy(cfg)
@@ -332,6 +347,16 @@ def train(
     state = TrainState.create(policy, cfg)
     start_step = _restore(run, policy, state) if cfg.resume else 0
     metrics = [r for r in run.read_metrics() if r["step"] < start_step]
+    guard = Guard(
+        GuardSettings(cfg.judge_every, cfg.kl_budget, cfg.on_hack, cfg.batch_size, cfg.seed + 4321),
+        run,
+        policy,
+        reward,
+        judge,
+        probe_records,
+        sampling,
+    )
+    guard.start(resumed_step=start_step - 1 if cfg.resume else None)
 
     bar = tqdm(
         range(start_step, cfg.steps),
@@ -342,20 +367,38 @@ def train(
         total=cfg.steps,
         file=sys.stderr,
     )
+    action, n_flags, step = None, 0, start_step - 1
     for step in bar:
         row = ppo_step(policy, reward, state, records, sampling, cfg, step, monitors)
+        action = guard.after_step(step, row, last=step == cfg.steps - 1)
+        for flag in row["guard"]["flags"]:
+            warn(f"step {step}: guard flag {flag['flag']}: {flag['message']}")
+        n_flags += len(row["guard"]["flags"])
         run.append_metrics(row)
         metrics.append(row)
         bar.set_postfix(
             reward=f"{row['reward_mean']:.3f}",
             kl=f"{row['kl_mean']:.3f}",
             **{k: f"{row[k]:.3f}" for k in monitors or {}},
+            flags=n_flags,
         )
+        if action:
+            break
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             run.save_checkpoint(step, policy.save, state.state_dict(), config_yaml)
     bar.close()
-    run.save_final(policy.save, config_yaml)
-    return TrainResult(run.root, metrics, policy)
+    run.save_final(policy.save, config_yaml)  # final/ is always the last step that ran
+    ending: dict[str, Any] = {"last_step": step, "stopped_by_guard": action is not None}
+    if action == "rollback":
+        ending["rolled_back_to_step"] = guard.rollback()
+        warn(
+            f"guard: rolled back to {'the starting policy' if ending['rolled_back_to_step'] < 0 else 'best/ from step ' + str(ending['rolled_back_to_step'])}"
+        )
+    elif action == "stop":
+        warn(f"guard: stopped after step {step} (--on-hack stop)")
+    summary = {**guard.report(), **ending, "flags": n_flags}
+    atomic_write_text(run.root / GUARD_JSON, json.dumps(summary, indent=2))
+    return TrainResult(run.root, metrics, policy, summary)
 
 
 def ppo_step(
