@@ -89,7 +89,12 @@ def test_detox_end_to_end_and_report_rebuild(tiny_llama, detox_inputs, tmp_path,
     assert proxy["before_mean"] == pytest.approx(sum(r[proxy["metric"]] for r in before) / 12)
     assert set(report["timing_seconds"]) == {"baseline", "ppo", "aligned", "total"}
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 2 and "changed most" in html
+    assert html.count("data:image/png;base64,") == 3 and "changed most" in html
+    # the guard watched the run: a probe after the last step, best/ and final/ named
+    guard = report["guard"]
+    assert [p["step"] for p in guard["probes"]] == [-1, 2]
+    assert guard["final"].startswith("step 2") and guard["best"]["by"] == "gold"
+    assert "Reward-hacking guard" in html and (out / "best").is_dir()
 
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 3
@@ -122,6 +127,44 @@ def test_detox_refuses_judge_equal_to_reward(tiny_llama, detox_inputs, tmp_path,
     argv[argv.index("--judge") + 1] = f"python:{scorers}:vowels"
     assert main(argv) == 2
     assert "the gold judge must be independent" in capsys.readouterr().err
+
+
+def test_hacking_demo_runs_both_arms_side_by_side(tiny_llama, detox_inputs, tmp_path, capsys):
+    prompts, scorers = detox_inputs
+    out = tmp_path / "demo"
+    argv = [
+        "hacking-demo",
+        *_scored(tiny_llama, prompts, scorers)[:-5],  # no eval options: the demo has none
+        "--no-progress",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "8",
+        "--mini-batch-size",
+        "4",
+        "--judge-every",
+        "1",
+        "--probe-prompts",
+        "6",
+    ]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "no leash" in stdout and "guard flags" in stdout
+    report = json.loads((out / "hacking_report.json").read_text())
+    assert set(report["arms"]) == {"no-leash", "leash"}
+    no_leash, leash = report["arms"]["no-leash"], report["arms"]["leash"]
+    assert no_leash["kl_coef"] == 0.0 and no_leash["lr"] == 2e-3 and leash["kl_coef"] == 0.1
+    # both arms started from the same policy, probes and seeds: one shared reference probe
+    ref_a = (out / "no-leash" / "guard" / "reference.jsonl").read_text()
+    assert ref_a == (out / "leash" / "guard" / "reference.jsonl").read_text()
+    assert [p["step"] for p in leash["guard"]["probes"]] == [-1, 0, 1]
+    assert (out / "hacking_report.html").read_text().count("data:image/png;base64,") == 3
+    (out / "hacking_report.html").unlink()
+    assert main(["report", str(out)]) == 0 and (out / "hacking_report.html").is_file()
+    assert main([*argv[:-2], "--judge-every", "0"]) == 2
+    assert "needs a --judge" in capsys.readouterr().err
 
 
 def test_report_on_a_non_run_dir(tmp_path, capsys):

@@ -12,6 +12,7 @@ from typing import Any, NoReturn
 from tether.config import (
     DetoxConfig,
     EvalConfig,
+    HackingDemoConfig,
     TrainConfig,
     build_config,
     closest_key,
@@ -79,8 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         "eval", help="evaluate the starting policy (and --trained ADAPTER) on held-out prompts"
     )
     _add_config_options(evaluate, EvalConfig)
+    demo = sub.add_parser(
+        "hacking-demo",
+        help="the same PPO job without and with the KL leash, guard on both, side-by-side report",
+    )
+    _add_config_options(demo, HackingDemoConfig)
     report = sub.add_parser("report", help="rebuild report.json and report.html from a run dir")
-    report.add_argument("run_dir", help="a directory written by tether detox")
+    report.add_argument("run_dir", help="a directory written by tether detox or hacking-demo")
     return parser
 
 
@@ -117,10 +123,26 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_hacking_demo(args: argparse.Namespace) -> int:
+    from tether.hacking import REPORT_HTML, hacking_demo, summary_table
+
+    cfg = _config(args)
+    print(summary_table(hacking_demo(cfg)))
+    print(f"report: {Path(cfg.out) / REPORT_HTML}")
+    return 0
+
+
 def cmd_report(args: argparse.Namespace) -> int:
+    from tether.hacking import ARMS, REPORT_HTML, write_demo_report
+    from tether.hacking import summary_table as demo_table
     from tether.report import summary_table, write_report
 
-    report = write_report(Path(args.run_dir))
+    run_dir = Path(args.run_dir)
+    if all((run_dir / arm).is_dir() for arm in ARMS):
+        print(demo_table(write_demo_report(run_dir)))
+        print(f"report: {run_dir / REPORT_HTML}")
+        return 0
+    report = write_report(run_dir)
     print(summary_table(report))
     print(f"report: {Path(args.run_dir) / 'report.html'}")
     return 0
@@ -143,9 +165,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return {"train": cmd_train, "detox": cmd_detox, "eval": cmd_eval, "report": cmd_report}[
-            args.command
-        ](args)
+        commands = {
+            "train": cmd_train,
+            "detox": cmd_detox,
+            "eval": cmd_eval,
+            "hacking-demo": cmd_hacking_demo,
+            "report": cmd_report,
+        }
+        return commands[args.command](args)
     except TetherError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

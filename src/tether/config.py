@@ -258,6 +258,50 @@ class EvalConfig(DetoxConfig):
     )
 
 
+@dataclass
+class HackingDemoConfig(TrainConfig):
+    """`tether hacking-demo`: the same short PPO job twice on the embedded default, once without
+    the KL leash (kl_coef 0, a higher learning rate) and once with it (adaptive KL); the guard
+    watches both. The options below configure the leashed arm; the unleashed one differs only in
+    kl_coef = 0 and lr = unleashed_lr."""
+
+    policy: str = _opt(
+        "smollm2", "model: local dir, Hugging Face hub id, or 'smollm2' (embedded default)"
+    )
+    reward: str = _opt(
+        "profanity@logit", "proxy reward spec (profanity[@prob|@logit], hatesonar, python:...)"
+    )
+    prompts: str = _opt(
+        "chitchat:toxic", "prompt spec; its train split trains, its held-out split probes"
+    )
+    judge: str = _opt(
+        "hatesonar", "independent gold judge, never the reward (same specs as --reward)"
+    )
+    steps: int = _opt(10, "PPO steps per arm")
+    ppo_epochs: int = _opt(1, "passes over each batch of rollouts")
+    lr: float = _opt(6e-4, "learning rate of the leashed arm")
+    unleashed_lr: float = _opt(2e-3, "learning rate of the arm without the KL penalty")
+    kl_coef: float = _opt(0.1, "initial KL coefficient of the leashed arm")
+    target_kl: float | None = _opt(
+        1.0, "the leashed arm's adaptive controller steers KL toward this (nats/sequence)"
+    )
+    whiten_advantages: bool = _opt(True, "normalise advantages over each batch")
+    score_norm: bool = _opt(
+        True, "normalise reward scores by their running mean and std over all steps so far"
+    )
+    judge_every: int = _opt(5, "probe held-out prompts every N steps (and after the last)")
+    save_every: int = _opt(0, "write checkpoints/step-N every N steps (0 = only final/)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.out is not None and (self.judge is None or self.judge_every < 1):
+            raise TetherError(
+                "hacking-demo needs a --judge and --judge-every >= 1: gold is the point"
+            )
+        if self.unleashed_lr <= 0:
+            raise TetherError(f"unleashed_lr must be > 0, got {self.unleashed_lr}")
+
+
 def field_type(cls: type, f: dataclasses.Field) -> tuple[type, bool, tuple | None, bool]:
     """(scalar type, optional?, literal choices or None, is_list) of a config field."""
     hint = typing.get_type_hints(cls)[f.name]

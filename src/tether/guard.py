@@ -352,6 +352,7 @@ class Guard:
         probe_records: list[PromptRecord],
         sampling: SamplingParams,
         progress: bool = False,
+        reference_rows: list[dict[str, Any]] | None = None,
     ) -> None:
         self.settings = settings
         self.run = run
@@ -362,7 +363,7 @@ class Guard:
         self.sampling = sampling
         self.progress = progress
         self.dir = run.root / GUARD_DIR
-        self.reference_rows: list[dict[str, Any]] | None = None
+        self.reference_rows = reference_rows  # given: shared with another run, not re-probed
         self.history: list[dict[str, Any]] = []  # probe summaries (step, means, sqrt_kl, ...)
         self.best: dict[str, Any] | None = None
 
@@ -401,16 +402,16 @@ class Guard:
         if resumed_step is not None and ref_path.is_file():
             self.reference_rows = _read_rows(ref_path)
             self.history = [self._summary(-1, self.reference_rows)]
-            for path in sorted(self.dir.glob("probe-step-*.jsonl")):
-                step = int(path.stem.rsplit("-", 1)[1])
-                if step <= resumed_step:
-                    self.history.append(self._summary(step, _read_rows(path)))
+            probes = {int(p.stem.rsplit("-", 1)[1]): p for p in self.dir.glob("probe-step-*.jsonl")}
+            for step in sorted(s for s in probes if s <= resumed_step):
+                self.history.append(self._summary(step, _read_rows(probes[step])))
             best_info = self.run.root / BEST / BEST_INFO
             if best_info.is_file():
                 best = json.loads(best_info.read_text())
                 self.best = best if best["step"] <= resumed_step else None
             return
-        self.reference_rows = self._probe(as_reference=True)
+        if self.reference_rows is None:
+            self.reference_rows = self._probe(as_reference=True)
         self.dir.mkdir(parents=True, exist_ok=True)
         _write_rows(ref_path, self.reference_rows)
         summary = self._summary(-1, self.reference_rows)
@@ -514,3 +515,55 @@ def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
+
+
+def run_summary(run_dir: Path, examples: int = 5) -> dict[str, Any] | None:
+    """The guard's evidence for a report, rebuilt from the run directory: probes over time
+    (proxy and gold against sqrt KL), every flag with its step, the rising n-grams and example
+    completions of the last probe against the reference, and which adapter is best/ and final/.
+    None when the run has no guard.json (an older run, or an evaluation-only directory)."""
+    summary_path = run_dir / GUARD_JSON
+    if not summary_path.is_file():
+        return None
+    summary = json.loads(summary_path.read_text())
+    metrics_path = run_dir / "metrics.jsonl"
+    rows = [
+        json.loads(line)
+        for line in (metrics_path.read_text().splitlines() if metrics_path.is_file() else [])
+        if line.strip()
+    ]
+    flags = [
+        {"step": r["step"], "flag": f["flag"], "message": f["message"]}
+        for r in rows
+        for f in r.get("guard", {}).get("flags", [])
+    ]
+    probed = [r for r in rows if "probe" in r.get("guard", {})]
+    out: dict[str, Any] = {
+        "probes": summary["probes"],
+        "flags": flags,
+        "flag_counts": dict(Counter(f["flag"] for f in flags)),
+        "hacking_flagged": bool(flags),
+        "best": summary.get("best"),
+        "final": f"step {summary['last_step']} (the last step that ran)",
+        "stopped_by_guard": summary.get("stopped_by_guard", False),
+        "rolled_back_to_step": summary.get("rolled_back_to_step"),
+        "rising_ngrams": probed[-1]["guard"]["rising_ngrams"] if probed else [],
+        "examples": [],
+    }
+    ref_path = run_dir / GUARD_DIR / "reference.jsonl"
+    if probed and ref_path.is_file():
+        last = run_dir / GUARD_DIR / f"probe-step-{probed[-1]['step']}.jsonl"
+        if last.is_file():
+            ref, now = _read_rows(ref_path), _read_rows(last)
+            pairs = sorted(zip(ref, now, strict=True), key=lambda p: p[0]["proxy"] - p[1]["proxy"])
+            out["examples"] = [
+                {
+                    "prompt": b["prompt"],
+                    "reference": b["completion"],
+                    "policy": a["completion"],
+                    **{f"{k}_reference": b[k] for k in ("proxy", "gold", "perplexity") if k in b},
+                    **{f"{k}_policy": a[k] for k in ("proxy", "gold", "perplexity") if k in a},
+                }
+                for b, a in pairs[:examples]
+            ]
+    return out

@@ -18,6 +18,7 @@ import yaml
 
 from tether.errors import TetherError
 from tether.evaluate import compare
+from tether.guard import run_summary
 
 EVAL_DIR = "eval"
 RUN_INFO = "run_info.json"
@@ -71,6 +72,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     if "similarity" in quality:
         bars["similarity_down_at_most_5pct"] = quality["similarity"]["relative_change"] >= -0.05
     config_path = run_dir / "config.yaml"
+    guard = run_summary(run_dir)
     return {
         "run_dir": str(run_dir),
         "n_eval_prompts": len(before),
@@ -82,6 +84,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "quality": quality,
         "bars": bars,
         "timing_seconds": info.get("timing_seconds", {}),
+        "guard": guard,
         "config": yaml.safe_load(config_path.read_text()) if config_path.is_file() else None,
     }
 
@@ -213,5 +216,72 @@ Run time: {esc(timing)}.</p>
 {images}
 <h2>Completions that changed most (by proxy toxicity)</h2>
 {_changed_table(run_dir, report)}
+{guard_html(report["guard"])}
 <h2>Config</h2><pre>{esc(yaml.safe_dump(report["config"], sort_keys=False) if report["config"] else "")}</pre>
 </body></html>"""
+
+
+def guard_plot(guard: dict[str, Any]) -> str:
+    """Proxy and gold probe means against sqrt(KL) to the reference (Gao et al.'s axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    probes = guard["probes"]
+    x = [p["sqrt_kl"] for p in probes]
+    fig, axes = plt.subplots(1, 2, figsize=(8, 2.8))
+    for ax, key, title in (
+        (axes[0], "proxy_mean", "proxy (reward)"),
+        (axes[1], "gold_mean", "gold (judge)"),
+    ):
+        ys = [p[key] for p in probes]
+        if all(y is not None for y in ys):
+            ax.plot(x, ys, marker="o")
+            for p, xi, yi in zip(probes, x, ys, strict=True):
+                ax.annotate(str(p["step"]), (xi, yi), fontsize=7)
+        ax.set_title(f"{title} on the probe set", fontsize=9)
+        ax.set_xlabel("sqrt(KL to reference), nats^0.5", fontsize=8)
+        ax.grid(alpha=0.3)
+    return _png(fig)
+
+
+def guard_html(guard: dict[str, Any] | None) -> str:
+    """The guard section: verdict, flags, proxy/gold vs sqrt KL, rising n-grams, examples."""
+    if not guard:
+        return ""
+    esc = html.escape
+    verdict = (
+        f"<p><b>Reward hacking flagged</b>: {esc(', '.join(f'{k} x{v}' for k, v in guard['flag_counts'].items()))}.</p>"
+        if guard["hacking_flagged"]
+        else "<p>No reward-hacking flag was raised.</p>"
+    )
+    best = guard["best"]
+    ckpts = f"final/ = {esc(guard['final'])}; best/ = " + (
+        f"step {best['step']} by {best['by']} ({'the starting policy' if best['step'] < 0 else 'a trained adapter'})"
+        if best
+        else "none"
+    )
+    if guard.get("rolled_back_to_step") is not None:
+        ckpts += f"; rolled back to step {guard['rolled_back_to_step']}"
+    flags = "".join(
+        f"<li>step {f['step']}: <b>{esc(f['flag'])}</b>: {esc(f['message'])}</li>"
+        for f in guard["flags"]
+    )
+    ngrams = "".join(
+        f"<tr><td>{esc(n['ngram'])}</td><td>{n['reference_count']}</td><td>{n['policy_count']}</td>"
+        f"<td>{n['reference_completions']} / {n['policy_completions']}</td></tr>"
+        for n in guard["rising_ngrams"]
+    )
+    examples = "".join(
+        f"<tr><td>{esc(e['reference'])}</td><td>{e['proxy_reference']:.3f}</td>"
+        f"<td>{esc(e['policy'])}</td><td>{e['proxy_policy']:.3f}</td></tr>"
+        for e in guard["examples"]
+    )
+    plot = f"<img src='{guard_plot(guard)}'>" if len(guard["probes"]) > 1 else ""
+    return f"""<h2>Reward-hacking guard</h2>{verdict}<p>{ckpts}</p>
+<ul>{flags}</ul>{plot}
+<h3>n-grams that rose most against the reference (last probe)</h3>
+<table><tr><th>n-gram</th><th>reference count</th><th>policy count</th><th>completions with it (ref / policy)</th></tr>{ngrams}</table>
+<h3>Probe completions whose proxy rose most</h3>
+<table><tr><th>reference</th><th>proxy</th><th>policy</th><th>proxy</th></tr>{examples}</table>"""

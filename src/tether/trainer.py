@@ -187,13 +187,13 @@ def make_experience(
 
     `rollout_out` holds the rollout policy's log-probs and values, taken from the sampling pass.
     """
-    t = rollout.response_ids.shape[1]
-    ref_logprobs = []
+    valid = rollout.valid_mask
+    ref_lp = torch.zeros_like(rollout_out.logprobs)
     with policy.reference():
-        for idx in torch.arange(len(rollout)).split(cfg.forward_batch_size):
+        # chunks of similar length: select() trims the padding no row in a chunk needs
+        for idx in _by_length(rollout, torch.arange(len(rollout))).split(cfg.forward_batch_size):
             lp = policy(rollout.select(idx), with_values=False).logprobs
-            ref_logprobs.append(torch.nn.functional.pad(lp, (0, t - lp.shape[1])))  # select() trims
-    ref_lp, valid = torch.cat(ref_logprobs), rollout.valid_mask
+            ref_lp[idx, : lp.shape[1]] = lp
     old_logprobs, old_values = rollout_out.logprobs, rollout_out.values
 
     score_t = torch.tensor(scores, dtype=torch.float32, device=old_logprobs.device)
@@ -206,6 +206,12 @@ def make_experience(
     return Experience(
         rollout, old_logprobs, ref_lp, old_values, score_t, kl, rewards, advantages, returns
     )
+
+
+def _by_length(rollout: Rollout, idx: torch.Tensor) -> torch.Tensor:
+    """`idx` ordered by real (unpadded) prompt + response length."""
+    lengths = rollout.prompt_mask[idx].sum(-1) + rollout.valid_mask[idx].sum(-1)
+    return idx[torch.argsort(lengths, stable=True)]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -245,7 +251,8 @@ def ppo_update(
             optimizer.zero_grad(set_to_none=True)
             mb_stats = {k: 0.0 for k in sums}
             finite = True
-            for micro_idx in torch.arange(len(mb_idx)).split(micro):
+            # micro-batches of similar length pad less; the loss is a sum, so order is free
+            for micro_idx in _by_length(mb.rollout, torch.arange(len(mb_idx))).split(micro):
                 mu = mb.select(micro_idx)
                 valid = mu.rollout.valid_mask
                 out = policy(mu.rollout)
@@ -317,12 +324,15 @@ def train(
     monitors: dict[str, Monitor] | None = None,
     prepared: bool = False,
     judge: RewardModel | None = None,
+    guard_reference: list[dict[str, Any]] | None = None,
 ) -> TrainResult:
     """Run PPO as configured, with the reward-hacking guard watching.
 
     Library callers may pass a built `reward`, `judge`, `policy` or training prompt `records`,
     and `monitors`: extra per-completion numbers (e.g. a gold judge's toxicity) logged as batch
     means each step. `prepared` says the caller already set up the run directory (detox does).
+    `guard_reference`: the starting policy's probe rows from an earlier run with the same policy,
+    probe prompts and seeds (the hacking demo's two arms share them).
     With guard probes on, training uses the prompt source's train split and the probes come from
     its held-out split.
     """
@@ -355,6 +365,7 @@ def train(
         judge,
         probe_records,
         sampling,
+        reference_rows=guard_reference,
     )
     guard.start(resumed_step=start_step - 1 if cfg.resume else None)
 

@@ -1,0 +1,168 @@
+"""`tether hacking-demo`: why PPO needs a leash, shown rather than told.
+
+The same short PPO job runs twice from the same starting policy, on the same prompts, probes
+and seeds: once without the KL penalty (kl_coef 0, a higher learning rate) and once with the
+leash (adaptive KL). The guard watches both. The report puts them side by side: proxy reward and
+gold judge against sqrt(KL), perplexity and diversity, the n-grams that rose, example
+completions, and every flag the guard raised.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from tether.config import HackingDemoConfig, config_to_yaml
+from tether.errors import TetherError
+from tether.guard import GUARD_DIR, _read_rows, run_summary
+from tether.report import _png, guard_html
+from tether.rewards import load_reward
+from tether.rundir import RunDir, atomic_write_text
+from tether.trainer import build_policy, train
+
+ARMS = ("no-leash", "leash")
+REPORT_JSON = "hacking_report.json"
+REPORT_HTML = "hacking_report.html"
+
+
+def arm_configs(cfg: HackingDemoConfig) -> dict[str, HackingDemoConfig]:
+    """The two arms: identical except for the leash (and the unleashed arm's learning rate)."""
+    root = Path(cfg.out)
+    return {
+        "no-leash": dataclasses.replace(
+            cfg, out=str(root / "no-leash"), kl_coef=0.0, target_kl=None, lr=cfg.unleashed_lr
+        ),
+        "leash": dataclasses.replace(cfg, out=str(root / "leash")),
+    }
+
+
+def hacking_demo(cfg: HackingDemoConfig) -> dict[str, Any]:
+    reward, judge = load_reward(cfg.reward), load_reward(cfg.judge)
+    root = Path(cfg.out)
+    if root.exists() and any(root.iterdir()):
+        raise TetherError(f"--out {root} is not empty; pick a new dir for the demo")
+    RunDir(root).prepare(config_to_yaml(cfg), resume=False)
+    policy = build_policy(cfg)
+    reference = None
+    for name, arm in arm_configs(cfg).items():
+        print(f"{name}: kl_coef {arm.kl_coef}, lr {arm.lr}", file=sys.stderr)
+        policy.reset_adapter()  # both arms start from the same policy (LoRA A is seeded)
+        train(arm, reward, policy, judge=judge, guard_reference=reference)
+        reference = _read_rows(Path(arm.out) / GUARD_DIR / "reference.jsonl")
+    return write_demo_report(root)
+
+
+def build_demo_report(root: Path) -> dict[str, Any]:
+    """Side-by-side numbers, rebuilt from the two arms' run directories."""
+    arms: dict[str, Any] = {}
+    for name in ARMS:
+        summary = run_summary(root / name)
+        if summary is None:
+            raise TetherError(f"{root / name}: no guard.json, not a finished demo arm")
+        arm_cfg = yaml.safe_load((root / name / "config.yaml").read_text())
+        reference, last = summary["probes"][0], summary["probes"][-1]
+        arms[name] = {
+            "kl_coef": arm_cfg["kl_coef"],
+            "target_kl": arm_cfg["target_kl"],
+            "lr": arm_cfg["lr"],
+            "steps": arm_cfg["steps"],
+            "reference_probe": reference,
+            "last_probe": last,
+            "hacking_flagged": summary["hacking_flagged"],
+            "flag_counts": summary["flag_counts"],
+            "guard": summary,
+        }
+    cfg = yaml.safe_load((root / "config.yaml").read_text())
+    return {
+        "reward": cfg["reward"],
+        "judge": cfg["judge"],
+        "probe_prompts": cfg["probe_prompts"],
+        "arms": arms,
+        "verdict": {name: arms[name]["hacking_flagged"] for name in ARMS},
+    }
+
+
+ROWS = (
+    ("proxy_mean", "proxy reward (mean)"),
+    ("gold_mean", "gold judge score (mean)"),
+    ("kl_mean", "KL to reference (nats/seq)"),
+    ("perplexity", "reference perplexity"),
+    ("distinct_2", "distinct-2"),
+    ("repetition", "repeated 3-grams"),
+    ("response_tokens", "response tokens"),
+    ("eos_rate", "EOS rate"),
+)
+
+
+def summary_table(report: dict[str, Any]) -> str:
+    a, b = (report["arms"][n] for n in ARMS)
+    lines = [
+        f"reward {report['reward']}, judge {report['judge']}, "
+        f"{report['probe_prompts']} held-out probe prompts",
+        f"{'':<28} {'start':>9} {'no leash':>9} {'leash':>9}",
+    ]
+    for key, label in ROWS:
+        vals = [a["reference_probe"][key], a["last_probe"][key], b["last_probe"][key]]
+        lines.append(f"{label:<28} " + " ".join(f"{v:>9.4f}" for v in vals))
+    for name in ARMS:
+        arm = report["arms"][name]
+        flags = ", ".join(f"{k} x{v}" for k, v in arm["flag_counts"].items()) or "none"
+        top = ", ".join(n["ngram"] for n in arm["guard"]["rising_ngrams"][:5]) or "-"
+        lines.append(
+            f"{name}: kl_coef {arm['kl_coef']}, lr {arm['lr']}; guard flags: {flags}; top rising n-grams: {top}"
+        )
+    return "\n".join(lines)
+
+
+def write_demo_report(root: str | Path) -> dict[str, Any]:
+    root = Path(root)
+    report = build_demo_report(root)
+    atomic_write_text(root / REPORT_JSON, json.dumps(report, indent=2))
+    atomic_write_text(root / REPORT_HTML, _html(report))
+    return report
+
+
+def _plot(report: dict[str, Any]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3))
+    for name in ARMS:
+        probes = report["arms"][name]["guard"]["probes"]
+        x = [p["sqrt_kl"] for p in probes]
+        for ax, key in zip(axes, ("proxy_mean", "gold_mean", "perplexity"), strict=True):
+            ax.plot(x, [p[key] for p in probes], marker="o", label=name)
+    for ax, title in zip(
+        axes, ("proxy reward", "gold judge score", "reference perplexity"), strict=True
+    ):
+        ax.set_title(f"{title} on the probe set", fontsize=9)
+        ax.set_xlabel("sqrt(KL to reference)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    return _png(fig)
+
+
+def _html(report: dict[str, Any]) -> str:
+    esc = html.escape
+    sections = "".join(
+        f"<h2>Arm: {esc(name)} (kl_coef {report['arms'][name]['kl_coef']}, "
+        f"lr {report['arms'][name]['lr']})</h2>{guard_html(report['arms'][name]['guard'])}"
+        for name in ARMS
+    )
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>tether hacking demo</title>
+<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}}
+pre{{background:#f5f5f5;padding:1em}} table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:4px 6px;vertical-align:top}} img{{max-width:100%}}</style>
+</head><body><h1>Reward hacking with and without the KL leash</h1>
+<p>The same PPO job from the same starting policy, prompts and seeds; only the KL penalty (and
+the unleashed arm's higher learning rate) differ. Proxy = the reward PPO maximises; gold = an
+independent judge it never sees. Probes are held-out prompts sampled with fixed seeds.</p>
+<pre>{esc(summary_table(report))}</pre><img src="{_plot(report)}">{sections}</body></html>"""
