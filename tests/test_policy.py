@@ -178,6 +178,28 @@ def test_generation_pass_gives_the_forward_logprobs_and_values(tiny_model):
     assert (gen.logprobs[~valid] == 0).all()
 
 
+def test_sampling_with_the_adapter_folded_leaves_the_base_weights_exact(tiny_model):
+    """Generation adds each LoRA delta into its base weight for speed; afterwards the base
+    weights (and so the reference) must be bit-for-bit what they were."""
+    policy = _policy(tiny_model)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    base = {n: p.detach().clone() for n, p in policy.model.named_parameters() if "lora" not in n}
+    torch.manual_seed(0)
+    rollout, gen, _ = policy.generate(PROMPTS, SamplingParams(max_new_tokens=6))
+    for n, p in policy.model.named_parameters():
+        if "lora" not in n:
+            assert torch.equal(p, base[n]), n
+    with torch.no_grad():  # sampled from the adapted policy, not the reference
+        (fwd,) = (policy(rollout),)
+        with policy.reference():
+            ref = policy(rollout, with_values=False)
+    valid = rollout.valid_mask.bool()
+    torch.testing.assert_close(gen.logprobs[valid], fwd.logprobs[valid], atol=1e-4, rtol=1e-4)
+    assert not torch.allclose(gen.logprobs[valid], ref.logprobs[valid], atol=1e-3)
+
+
 def test_model_cache_marker_detects_partial_or_corrupt_copies(tmp_path):
     from tether.models import _cache_is_complete
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel, TaskType, get_peft_model, set_peft_model_state_dict
+from peft.tuners.lora import Linear as LoraLinear
 from peft.utils import load_peft_weights
 from safetensors.torch import load_file, save_file
 from transformers import GenerationConfig
@@ -89,6 +90,7 @@ class Policy(torch.nn.Module):
             p.requires_grad_(False)
         self._ref_model = None
         self._use_copy = False  # inside reference() with a full-copy reference
+        self._adapter_off = False  # inside reference() with the shared reference
         if reference == "full-copy":
             # A second frozen model, as TRL's old PPOTrainer did without PEFT: for benchmarks.
             self._ref_model = copy.deepcopy(base).eval()
@@ -168,8 +170,41 @@ class Policy(torch.nn.Module):
             finally:
                 self._use_copy = False
         else:
+            self._adapter_off = True
+            try:
+                with self.model.disable_adapter():
+                    yield
+            finally:
+                self._adapter_off = False
+
+    @contextlib.contextmanager
+    def _adapter_folded(self) -> Iterator[None]:
+        """For sampling only: add each LoRA delta (B A * scale) into its base weight and run the
+        plain layers, then put the saved base weights back bit for bit.
+
+        Decoding is one matmul per layer per token, and the two small LoRA matmuls beside each
+        one cost about a tenth of a rollout on CPU; folding them costs one copy of the adapted
+        weights. Restoring from the copy (not subtracting) keeps the reference exact forever."""
+        layers = [m for m in self.model.modules() if isinstance(m, LoraLinear)]
+        dora = any(any(layer.use_dora.values()) for layer in layers)  # its delta is not B A
+        if self._adapter_off or self._use_copy or not layers or dora:
+            yield
+            return
+        saved = []
+        with torch.no_grad():
+            for layer in layers:
+                weight = layer.get_base_layer().weight
+                saved.append((weight, weight.detach().clone()))
+                for name in layer.active_adapters:
+                    if name in layer.lora_A:
+                        weight.add_(layer.get_delta_weight(name).to(weight.dtype))
+        try:
             with self.model.disable_adapter():
                 yield
+        finally:
+            with torch.no_grad():
+                for weight, original in saved:
+                    weight.copy_(original)
 
     # ------------------------------------------------------------------------------------------
     # prompts and generation
@@ -242,7 +277,7 @@ class Policy(torch.nn.Module):
         model = self._active_model
         self._gen_hidden = []
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), self._adapter_folded():
                 warnings.filterwarnings("ignore", message=".*generation flags are not valid.*")
                 out = model.generate(
                     input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg
