@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tether-installed
 OUT    ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup locale test test-fast demo bench lint clean
+.PHONY: setup locale test test-fast demo bench bench-trl lint clean
 
 setup: $(STAMP)
 
@@ -43,6 +43,10 @@ demo: locale $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/ppo_step.py --policy smollm2 --batch-size 16 --max-new-tokens 48
+
+# tether vs TRL 0.11.4 PPO and TRL 1.16 RLOO on the same shape; the TRL venvs go to .bench/.
+bench-trl: $(STAMP)
+	$(PY) benchmarks/compare_trl.py
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests benchmarks examples

@@ -1,0 +1,283 @@
+"""tether's PPO step against TRL on the same model, prompts, batch, LoRA and token counts.
+
+    .venv/bin/python benchmarks/compare_trl.py              # make bench-trl
+    .venv/bin/python benchmarks/compare_trl.py --smoke      # tiny shapes: does everything run?
+    .venv/bin/python benchmarks/compare_trl.py --only tether,trl011 --rounds 3
+
+Peers: TRL 0.11.4's PPOTrainer v1 (the step-wise PPO API that tether's loop mirrors) and
+TRL 1.16's RLOOTrainer (TRL 1.16 ships no PPO trainer, not even under trl.experimental; RLOO is
+its closest on-policy trainer). They need their own transformers/peft, so each lives in a
+virtual environment under .bench/, made on first use, and runs benchmarks/peers/*.py there.
+tether runs benchmarks/ppo_step.py with this interpreter (the project venv).
+
+Shape: SmolLM2-135M-Instruct in fp32 on the CPU, the chat template around examples/prompts.jsonl,
+exactly --max-new-tokens per completion (min = max, pure sampling), LoRA r=16 alpha=32 on
+q_proj/v_proj, mini-batch 4, one epoch, a trivial reward. The peers cycle the prompts in file
+order and use lr 1e-5; ppo_step.py samples tether's seeded order and keeps tether's lr (neither
+changes what a step costs). Every run is its own process, so peak RSS is that tool's alone; the
+tools alternate within each round so that a slow spell of a shared machine does not land on one
+tool only. Figures are medians over rounds, each run's own figure being the median of its steps
+after one warm-up step. The machine's other load shows in every figure: run it on a quiet one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / ".bench"
+PROMPTS = ROOT / "examples" / "prompts.jsonl"
+PEERS_DIR = ROOT / "benchmarks" / "peers"
+
+
+@dataclass(frozen=True)
+class Peer:
+    script: str
+    packages: tuple[str, ...]  # exact pins, so a rerun measures the same code
+
+
+# torch is pinned in every venv: 2.13.0 is the CPU wheel this machine keeps on disk, and an
+# unpinned torch pulls a multi-GB CUDA build.
+PEERS = {
+    # trl 0.11.4 imports rich without declaring it (tyro used to bring it in).
+    "trl011": Peer(
+        "trl011_ppo.py",
+        (
+            "torch==2.13.0",
+            "trl==0.11.4",
+            "transformers==4.46.3",
+            "peft==0.13.2",
+            "accelerate==1.1.1",
+            "rich",
+        ),
+    ),
+    # transformers/peft/accelerate as TRL 1.16 resolves them, which are also tether's own.
+    "trl116": Peer(
+        "trl116_rloo.py",
+        (
+            "torch==2.13.0",
+            "trl==1.16.0",
+            "transformers==5.23.0",
+            "peft==0.21.2",
+            "accelerate==1.15.0",
+        ),
+    ),
+}
+TOOLS = ("tether", *PEERS)
+# Offline, CPU only, no trackers, no progress bars: the peers must not reach for a hub or a GPU.
+ENV = {
+    **os.environ,
+    "CUDA_VISIBLE_DEVICES": "",
+    "HF_HUB_OFFLINE": "1",
+    "TRANSFORMERS_OFFLINE": "1",
+    "WANDB_DISABLED": "true",
+    "TOKENIZERS_PARALLELISM": "false",
+    "TQDM_DISABLE": "1",
+}
+
+
+def ensure_venv(name: str, peer: Peer) -> Path:
+    """Create .bench/NAME with the peer's pinned packages unless its marker says it is done."""
+    venv = BENCH / name
+    python = venv / "bin" / "python"
+    marker = venv / ".bench-installed"
+    wanted = "\n".join(peer.packages)
+    if marker.is_file() and marker.read_text() == wanted and python.exists():
+        return python
+    print(f"setting up {venv.relative_to(ROOT)}: {' '.join(peer.packages)}", flush=True)
+    subprocess.run(["python3.11", "-m", "venv", str(venv)], check=True)
+    pip = [str(python), "-m", "pip", "install", "-q"]
+    subprocess.run([*pip, "--upgrade", "pip"], check=True)
+    # torch alone first, so that pip takes the wheel on disk before anything can ask for another
+    subprocess.run([*pip, "torch==2.13.0"], check=True)
+    subprocess.run([*pip, *peer.packages], check=True)
+    marker.write_text(wanted)
+    print(f"{venv.relative_to(ROOT)} ready", flush=True)
+    return python
+
+
+def smollm2_dir() -> Path:
+    """tether's safetensors copy of SmolLM2-135M-Instruct, built from the wheel if missing."""
+    out = subprocess.run(
+        [sys.executable, "-c", "from tether.models import smollm2_dir; print(smollm2_dir())"],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def transformers4_copy(src: Path) -> Path:
+    """The same model for transformers 4.46, which cannot read what transformers 5 wrote.
+
+    tether's cache was saved by transformers 5: config.json keeps rope_theta inside
+    rope_parameters (4.46 would silently fall back to rope_theta 10000, a different model) and
+    says dtype for torch_dtype; tokenizer_config.json names the class TokenizersBackend (4.46:
+    PreTrainedTokenizerFast) and the chat template sits in chat_template.jinja, a file 4.46 does
+    not read. So .bench/smollm2-tf4 holds patched copies of those two files and links to the
+    rest; rewritten on every run, it cannot go stale.
+    """
+    dst = BENCH / "smollm2-tf4"
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in ("model.safetensors", "tokenizer.json", "generation_config.json"):
+        link = dst / f
+        link.unlink(missing_ok=True)
+        link.symlink_to(src / f)
+    config = json.loads((src / "config.json").read_text())
+    rope = config.pop("rope_parameters", {})
+    config["rope_theta"] = rope.get("rope_theta", 10000.0)
+    if rope.get("rope_type", "default") != "default":
+        config["rope_scaling"] = rope
+    config["torch_dtype"] = config.pop("dtype", "float32")
+    (dst / "config.json").write_text(json.dumps(config, indent=2))
+    tok = json.loads((src / "tokenizer_config.json").read_text())
+    tok["tokenizer_class"] = "PreTrainedTokenizerFast"
+    tok["chat_template"] = (src / "chat_template.jinja").read_text()
+    (dst / "tokenizer_config.json").write_text(json.dumps(tok, indent=2))
+    return dst
+
+
+def run(argv: list[str], label: str) -> dict:
+    """One benchmark process; returns the JSON of its last stdout line."""
+    proc = subprocess.run(argv, capture_output=True, text=True, env=ENV, cwd=ROOT)
+    if proc.returncode:
+        sys.exit(f"{label} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def tether_argv(args: argparse.Namespace) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "benchmarks" / "ppo_step.py"),
+        "--json",
+        "--reference=shared",
+        "--policy=smollm2",
+        f"--batch-size={args.batch_size}",
+        f"--max-new-tokens={args.max_new_tokens}",
+        f"--mini-batch-size={args.mini_batch_size}",
+        "--ppo-epochs=1",
+        "--lora-r=16",
+        f"--steps={args.steps}",
+    ]
+
+
+def peer_argv(python: Path, peer: Peer, model: Path, args: argparse.Namespace) -> list[str]:
+    return [
+        str(python),
+        str(PEERS_DIR / peer.script),
+        f"--model={model}",
+        f"--prompts={PROMPTS}",
+        f"--steps={args.steps}",
+        f"--batch-size={args.batch_size}",
+        f"--max-new-tokens={args.max_new_tokens}",
+        f"--mini-batch-size={args.mini_batch_size}",
+        "--lora-r=16",
+        "--lr=1e-5",
+    ]
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Medians over rounds."""
+    return {
+        key: statistics.median(r[key] for r in runs)
+        for key in ("step_s", "gen_s", "samples_per_s", "peak_rss_mb", "response_len")
+    }
+
+
+def print_table(results: dict[str, list[dict]], versions: dict[str, str]) -> None:
+    rows = {tool: summarize(runs) for tool, runs in results.items()}
+    base = rows.get("tether")
+    print(
+        f"{'tool':<8} {'version':<36} {'s/step':>7} {'samples/s':>9} {'gen %':>6} "
+        f"{'peak RSS MB':>11} {'new tok':>7} {'tether speed x':>14} {'tether RSS x':>12}"
+    )
+    for tool, r in rows.items():
+        speed = f"{base['samples_per_s'] / r['samples_per_s']:.2f}" if base else "-"
+        rss = f"{base['peak_rss_mb'] / r['peak_rss_mb']:.2f}" if base else "-"
+        print(
+            f"{tool:<8} {versions[tool]:<36} {r['step_s']:>7.2f} {r['samples_per_s']:>9.2f} "
+            f"{100 * r['gen_s'] / r['step_s']:>5.0f}% {r['peak_rss_mb']:>11.0f} "
+            f"{r['response_len']:>7.1f} {speed:>14} {rss:>12}"
+        )
+    threads = sorted({r["threads"] for runs in results.values() for r in runs})
+    print(f"torch threads per process: {', '.join(map(str, threads))}")
+    if base:
+        print(
+            "tether speed x = tether samples/s / tool samples/s; "
+            "tether RSS x = tether peak RSS / tool peak RSS (below 1: tether uses less)"
+        )
+
+
+def peer_version(v: dict[str, str]) -> str:
+    return f"trl {v['trl']}, tf {v['transformers']}, peft {v['peft']}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--steps", type=int, default=5, help="per run, including one warm-up")
+    parser.add_argument("--rounds", type=int, default=1, help="runs of every tool, alternating")
+    parser.add_argument("--batch-size", type=int, default=16, help="completions per step")
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--mini-batch-size", type=int, default=4)
+    parser.add_argument("--only", default=",".join(TOOLS), help="comma-separated subset of tools")
+    parser.add_argument(
+        "--smoke", action="store_true", help="2 steps, batch 4, 8 tokens: check that all runs"
+    )
+    args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.batch_size, args.max_new_tokens = 2, 4, 8
+    args.mini_batch_size = min(args.mini_batch_size, args.batch_size)
+    tools = [t.strip() for t in args.only.split(",") if t.strip()]
+    if unknown := set(tools) - set(TOOLS):
+        parser.error(f"unknown tool(s) {sorted(unknown)}; choose from {', '.join(TOOLS)}")
+    if args.steps < 2:
+        parser.error("--steps must be at least 2 (one warm-up, one timed)")
+    if args.batch_size % 2 or args.batch_size % args.mini_batch_size:
+        parser.error(
+            "--batch-size must be even (RLOO: 2 generations a prompt) and divisible by "
+            "--mini-batch-size"
+        )
+
+    model = smollm2_dir()
+    models = {"trl116": model}
+    if "trl011" in tools:
+        models["trl011"] = transformers4_copy(model)
+    pythons = {t: ensure_venv(t, PEERS[t]) for t in tools if t in PEERS}
+    versions = {
+        "tether": f"tether {version('tether')}, tf {version('transformers')}, "
+        f"peft {version('peft')}"
+    }
+
+    print(
+        f"SmolLM2-135M-Instruct fp32 CPU  batch {args.batch_size}  new tokens "
+        f"{args.max_new_tokens}  mini-batch {args.mini_batch_size}  steps {args.steps} "
+        f"(median of {args.steps - 1} after 1 warm-up)  rounds {args.rounds}",
+        flush=True,
+    )
+    results: dict[str, list[dict]] = {t: [] for t in tools}
+    for rnd in range(1, args.rounds + 1):
+        for tool in tools:
+            if tool == "tether":
+                argv = tether_argv(args)
+            else:
+                argv = peer_argv(pythons[tool], PEERS[tool], models[tool], args)
+            r = run(argv, tool)
+            if tool != "tether":
+                versions[tool] = peer_version(r["versions"])
+            results[tool].append(r)
+            print(f"round {rnd}/{args.rounds} {tool}: {r['step_s']:.2f} s/step", flush=True)
+    print_table(results, versions)
+
+
+if __name__ == "__main__":
+    main()
