@@ -247,3 +247,13 @@ def test_kl_budget_stop_and_rollback(tiny_llama, prompts_file, reward_file, tmp_
     assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b)
     final = load_file(tmp_path / "rb" / "final" / "adapter_model.safetensors")
     assert any(torch.count_nonzero(v) for k, v in final.items() if "lora_B" in k)  # last step
+
+
+def test_too_few_prompts_to_hold_out_is_one_clear_error(tiny_llama, reward_file, tmp_path):
+    from tether.errors import TetherError
+
+    prompts = tmp_path / "two.jsonl"
+    prompts.write_text('{"prompt": "hello there"}\n{"prompt": "good morning"}\n')
+    cfg = _guarded_cfg(tiny_llama, prompts, reward_file, tmp_path / "run", heldout_fraction=0.01)
+    with pytest.raises(TetherError, match="--judge-every 0"):
+        train(cfg)

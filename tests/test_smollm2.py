@@ -65,6 +65,7 @@ def test_one_ppo_step_on_the_default(tmp_path):
             mini_batch_size=2,
             max_new_tokens=8,
             progress=False,
+            judge_every=0,  # two prompts: none to hold out for guard probes
         )
     )
     row = result.metrics[0]

@@ -341,11 +341,7 @@ def train(
     probing = cfg.judge_every > 0
     split = "train" if probing else "all"
     records = records or load_prompts(cfg.prompts, split, cfg.heldout_fraction)
-    probe_records = (
-        load_prompts(cfg.prompts, "heldout", cfg.heldout_fraction)[: cfg.probe_prompts]
-        if probing
-        else []
-    )
+    probe_records = _probe_records(cfg) if probing else []
     reward = reward or load_reward(cfg.reward)
     if judge is None and cfg.judge:
         judge = load_reward(cfg.judge)
@@ -410,6 +406,19 @@ def train(
     summary = {**guard.report(), **ending, "flags": n_flags}
     atomic_write_text(run.root / GUARD_JSON, json.dumps(summary, indent=2))
     return TrainResult(run.root, metrics, policy, summary)
+
+
+def _probe_records(cfg: TrainConfig) -> list[PromptRecord]:
+    """The guard's probe set: the first prompts of the held-out split."""
+    try:
+        return load_prompts(cfg.prompts, "heldout", cfg.heldout_fraction)[: cfg.probe_prompts]
+    except TetherError as e:
+        if "holds no heldout prompts" not in str(e):
+            raise
+        raise TetherError(
+            f"{e}: the guard probes held-out prompts every --judge-every {cfg.judge_every} steps; "
+            "give more prompts, raise --heldout-fraction, or pass --judge-every 0"
+        ) from None
 
 
 def ppo_step(
