@@ -22,7 +22,7 @@ from tether.evaluate import Embedder, Metric, evaluate, text_metric
 from tether.policy import Policy
 from tether.report import EVAL_DIR, RUN_INFO, write_report
 from tether.rewards import RewardModel, load_reward
-from tether.rundir import RunDir, atomic_write_text
+from tether.rundir import RunDir, atomic_write_text, write_jsonl
 from tether.trainer import build_policy, sampling_params, train, warn
 
 
@@ -75,7 +75,7 @@ def _run_eval(
     )
     path = setup.run.root / EVAL_DIR / f"{name}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    write_jsonl(path, rows)
     return rows
 
 

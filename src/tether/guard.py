@@ -38,7 +38,7 @@ from tether.evaluate import Metric, evaluate, paired_bootstrap
 from tether.policy import Policy
 from tether.rewards import RewardModel, checked_scores
 from tether.rollout import SamplingParams
-from tether.rundir import RunDir, atomic_dir, atomic_write_text
+from tether.rundir import RunDir, atomic_dir, read_jsonl, write_jsonl
 
 GUARD_DIR = "guard"
 BEST = "best"
@@ -400,11 +400,11 @@ class Guard:
             return
         ref_path = self.dir / "reference.jsonl"
         if resumed_step is not None and ref_path.is_file():
-            self.reference_rows = _read_rows(ref_path)
+            self.reference_rows = read_jsonl(ref_path)
             self.history = [self._summary(-1, self.reference_rows)]
             probes = {int(p.stem.rsplit("-", 1)[1]): p for p in self.dir.glob("probe-step-*.jsonl")}
             for step in sorted(s for s in probes if s <= resumed_step):
-                self.history.append(self._summary(step, _read_rows(probes[step])))
+                self.history.append(self._summary(step, read_jsonl(probes[step])))
             best_info = self.run.root / BEST / BEST_INFO
             if best_info.is_file():
                 best = json.loads(best_info.read_text())
@@ -413,7 +413,7 @@ class Guard:
         if self.reference_rows is None:
             self.reference_rows = self._probe(as_reference=True)
         self.dir.mkdir(parents=True, exist_ok=True)
-        _write_rows(ref_path, self.reference_rows)
+        write_jsonl(ref_path, self.reference_rows)
         summary = self._summary(-1, self.reference_rows)
         self.history = [summary]
         self._maybe_best(summary)  # the starting policy is the first candidate
@@ -474,7 +474,7 @@ class Guard:
         due = (step + 1) % self.settings.judge_every == 0 or last if self.probing else False
         if due and self.reference_rows is not None:
             rows = self._probe(as_reference=False)
-            _write_rows(self.dir / f"probe-step-{step}.jsonl", rows)
+            write_jsonl(self.dir / f"probe-step-{step}.jsonl", rows)
             summary = self._summary(step, rows)
             self.history.append(summary)
             flags += proxy_gold_flags(self.history)
@@ -507,14 +507,6 @@ class Guard:
             ],
             "best": self.best,
         }
-
-
-def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
-
-
-def _read_rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line]
 
 
 def run_summary(run_dir: Path, examples: int = 5) -> dict[str, Any] | None:
@@ -554,7 +546,7 @@ def run_summary(run_dir: Path, examples: int = 5) -> dict[str, Any] | None:
     if probed and ref_path.is_file():
         last = run_dir / GUARD_DIR / f"probe-step-{probed[-1]['step']}.jsonl"
         if last.is_file():
-            ref, now = _read_rows(ref_path), _read_rows(last)
+            ref, now = read_jsonl(ref_path), read_jsonl(last)
             pairs = sorted(zip(ref, now, strict=True), key=lambda p: p[0]["proxy"] - p[1]["proxy"])
             out["examples"] = [
                 {

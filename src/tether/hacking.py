@@ -20,10 +20,10 @@ import yaml
 
 from tether.config import HackingDemoConfig, config_to_yaml
 from tether.errors import TetherError
-from tether.guard import GUARD_DIR, _read_rows, run_summary
-from tether.report import _png, guard_html
+from tether.guard import GUARD_DIR, run_summary
+from tether.report import guard_html, png_data_uri
 from tether.rewards import load_reward
-from tether.rundir import RunDir, atomic_write_text
+from tether.rundir import RunDir, atomic_write_text, read_jsonl
 from tether.trainer import build_policy, train
 
 ARMS = ("no-leash", "leash")
@@ -54,7 +54,7 @@ def hacking_demo(cfg: HackingDemoConfig) -> dict[str, Any]:
         print(f"{name}: kl_coef {arm.kl_coef}, lr {arm.lr}", file=sys.stderr)
         policy.reset_adapter()  # both arms start from the same policy (LoRA A is seeded)
         train(arm, reward, policy, judge=judge, guard_reference=reference)
-        reference = _read_rows(Path(arm.out) / GUARD_DIR / "reference.jsonl")
+        reference = read_jsonl(Path(arm.out) / GUARD_DIR / "reference.jsonl")
     return write_demo_report(root)
 
 
@@ -147,7 +147,7 @@ def _plot(report: dict[str, Any]) -> str:
         ax.set_xlabel("sqrt(KL to reference)", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return _png(fig)
+    return png_data_uri(fig)
 
 
 def _html(report: dict[str, Any]) -> str:

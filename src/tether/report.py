@@ -19,17 +19,10 @@ import yaml
 from tether.errors import TetherError
 from tether.evaluate import compare
 from tether.guard import run_summary
+from tether.rundir import read_jsonl
 
 EVAL_DIR = "eval"
 RUN_INFO = "run_info.json"
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise TetherError(f"{path} is missing: not a complete run directory")
-    return [
-        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
-    ]
 
 
 def build_report(run_dir: Path) -> dict[str, Any]:
@@ -118,7 +111,7 @@ def summary_table(report: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _png(fig: Any) -> str:
+def png_data_uri(fig: Any) -> str:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
     import matplotlib.pyplot as plt
@@ -154,7 +147,7 @@ def _plots(run_dir: Path, report: dict[str, Any]) -> list[tuple[str, str]]:
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("PPO step", fontsize=8)
             ax.grid(alpha=0.3)
-        images.append(("Training curves", _png(fig)))
+        images.append(("Training curves", png_data_uri(fig)))
     before = read_jsonl(run_dir / EVAL_DIR / "baseline.jsonl")
     after = read_jsonl(run_dir / EVAL_DIR / "aligned.jsonl")
     keys = [report["toxicity"][r]["metric"] for r in ("proxy", "judge")] + ["perplexity"]
@@ -168,7 +161,7 @@ def _plots(run_dir: Path, report: dict[str, Any]) -> list[tuple[str, str]]:
         ax.set_title(key, fontsize=9)
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-    images.append(("Held-out distributions, before vs after", _png(fig)))
+    images.append(("Held-out distributions, before vs after", png_data_uri(fig)))
     return images
 
 
@@ -243,7 +236,7 @@ def guard_plot(guard: dict[str, Any]) -> str:
         ax.set_title(f"{title} on the probe set", fontsize=9)
         ax.set_xlabel("sqrt(KL to reference), nats^0.5", fontsize=8)
         ax.grid(alpha=0.3)
-    return _png(fig)
+    return png_data_uri(fig)
 
 
 def guard_html(guard: dict[str, Any] | None) -> str:

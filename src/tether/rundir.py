@@ -42,6 +42,20 @@ def atomic_write_text(path: Path, text: str) -> None:
         raise TetherError(f"cannot write {path}: {e.strerror}") from None
 
 
+def write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
+    """One JSON object a line, written atomically."""
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+
+
+def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """Rows of a JSONL file tether wrote; a missing file is a run directory that is not complete."""
+    if not path.is_file():
+        raise TetherError(f"{path} is missing: not a complete run directory")
+    return [
+        json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()
+    ]
+
+
 def atomic_dir(target: Path, fill: Callable[[Path], None]) -> None:
     """Build a directory with `fill(tmp)` and rename it to `target`, replacing an old one."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
@@ -131,7 +145,7 @@ class RunDir:
     def truncate_metrics(self, last_step: int) -> None:
         """Keep rows with step <= last_step (the restored checkpoint), drop the rest."""
         rows = [r for r in self.read_metrics() if r.get("step", -1) <= last_step]
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in rows))
+        write_jsonl(self.metrics_path, rows)
 
     # --- checkpoints -------------------------------------------------------------------------
 
