@@ -29,6 +29,21 @@ def parse_args(doc: str) -> argparse.Namespace:
     return parser.parse_args()
 
 
+def lora_config(r: int):
+    """LoRA as tether's benchmark uses it: q/v projections, alpha = 2r, no dropout. peft is
+    imported here, not at the top: each peer venv has its own peft version."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r,
+        lora_alpha=2 * r,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "v_proj"],
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
 def load_prompts(path: str) -> list[str]:
     with open(path) as f:
         return [json.loads(line)["prompt"] for line in f if line.strip()]

@@ -12,8 +12,7 @@ from __future__ import annotations
 import time
 
 import torch
-from common import e_fraction, load_prompts, parse_args, report
-from peft import LoraConfig
+from common import e_fraction, load_prompts, lora_config, parse_args, report
 from transformers import AutoTokenizer
 from trl import AutoModelForCausalLMWithValueHead, PPOConfig, PPOTrainer
 
@@ -22,14 +21,7 @@ def main() -> None:
     args = parse_args(__doc__)
     torch.manual_seed(0)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    lora = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=2 * args.lora_r,
-        lora_dropout=0.0,  # as tether's LoRA
-        target_modules=["q_proj", "v_proj"],
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    lora = lora_config(args.lora_r)
     model = AutoModelForCausalLMWithValueHead.from_pretrained(args.model, peft_config=lora)
     config = PPOConfig(
         learning_rate=args.lr,

@@ -14,9 +14,8 @@ import tempfile
 import time
 
 import torch
-from common import e_fraction, load_prompts, parse_args, report
+from common import e_fraction, load_prompts, lora_config, parse_args, report
 from datasets import Dataset
-from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from trl import RLOOConfig, RLOOTrainer
 
@@ -55,14 +54,7 @@ def main() -> None:
     )
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    lora = LoraConfig(
-        r=args.lora_r,
-        lora_alpha=2 * args.lora_r,
-        lora_dropout=0.0,  # as tether's LoRA
-        target_modules=["q_proj", "v_proj"],
-        bias="none",
-        task_type="CAUSAL_LM",
-    )
+    lora = lora_config(args.lora_r)
     timer = RoundTimer(steps_per_round)
     with tempfile.TemporaryDirectory() as out:
         config = RLOOConfig(

@@ -351,7 +351,6 @@ class Guard:
         judge: RewardModel | None,
         probe_records: list[PromptRecord],
         sampling: SamplingParams,
-        progress: bool = False,
         reference_rows: list[dict[str, Any]] | None = None,
     ) -> None:
         self.settings = settings
@@ -361,7 +360,6 @@ class Guard:
         self.judge = judge
         self.records = probe_records
         self.sampling = sampling
-        self.progress = progress
         self.dir = run.root / GUARD_DIR
         self.reference_rows = reference_rows  # given: shared with another run, not re-probed
         self.history: list[dict[str, Any]] = []  # probe summaries (step, means, sqrt_kl, ...)
@@ -391,7 +389,7 @@ class Guard:
             self.settings.probe_seed,
             as_reference=as_reference,
             desc="guard probe",
-            progress=self.progress,
+            progress=False,  # a probe runs inside the PPO progress bar
         )
 
     def start(self, resumed_step: int | None = None) -> None:
@@ -402,9 +400,9 @@ class Guard:
         if resumed_step is not None and ref_path.is_file():
             self.reference_rows = read_jsonl(ref_path)
             self.history = [self._summary(-1, self.reference_rows)]
-            probes = {int(p.stem.rsplit("-", 1)[1]): p for p in self.dir.glob("probe-step-*.jsonl")}
-            for step in sorted(s for s in probes if s <= resumed_step):
-                self.history.append(self._summary(step, read_jsonl(probes[step])))
+            for step in range(resumed_step + 1):
+                if (path := probe_path(self.run.root, step)).is_file():
+                    self.history.append(self._summary(step, read_jsonl(path)))
             best_info = self.run.root / BEST / BEST_INFO
             if best_info.is_file():
                 best = json.loads(best_info.read_text())
@@ -471,10 +469,10 @@ class Guard:
                 )
             )
         guard: dict[str, Any] = {"flags": flags}
-        due = (step + 1) % self.settings.judge_every == 0 or last if self.probing else False
+        due = self.probing and (last or (step + 1) % self.settings.judge_every == 0)
         if due and self.reference_rows is not None:
             rows = self._probe(as_reference=False)
-            write_jsonl(self.dir / f"probe-step-{step}.jsonl", rows)
+            write_jsonl(probe_path(self.run.root, step), rows)
             summary = self._summary(step, rows)
             self.history.append(summary)
             flags += proxy_gold_flags(self.history)
@@ -509,6 +507,11 @@ class Guard:
         }
 
 
+def probe_path(run_dir: Path, step: int) -> Path:
+    """Where the probe after `step` keeps its completions and scores."""
+    return run_dir / GUARD_DIR / f"probe-step-{step}.jsonl"
+
+
 def run_summary(run_dir: Path, examples: int = 5) -> dict[str, Any] | None:
     """The guard's evidence for a report, rebuilt from the run directory: probes over time
     (proxy and gold against sqrt KL), every flag with its step, the rising n-grams and example
@@ -518,12 +521,7 @@ def run_summary(run_dir: Path, examples: int = 5) -> dict[str, Any] | None:
     if not summary_path.is_file():
         return None
     summary = json.loads(summary_path.read_text())
-    metrics_path = run_dir / "metrics.jsonl"
-    rows = [
-        json.loads(line)
-        for line in (metrics_path.read_text().splitlines() if metrics_path.is_file() else [])
-        if line.strip()
-    ]
+    rows = RunDir(run_dir).read_metrics()
     flags = [
         {"step": r["step"], "flag": f["flag"], "message": f["message"]}
         for r in rows
@@ -544,7 +542,7 @@ def run_summary(run_dir: Path, examples: int = 5) -> dict[str, Any] | None:
     }
     ref_path = run_dir / GUARD_DIR / "reference.jsonl"
     if probed and ref_path.is_file():
-        last = run_dir / GUARD_DIR / f"probe-step-{probed[-1]['step']}.jsonl"
+        last = probe_path(run_dir, probed[-1]["step"])
         if last.is_file():
             ref, now = read_jsonl(ref_path), read_jsonl(last)
             pairs = sorted(zip(ref, now, strict=True), key=lambda p: p[0]["proxy"] - p[1]["proxy"])
