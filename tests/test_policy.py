@@ -213,3 +213,42 @@ def test_model_cache_marker_detects_partial_or_corrupt_copies(tmp_path):
     assert not _cache_is_complete(d)
     (d / "tether-complete.json").write_text("{not json")
     assert not _cache_is_complete(d)
+
+
+def test_step_sampler_draws_from_the_softmax_and_records_raw_logprobs():
+    """The sampler generate() runs with: inverse-CDF draws match softmax(logits / T); EOS is
+    never drawn before min_new_tokens; top-k cuts; log-probs are the untruncated ones PPO uses."""
+    from tether.policy import _StepSampler
+
+    torch.manual_seed(0)
+    raw = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5]).repeat(40_000, 1)
+    temp = 0.8
+    expected = torch.softmax(raw[0] / temp, -1)
+
+    sampler = _StepSampler(SamplingParams(temperature=temp), temp, eos_ids=[0])
+    onehot = sampler(torch.zeros(40_000, 1, dtype=torch.long), raw)
+    token = onehot.argmax(-1)
+    assert torch.equal(onehot.isfinite().sum(-1), torch.ones(40_000, dtype=torch.long))
+    freq = torch.bincount(token, minlength=5).float() / len(token)
+    torch.testing.assert_close(freq, expected, atol=0.01, rtol=0)
+    torch.testing.assert_close(
+        sampler.logprobs[0].squeeze(-1), expected.log()[token], atol=1e-6, rtol=1e-6
+    )
+    entropy = -(expected * expected.log()).sum()
+    torch.testing.assert_close(sampler.entropy[0][0, 0], entropy, atol=1e-6, rtol=1e-6)
+
+    # min_new_tokens = 1 bans EOS (id 0) at the first step only; the log-prob stays the raw one
+    banned = _StepSampler(SamplingParams(temperature=temp, min_new_tokens=1), temp, eos_ids=[0])
+    first = banned(torch.zeros(40_000, 1, dtype=torch.long), raw).argmax(-1)
+    assert (first != 0).all()
+    freq = torch.bincount(first, minlength=5).float() / len(first)
+    torch.testing.assert_close(freq[1:], expected[1:] / expected[1:].sum(), atol=0.01, rtol=0)
+    torch.testing.assert_close(banned.logprobs[0].squeeze(-1), expected.log()[first])
+    second = banned(torch.zeros(40_000, 2, dtype=torch.long), raw).argmax(-1)
+    assert (second == 0).any()
+
+    top2 = _StepSampler(SamplingParams(temperature=temp, top_k=2), temp, eos_ids=[0])
+    assert set(top2(torch.zeros(40_000, 1, dtype=torch.long), raw).argmax(-1).tolist()) == {0, 1}
+
+    greedy = _StepSampler(SamplingParams(temperature=temp, do_sample=False), temp, eos_ids=[3])
+    assert (greedy(torch.zeros(4, 1, dtype=torch.long), raw[:4]).argmax(-1) == 0).all()
