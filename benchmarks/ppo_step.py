@@ -1,11 +1,18 @@
-"""Seconds per PPO step, generation share, samples/s and peak RSS for one model and shape.
+"""Where a PPO step's time goes, for one model and shape, and how it scales.
 
-    python benchmarks/ppo_step.py --policy smollm2 --batch-size 16 --max-new-tokens 48
-    python benchmarks/ppo_step.py --reference both     # shared vs full-copy reference, side by side
+    python benchmarks/ppo_step.py                   # batch 16, 48 tokens: phases, FLOP/s, memory
+    python benchmarks/ppo_step.py --scaling --plot benchmarks/results/scaling.png
 
-Each configuration runs in its own process, so peak RSS is that configuration's alone. Every
-completion is forced to exactly --max-new-tokens tokens (min = max) so runs are comparable.
-The reward is a trivial Python function: this measures the engine, not a reward model.
+The default run measures the shared reference (adapter disabled) and a full-copy reference
+side by side, each in its own process so peak RSS is that configuration's alone, and prints a
+per-phase breakdown of the shared run: generate, score, reference forward, advantages, update,
+the guard (one probe of --probe-prompts prompts, amortised over --judge-every steps) and I/O
+(one checkpoint amortised over --save-every steps, plus the metrics line), each with the useful
+FLOPs it did and the FLOP/s achieved against this machine's measured fp32 matmul throughput.
+`--scaling` runs batch 4/16/64 at 48 new tokens and 24/48/96 new tokens at batch 16.
+
+Every completion is forced to exactly --max-new-tokens tokens (min = max) so runs compare. The
+reward is a trivial Python function: this measures the engine, not a reward model.
 """
 
 from __future__ import annotations
@@ -18,20 +25,71 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT / "examples" / "prompts.jsonl"
+PHASES = ["gen", "score", "forward", "advantages", "update", "guard", "io"]
+SCALING = [(4, 48), (16, 48), (64, 48), (16, 24), (16, 96)]  # (batch, new tokens)
+
+
+def matmul_gflops() -> float:
+    """Best of 5 fp32 2048^3 matmuls: the ceiling the phases' FLOP/s are compared with."""
+    import torch
+
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(5))
+    return 2 * 2048**3 / best / 1e9
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
+
+
+class FlopCounter:
+    """Useful FLOPs of passes over real (unpadded) tokens, from the model's own shapes.
+
+    Per token, 2 FLOPs per weight of every linear layer below the lm_head; attention 4 x context x
+    (heads x head_dim) per layer (QK^T and AV); the lm_head 2 x d x V for each position whose logits
+    are taken. A training pass (forward + backward) counts as 2 forwards: the frozen weights get
+    no gradient, only the activations do (the LoRA matrices' own gradients are ~1% of that).
+    """
+
+    def __init__(self, model) -> None:
+        import torch
+
+        head = model.get_output_embeddings()
+        self.linear = sum(
+            m.weight.numel()
+            for name, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and m is not head and "lora_" not in name
+        )
+        self.head = head.weight.numel()
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.attn = cfg.num_hidden_layers * cfg.num_attention_heads * head_dim
+
+    def forward(self, prompt_len: int, response_len: int) -> float:
+        """One causal pass over prompt + response, logits at the response positions. Generation
+        does the same useful work, one token at a time."""
+        n = prompt_len + response_len
+        return 2 * self.linear * n + 4 * self.attn * n * (n + 1) / 2 + 2 * self.head * response_len
 
 
 def run_one(args: argparse.Namespace) -> dict:
     """One configuration in this process; returns the figures as a dict."""
     import torch
 
-    from tether.config import TrainConfig
+    from tether.config import TrainConfig, config_to_yaml
     from tether.data import load_prompts
+    from tether.guard import Guard, GuardSettings
     from tether.rewards import load_reward
-    from tether.trainer import TrainState, build_policy, ppo_step, sampling_params
+    from tether.rundir import RunDir
+    from tether.trainer import TrainState, batch_indices, build_policy, ppo_step, sampling_params
 
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(
@@ -49,23 +107,57 @@ def run_one(args: argparse.Namespace) -> dict:
             lora_alpha=2 * args.lora_r,
             reference=args.reference,
             progress=False,
-            save_every=0,
         )
-        rss_before_model = _peak_rss_mb()
         torch.manual_seed(0)
         policy = build_policy(cfg)
-        n_weights = sum(
-            p.numel() * p.element_size() for p in policy.model.base_model.model.parameters()
-        )
+        base = policy.model.base_model.model
+        n_weights = sum(p.numel() * p.element_size() for p in base.parameters())
         records = load_prompts(cfg.prompts)
         reward = load_reward(cfg.reward)
         state = TrainState.create(policy, cfg)
+        sampling = sampling_params(cfg)
         rows = [
-            ppo_step(policy, reward, state, records, sampling_params(cfg), cfg, step)
+            ppo_step(policy, reward, state, records, sampling, cfg, step)
             for step in range(args.steps)
         ]
-    timed = rows[1:]  # step 0 is the warm-up
-    step_s = statistics.median(r["step_seconds"] for r in timed)
+        timed = rows[1:]  # step 0 is the warm-up
+
+        def median(key: str) -> float:
+            return statistics.median(r[key] for r in timed)
+
+        phases = {p: median(f"{p}_seconds") for p in PHASES[:5]}
+        flops = FlopCounter(base)
+        prompt_lens = [
+            policy.encode_prompts([records[i].prompt])[1].sum().item()
+            for step in range(1, args.steps)
+            for i in batch_indices(len(records), cfg.batch_size, cfg.seed, step)
+        ]
+        fwd = statistics.mean(flops.forward(p, args.max_new_tokens) for p in prompt_lens)
+        fwd *= cfg.batch_size
+        phase_flops = {"gen": fwd, "forward": fwd, "update": 2 * fwd * cfg.ppo_epochs}
+
+        extra = {}
+        if args.reference == "shared":
+            # The guard's cost per step: one probe, amortised over judge_every steps.
+            run = RunDir(Path(tmp) / "run")
+            run.prepare(config_to_yaml(cfg), resume=False)
+            settings = GuardSettings(
+                judge_every=args.judge_every,
+                probe_batch_size=cfg.batch_size,
+                probe_seed=cfg.seed + 4321,  # as train() does
+            )
+            probes = records[: args.probe_prompts]
+            guard = Guard(settings, run, policy, reward, None, probes, sampling)
+            extra["probe_s"] = _timed(guard.start)
+            phases["guard"] = extra["probe_s"] / args.judge_every
+            # I/O per step: the metrics line, and one checkpoint amortised over save_every.
+            extra["metrics_line_s"] = _timed(lambda: run.append_metrics(rows[-1]))
+            extra["checkpoint_s"] = _timed(
+                lambda: run.save_checkpoint(0, policy.save, state.state_dict(), config_to_yaml(cfg))
+            )
+            phases["io"] = extra["metrics_line_s"] + extra["checkpoint_s"] / args.save_every
+
+    step_s = median("step_seconds")
     return {
         "reference": args.reference,
         "policy": args.policy,
@@ -73,21 +165,101 @@ def run_one(args: argparse.Namespace) -> dict:
         "max_new_tokens": args.max_new_tokens,
         "threads": torch.get_num_threads(),
         "step_s": step_s,
-        "gen_s": statistics.median(r["gen_seconds"] for r in timed),
-        "forward_s": statistics.median(r["forward_seconds"] for r in timed),
-        "update_s": statistics.median(r["update_seconds"] for r in timed),
-        "score_s": statistics.median(r["score_seconds"] for r in timed),
-        "gen_share": statistics.median(r["gen_seconds"] / r["step_seconds"] for r in timed),
+        "phases": phases,
+        "phase_gflop": {k: v / 1e9 for k, v in phase_flops.items()},
+        "matmul_gflops": matmul_gflops(),
+        "gen_share": median("gen_seconds") / step_s,
         "samples_per_s": args.batch_size / step_s,
-        "peak_rss_mb": _peak_rss_mb(),
-        "rss_before_model_mb": rss_before_model,
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         "weights_mb": n_weights / 2**20,
+        "prompt_tokens_mean": statistics.mean(prompt_lens),
         "response_len": statistics.mean(r["response_len_mean"] for r in rows),
+        **extra,
     }
 
 
-def _peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+def spawn(args: argparse.Namespace, **overrides) -> dict:
+    """run_one in a fresh process, so each configuration's peak RSS is its own."""
+    values = {**vars(args), **overrides}
+    argv = [sys.executable, __file__, "--json"] + [
+        f"--{k.replace('_', '-')}={v}"
+        for k, v in values.items()
+        if k not in ("json", "scaling", "plot")
+    ]
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}
+    )
+    if proc.returncode:
+        sys.exit(f"benchmark run failed ({overrides}):\n{proc.stderr[-2000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def print_phases(r: dict) -> None:
+    """The shared run's step, phase by phase, with achieved FLOP/s."""
+    total = sum(r["phases"].values())
+    peak = r["matmul_gflops"]
+    print(
+        f"\nphases of a step (shared reference; median of timed steps; guard = one {r['probe_s']:.1f} s "
+        f"probe / judge-every, io = metrics line + one {r['checkpoint_s']:.2f} s checkpoint / save-every)"
+    )
+    print(f"{'phase':<11} {'s':>6} {'share':>6} {'GFLOP':>7} {'GFLOP/s':>8} {'of peak':>8}")
+    for name, sec in r["phases"].items():
+        gflop = r["phase_gflop"].get(name)
+        rate = f"{gflop / sec:>8.1f} {gflop / sec / peak:>7.0%}" if gflop else f"{'':>8} {'':>8}"
+        gf = f"{gflop:>7.0f}" if gflop else f"{'':>7}"
+        print(f"{name:<11} {sec:>6.2f} {sec / total:>6.0%} {gf} {rate}")
+    print(
+        f"{'total':<11} {total:>6.2f}        matmul peak (fp32 2048^3, this machine): {peak:.0f} GFLOP/s; "
+        f"{r['prompt_tokens_mean']:.0f} prompt tokens on average"
+    )
+
+
+def scaling(args: argparse.Namespace) -> None:
+    results = [spawn(args, reference="shared", batch_size=b, max_new_tokens=t) for b, t in SCALING]
+    print(
+        f"{'batch':>5} {'tokens':>6} {'s/step':>7} {'samples/s':>9} {'s per 1k tokens':>15} "
+        + " ".join(f"{p:>6}" for p in PHASES[:5])
+        + f" {'peak RSS MB':>11}"
+    )
+    for r in results:
+        per_k = 1000 * r["step_s"] / (r["batch_size"] * r["max_new_tokens"])
+        print(
+            f"{r['batch_size']:>5} {r['max_new_tokens']:>6} {r['step_s']:>7.2f} {r['samples_per_s']:>9.2f} {per_k:>15.2f} "
+            + " ".join(f"{r['phases'][p]:>6.2f}" for p in PHASES[:5])
+            + f" {r['peak_rss_mb']:>11.0f}"
+        )
+    if args.plot:
+        plot_scaling(results, Path(args.plot))
+        Path(args.plot).with_suffix(".json").write_text(json.dumps(results, indent=2))
+        print(f"plot: {args.plot} (numbers beside it, .json)")
+
+
+def plot_scaling(results: list[dict], path: Path) -> None:
+    """Stacked phase seconds against batch size and against new tokens."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=False)
+    for ax, key, fixed, label in (
+        (axes[0], "batch_size", ("max_new_tokens", 48), "completions per step (48 new tokens)"),
+        (axes[1], "max_new_tokens", ("batch_size", 16), "new tokens per completion (batch 16)"),
+    ):
+        rows = sorted((r for r in results if r[fixed[0]] == fixed[1]), key=lambda r: r[key])
+        xs = [str(r[key]) for r in rows]
+        bottom = [0.0] * len(rows)
+        for phase in PHASES[:5]:
+            vals = [r["phases"][phase] for r in rows]
+            ax.bar(xs, vals, bottom=bottom, label=phase)
+            bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+        ax.set_xlabel(label)
+        ax.set_ylabel("seconds per PPO step")
+    axes[0].legend()
+    fig.suptitle("tether PPO step on this machine, by phase")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
 
 
 def main() -> None:
@@ -101,7 +273,12 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5, help="including one warm-up step")
+    parser.add_argument("--judge-every", type=int, default=10, help="guard probe interval")
+    parser.add_argument("--probe-prompts", type=int, default=32)
+    parser.add_argument("--save-every", type=int, default=10, help="checkpoint interval")
     parser.add_argument("--reference", choices=["shared", "full-copy", "both"], default="both")
+    parser.add_argument("--scaling", action="store_true", help="batch and token sweeps")
+    parser.add_argument("--plot", help="with --scaling: write the curves to this PNG")
     parser.add_argument(
         "--json", action="store_true", help="(internal) run one configuration, print JSON"
     )
@@ -110,32 +287,21 @@ def main() -> None:
     if args.json:
         print(json.dumps(run_one(args)))
         return
+    if args.scaling:
+        scaling(args)
+        return
     modes = ["shared", "full-copy"] if args.reference == "both" else [args.reference]
-    results = []
-    for mode in modes:
-        argv = [sys.executable, __file__, "--json", "--reference", mode] + [
-            f"--{k.replace('_', '-')}={v}"
-            for k, v in vars(args).items()
-            if k not in ("json", "reference")
-        ]
-        proc = subprocess.run(
-            argv, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}
-        )
-        if proc.returncode:
-            sys.exit(f"benchmark run failed ({mode}):\n{proc.stderr[-2000:]}")
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-
+    results = [spawn(args, reference=mode) for mode in modes]
     r0 = results[0]
     print(
         f"policy {r0['policy']}  batch {r0['batch_size']}  new tokens {r0['max_new_tokens']}  "
         f"threads {r0['threads']}  steps {args.steps} (median of {args.steps - 1} after 1 warm-up)"
     )
-    header = f"{'reference':<10} {'s/step':>7} {'gen s':>6} {'fwd s':>6} {'upd s':>6} {'gen %':>6} {'samples/s':>9} {'peak RSS MB':>11}"
-    print(header)
+    print(f"{'reference':<10} {'s/step':>7} {'gen %':>6} {'samples/s':>9} {'peak RSS MB':>11}")
     for r in results:
         print(
-            f"{r['reference']:<10} {r['step_s']:>7.2f} {r['gen_s']:>6.2f} {r['forward_s']:>6.2f} {r['update_s']:>6.2f} "
-            f"{100 * r['gen_share']:>5.0f}% {r['samples_per_s']:>9.2f} {r['peak_rss_mb']:>11.0f}"
+            f"{r['reference']:<10} {r['step_s']:>7.2f} {100 * r['gen_share']:>5.0f}% "
+            f"{r['samples_per_s']:>9.2f} {r['peak_rss_mb']:>11.0f}"
         )
     if len(results) == 2:
         saved = results[1]["peak_rss_mb"] - results[0]["peak_rss_mb"]
@@ -144,6 +310,8 @@ def main() -> None:
             f"({saved / r0['weights_mb']:.0%} of the weights); shared/full-copy peak = "
             f"{results[0]['peak_rss_mb'] / results[1]['peak_rss_mb']:.2f}"
         )
+    if r0["reference"] == "shared":
+        print_phases(r0)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from tether.trainer import (
     batch_indices,
     build_policy,
     make_experience,
+    reference_logprobs,
     ppo_update,
     sampling_params,
     train,
@@ -137,6 +138,11 @@ def test_metrics_and_run_directory(tiny_t5, prompts_file, vowel_reward, tmp_path
         "response_len_mean",
         "step_seconds",
         "gen_seconds",
+        "score_seconds",
+        "forward_seconds",
+        "advantages_seconds",
+        "update_seconds",
+        "guard_seconds",
     }
     assert required <= rows[0].keys()
     assert (out / "config.yaml").read_text().startswith("policy: ")
@@ -176,7 +182,9 @@ def test_gradient_accumulation_equals_full_minibatch(
             ["hello there", "the cat sat", "good day", "see you"] * 2, sampling_params(cfg)
         )
         scores = reward.score(rollout.prompts, rollout.completions)
-        exp = make_experience(policy, rollout, gen_out, scores, 0.05, cfg)
+        exp = make_experience(
+            rollout, gen_out, reference_logprobs(policy, rollout, cfg), scores, 0.05, cfg
+        )
         opt = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         stats = ppo_update(policy, opt, sched, exp, cfg, torch.Generator().manual_seed(0))
@@ -202,7 +210,9 @@ def test_nan_loss_minibatch_is_skipped(tiny_llama, prompts_file, tmp_path, capsy
     )
     policy = build_policy(cfg)
     rollout, gen_out, _ = policy.generate(["hello"] * 8, sampling_params(cfg))
-    exp = make_experience(policy, rollout, gen_out, [1.0] * 8, 0.05, cfg)
+    exp = make_experience(
+        rollout, gen_out, reference_logprobs(policy, rollout, cfg), [1.0] * 8, 0.05, cfg
+    )
     exp.advantages[0, 0] = float("nan")  # poisons exactly one mini-batch (the one holding row 0)
     before = [p.detach().clone() for p in policy.trainable_parameters()]
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-3)

@@ -175,36 +175,42 @@ def batch_indices(n_prompts: int, batch_size: int, seed: int, step: int) -> list
 
 
 @torch.no_grad()
+def reference_logprobs(policy: Policy, rollout: Rollout, cfg: TrainConfig) -> torch.Tensor:
+    """(b, t) log-probs of the response under the reference: one pass, adapter disabled, in
+    chunks of similar length (select() trims the padding no row in a chunk needs)."""
+    ref_lp = torch.zeros(rollout.response_ids.shape, device=rollout.response_ids.device)
+    with policy.reference():
+        for idx in _by_length(rollout, torch.arange(len(rollout))).split(cfg.forward_batch_size):
+            lp = policy(rollout.select(idx), with_values=False).logprobs
+            ref_lp[idx, : lp.shape[1]] = lp
+    return ref_lp
+
+
+@torch.no_grad()
 def make_experience(
-    policy: Policy,
     rollout: Rollout,
     rollout_out: PolicyOutput,
+    ref_logprobs: torch.Tensor,
     scores: list[float],
     kl_coef: float,
     cfg: TrainConfig,
 ) -> Experience:
-    """Reference log-probs (one pass, adapter disabled), KL-shaped rewards, advantages.
+    """KL-shaped rewards and advantages.
 
-    `rollout_out` holds the rollout policy's log-probs and values, taken from the sampling pass.
+    `rollout_out` holds the rollout policy's log-probs and values, taken from the sampling pass;
+    `ref_logprobs` come from `reference_logprobs`.
     """
     valid = rollout.valid_mask
-    ref_lp = torch.zeros_like(rollout_out.logprobs)
-    with policy.reference():
-        # chunks of similar length: select() trims the padding no row in a chunk needs
-        for idx in _by_length(rollout, torch.arange(len(rollout))).split(cfg.forward_batch_size):
-            lp = policy(rollout.select(idx), with_values=False).logprobs
-            ref_lp[idx, : lp.shape[1]] = lp
     old_logprobs, old_values = rollout_out.logprobs, rollout_out.values
-
     score_t = torch.tensor(scores, dtype=torch.float32, device=old_logprobs.device)
-    kl = ppo.kl_estimate(old_logprobs, ref_lp, cfg.kl_estimator)
+    kl = ppo.kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator)
     kl = torch.where(valid.bool(), kl, torch.zeros_like(kl))
     rewards = ppo.shaped_rewards(score_t, kl, kl_coef, valid)
     advantages, returns = ppo.gae_advantages(rewards, old_values, valid, cfg.gamma, cfg.lam)
     if cfg.whiten_advantages:
         advantages = ppo.masked_whiten(advantages, valid)
     return Experience(
-        rollout, old_logprobs, ref_lp, old_values, score_t, kl, rewards, advantages, returns
+        rollout, old_logprobs, ref_logprobs, old_values, score_t, kl, rewards, advantages, returns
     )
 
 
@@ -377,7 +383,9 @@ def train(
     action, n_flags, step = None, 0, start_step - 1
     for step in bar:
         row = ppo_step(policy, reward, state, records, sampling, cfg, step, monitors)
+        t_guard = time.perf_counter()
         action = guard.after_step(step, row, last=step == cfg.steps - 1)
+        row["guard_seconds"] = time.perf_counter() - t_guard
         for flag in row["guard"]["flags"]:
             warn(f"step {step}: guard flag {flag['flag']}: {flag['message']}")
         n_flags += len(row["guard"]["flags"])
@@ -446,11 +454,14 @@ def ppo_step(
     # 2. score
     scores = checked_scores(reward, rollout.prompts, rollout.completions)
     t_score = time.perf_counter()
-    # 3-5. reference log-probs, KL-shaped rewards, advantages
+    # 3. reference log-probs
+    ref_logprobs = reference_logprobs(policy, rollout, cfg)
+    t_fwd = time.perf_counter()
+    # 4-5. KL-shaped rewards, advantages
     kl_coef = state.kl_ctl.value
     train_scores = state.score_moments.normalize(scores) if cfg.score_norm else scores
-    exp = make_experience(policy, rollout, rollout_out, train_scores, kl_coef, cfg)
-    t_fwd = time.perf_counter()
+    exp = make_experience(rollout, rollout_out, ref_logprobs, train_scores, kl_coef, cfg)
+    t_adv = time.perf_counter()
     # 6. update
     gen = torch.Generator().manual_seed(step_seed(cfg.seed, step))
     stats = ppo_update(policy, state.optimizer, state.scheduler, exp, cfg, gen)
@@ -490,7 +501,8 @@ def ppo_step(
         "gen_seconds": t_gen - t0,
         "score_seconds": t_score - t_gen,
         "forward_seconds": t_fwd - t_score,
-        "update_seconds": t_update - t_fwd,
+        "advantages_seconds": t_adv - t_fwd,
+        "update_seconds": t_update - t_adv,
         **monitored,
     }
 
