@@ -91,6 +91,37 @@ def save_tiny_t5(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def save_tiny_classifier(path: Path, labels: tuple[str, ...] = ("hate", "nothate")) -> Path:
+    """A RoBERTa sequence classifier (the walkthrough's reward architecture), 64-token window."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    tok = char_tokenizer()
+    tok.model_max_length = 64
+    torch.manual_seed(0)
+    cfg = RobertaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        max_position_embeddings=66,  # RoBERTa counts positions from pad_token_id + 1
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        id2label=dict(enumerate(labels)),
+        label2id={name: i for i, name in enumerate(labels)},
+        initializer_range=0.5,
+    )
+    RobertaForSequenceClassification(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory) -> Path:
+    return save_tiny_classifier(tmp_path_factory.mktemp("tiny-classifier"))
+
+
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory) -> Path:
     return save_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))

@@ -32,7 +32,10 @@ class TrainConfig:
         required=True,
     )
     reward: str = _opt(
-        None, "reward spec, e.g. python:pkg.mod:fn or python:path/file.py:fn", required=True
+        None,
+        "reward spec: profanity[@prob|@logit], hatesonar, hf:ID_OR_PATH[:LABEL][@prob|@logit], "
+        "python:pkg.mod:fn or python:path/file.py:fn",
+        required=True,
     )
     prompts: str = _opt(
         None, 'prompt spec, e.g. jsonl:PATH (one {"prompt": ...} object a line)', required=True
@@ -208,7 +211,8 @@ class EmbeddedDefaultConfig(TrainConfig):
         "smollm2", "model: local dir, Hugging Face hub id, or 'smollm2' (embedded default)"
     )
     reward: str = _opt(
-        "profanity@logit", "proxy reward spec (profanity[@prob|@logit], hatesonar, python:...)"
+        "profanity@logit",
+        "proxy reward spec (profanity[@prob|@logit], hatesonar, hf:..., python:...)",
     )
     prompts: str = _opt(
         "chitchat:toxic", "prompt spec; its train split trains, its held-out split evaluates/probes"

@@ -104,8 +104,8 @@ def detox(
     cfg: DetoxConfig, reward: RewardModel | None = None, judge: RewardModel | None = None
 ) -> DetoxResult:
     t_start = time.perf_counter()
-    reward = reward or load_reward(cfg.reward)
-    judge = judge or load_reward(cfg.judge)
+    reward = reward or load_reward(cfg.reward, cfg.device)
+    judge = judge or load_reward(cfg.judge, cfg.device)
     train_records = load_prompts(cfg.prompts, "train", cfg.heldout_fraction)
     setup = _setup(cfg, reward, judge)
     setup.run.prepare(config_to_yaml(cfg), cfg.resume)
@@ -143,7 +143,7 @@ def detox(
 def evaluate_adapter(cfg: EvalConfig) -> DetoxResult:
     """Baseline (starting policy) and, with `cfg.trained`, that adapter on the same prompts."""
     t_start = time.perf_counter()
-    setup = _setup(cfg, load_reward(cfg.reward), load_reward(cfg.judge))
+    setup = _setup(cfg, load_reward(cfg.reward, cfg.device), load_reward(cfg.judge, cfg.device))
     if cfg.trained is not None:
         cfg = _with_adapter_shape(cfg, Path(cfg.trained))
     setup.run.prepare_eval(config_to_yaml(cfg))

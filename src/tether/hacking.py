@@ -43,7 +43,7 @@ def arm_configs(cfg: HackingDemoConfig) -> dict[str, HackingDemoConfig]:
 
 
 def hacking_demo(cfg: HackingDemoConfig) -> dict[str, Any]:
-    reward, judge = load_reward(cfg.reward), load_reward(cfg.judge)
+    reward, judge = load_reward(cfg.reward, cfg.device), load_reward(cfg.judge, cfg.device)
     root = Path(cfg.out)
     if root.exists() and any(root.iterdir()):
         raise TetherError(f"--out {root} is not empty; pick a new dir for the demo")

@@ -120,6 +120,39 @@ def resolve_model_path(spec: str) -> str:
     return spec
 
 
+def resolve_device(name: str) -> torch.device:
+    """`auto` is CUDA when present, else CPU; anything else as torch reads it."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        return torch.device(name)
+    except RuntimeError:
+        raise TetherError(f"unknown device {name!r}; expected cpu, cuda, cuda:N or auto") from None
+
+
+def load_config(path: str, spec: str, role: str) -> Any:
+    """The Hugging Face config at `path` (a local dir or a hub id), or one line saying how to
+    provide it: without the network a hub id only loads from a local copy."""
+    local = Path(path).exists()
+    if not local and (path.startswith((".", "/", "~")) or path.count("/") > 1):
+        raise TetherError(f"{role} path does not exist: {spec}")
+    try:
+        return AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        where = (
+            "the local directory has no usable config.json"
+            if local
+            else (
+                "it is not a local directory and the Hugging Face hub could not provide it "
+                f"(offline? download it where there is network, e.g. `hf download {path} "
+                "--local-dir DIR`, and pass DIR instead)"
+            )
+        )
+        raise TetherError(
+            f"cannot load {role} {spec!r}: {where} ({str(e).splitlines()[0]})"
+        ) from None
+
+
 def load_model(
     spec: str, dtype: str = "float32", device: str | torch.device = "cpu", _rebuilt: bool = False
 ) -> LoadedModel:
@@ -129,23 +162,7 @@ def load_model(
     for a hub id, an architecture that is neither causal nor seq2seq.
     """
     path = resolve_model_path(spec)
-    local = Path(path).exists()
-    if not local and (path.startswith((".", "/", "~")) or path.count("/") > 1):
-        raise TetherError(f"model path does not exist: {spec}")
-    try:
-        config = AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
-        where = (
-            "the local directory has no usable config.json"
-            if local
-            else (
-                "it is not a local directory and the Hugging Face hub could not provide it "
-                "(offline? pass a local directory with config.json and weights)"
-            )
-        )
-        raise TetherError(
-            f"cannot load model {spec!r}: {where} ({str(e).splitlines()[0]})"
-        ) from None
+    config = load_config(path, spec, "model")
     is_enc_dec = bool(getattr(config, "is_encoder_decoder", False))
     auto = AutoModelForSeq2SeqLM if is_enc_dec else AutoModelForCausalLM
     try:

@@ -26,7 +26,7 @@ from tether.data import PromptRecord, load_prompts
 from tether.errors import TetherError
 from tether.guard import GUARD_JSON, Guard, GuardSettings
 from tether.kl import KLController, make_kl_controller
-from tether.models import load_model
+from tether.models import load_model, resolve_device
 from tether.policy import LoraSettings, Policy, PolicyOutput
 from tether.rewards import RewardModel, checked_scores, load_reward
 from tether.rollout import Experience, Rollout, SamplingParams
@@ -115,15 +115,6 @@ class TrainResult:
 def warn(msg: str) -> None:
     """A warning that does not break the progress bar."""
     tqdm.write(f"warning: {msg}", file=sys.stderr)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        return torch.device(name)
-    except RuntimeError:
-        raise TetherError(f"unknown device {name!r}; expected cpu, cuda, cuda:N or auto") from None
 
 
 def build_policy(cfg: TrainConfig) -> Policy:
@@ -348,9 +339,9 @@ def train(
     split = "train" if probing else "all"
     records = records or load_prompts(cfg.prompts, split, cfg.heldout_fraction)
     probe_records = _probe_records(cfg) if probing else []
-    reward = reward or load_reward(cfg.reward)
+    reward = reward or load_reward(cfg.reward, cfg.device)
     if judge is None and cfg.judge:
-        judge = load_reward(cfg.judge)
+        judge = load_reward(cfg.judge, cfg.device)
     if not prepared:
         run.prepare(config_yaml, cfg.resume)
     policy = policy or build_policy(cfg)

@@ -3,6 +3,8 @@
 Specs (the `--reward` and `--judge` options):
     profanity[@prob|@logit]               1 - P(offensive) (or -logit P) by alt-profanity-check
     hatesonar                             1 - P(hate or offensive) by HateSonar (the gold judge)
+    hf:ID_OR_PATH[:LABEL][@prob|@logit]   P(LABEL) (or its logit) by any Hugging Face sequence
+                                          classifier, the label named as in its id2label
     python:package.module:function        a callable importable from the environment
     python:path/to/file.py:function       a callable defined in a file (this runs that file:
                                           a python: spec is code execution by design)
@@ -25,13 +27,21 @@ class RewardModel(Protocol):
     def score(self, prompts: list[str], completions: list[str]) -> list[float]: ...
 
 
-def load_reward(spec: str) -> RewardModel:
-    """Parse a reward spec into a RewardModel; unknown kinds name the ones that exist."""
+def load_reward(spec: str, device: str = "cpu") -> RewardModel:
+    """Parse a reward spec into a RewardModel; unknown kinds name the ones that exist.
+
+    `device` (cpu, cuda, cuda:N, auto) is where a neural classifier runs: the policy's device.
+    """
     kind, _, rest = spec.partition(":")
     if kind == "python" and rest:
         from tether.rewards.python import PythonReward
 
         return PythonReward.from_spec(rest)
+    if kind == "hf" and rest:
+        from tether.rewards.hf import HFClassifierReward, parse_hf_spec
+
+        model, label, mode = parse_hf_spec(rest)
+        return HFClassifierReward(model, label, mode, device=device)
     name, _, mode = spec.partition("@")
     if name == "profanity" and not rest:
         from tether.rewards.profanity import ProfanityReward
@@ -43,7 +53,7 @@ def load_reward(spec: str) -> RewardModel:
         return HateSonarJudge()
     raise TetherError(
         f"unknown reward spec {spec!r}; expected profanity[@prob|@logit], hatesonar, "
-        "python:module:function or python:path/file.py:function"
+        "hf:ID_OR_PATH[:LABEL][@prob|@logit], python:module:function or python:path/file.py:function"
     )
 
 
