@@ -38,7 +38,10 @@ class TrainConfig:
         required=True,
     )
     prompts: str = _opt(
-        None, 'prompt spec, e.g. jsonl:PATH (one {"prompt": ...} object a line)', required=True
+        None,
+        'prompt spec: jsonl:PATH (one {"prompt": ...} object a line), chitchat[:toxic] or '
+        "dialogsum[:PATH][@MIN-MAX]",
+        required=True,
     )
     out: str = _opt(
         None, "run directory (metrics.jsonl, config.yaml, checkpoints/, final/)", required=True

@@ -3,8 +3,9 @@
 Each batch of prompts is sampled under a seed fixed by its position, so the baseline and the
 aligned policy draw from the same random stream on the same prompts, and differences are paired
 by prompt. Toxicity comes from the proxy (the reward model) and from an independent judge;
-quality from the reference model's perplexity of each completion, and the embedding similarity
-between completion and its source text (a summary that drifts off its dialogue scores lower).
+quality from the reference model's perplexity of each completion, the embedding similarity
+between completion and its source text (a summary that drifts off its dialogue scores lower), and
+ROUGE-1/2/L against the reference summary when the prompts carry one (DialogSum).
 """
 
 from __future__ import annotations
@@ -137,11 +138,36 @@ def evaluate(
     for metric in metrics:
         for row, value in zip(rows, metric.fn(prompts, completions), strict=True):
             row[metric.name] = float(value)
+    if records and all(r.reference for r in records):
+        scores = rouge_f1(completions, [r.reference for r in records])
+        for row, record, rouge in zip(rows, records, scores, strict=True):
+            row["reference"] = record.reference
+            row.update(rouge)
     if embedder is not None:
         sources = [r.source or r.prompt for r in records]
         for row, sim in zip(rows, embedder.similarity(completions, sources), strict=True):
             row["similarity"] = float(sim)
     return rows
+
+
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL")
+
+
+def rouge_f1(predictions: list[str], references: list[str]) -> list[dict[str, float]]:
+    """ROUGE-1/2/L F-measure of each prediction against its reference summary.
+
+    Google's `rouge-score` (the package behind Hugging Face evaluate's "rouge"), without stemming,
+    as evaluate scores by default: the numbers compare with the walkthrough's.
+    """
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_KEYS), use_stemmer=False)
+    return [
+        {k: s[k].fmeasure for k in ROUGE_KEYS}
+        for s in (
+            scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)
+        )
+    ]
 
 
 @torch.no_grad()

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from tether.errors import TetherError
-from tether.evaluate import compare
+from tether.evaluate import ROUGE_KEYS, compare
 from tether.guard import run_summary
 from tether.rundir import read_jsonl
 
@@ -55,6 +55,9 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     }
     if "similarity" in before[0]:
         quality["similarity"] = cmp("similarity", False)
+    for key in ROUGE_KEYS:  # against the reference summaries, when the prompts carry them
+        if key in before[0]:
+            quality[key] = cmp(key, False)
     proxy, ppl = toxicity["proxy"], quality["perplexity"]
     bars = {
         "proxy_toxicity_down_30pct": proxy["improvement_pct"] >= 30.0,

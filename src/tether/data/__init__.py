@@ -1,6 +1,9 @@
 """Prompt sources. Specs (the `--prompts` option):
 
-jsonl:PATH      one JSON object a line with a "prompt" string and optionally "reference"
+jsonl:PATH                       one JSON object a line with a "prompt" string and optionally
+                                 "reference"
+chitchat, chitchat:toxic         chit-chat dialogues to summarise (see chitchat.py)
+dialogsum[:PATH][@MIN-MAX]       DialogSum dialogues with reference summaries (see dialogsum.py)
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ class PromptRecord:
 
 
 SPLITS = ("all", "train", "heldout")
+# The walkthrough's instruction around a dialogue, for every summarisation source.
+SUMMARIZE_TEMPLATE = "Summarize the following conversation.\n\n{dialogue}\n\nSummary:"
 
 
 def load_prompts(
@@ -44,9 +49,15 @@ def load_prompts(
         from tether.data.chitchat import load_chitchat
 
         records = load_chitchat(split=split, heldout_fraction=heldout_fraction, pool=rest or "all")
+    elif spec.startswith("dialogsum") and spec[len("dialogsum") :][:1] in ("", ":", "@"):
+        from tether.data.dialogsum import load_dialogsum, parse_dialogsum_spec
+
+        path, chars = parse_dialogsum_spec(spec[len("dialogsum") :])
+        records = load_dialogsum(path, split, heldout_fraction, chars)
     else:
         raise TetherError(
-            f"unknown prompt spec {spec!r}; expected jsonl:PATH, chitchat or chitchat:toxic"
+            f"unknown prompt spec {spec!r}; expected jsonl:PATH, chitchat, chitchat:toxic or "
+            "dialogsum[:PATH][@MIN-MAX]"
         )
     if not records:
         raise TetherError(

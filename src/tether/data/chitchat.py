@@ -32,10 +32,10 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 
-from tether.data import PromptRecord
+from tether.data import SUMMARIZE_TEMPLATE, PromptRecord
 from tether.errors import TetherError
 
-CHITCHAT_TEMPLATE = "Summarize the following conversation.\n\n{dialogue}\n\nSummary:"
+CHITCHAT_TEMPLATE = SUMMARIZE_TEMPLATE
 SPEAKERS = ("#Person1#", "#Person2#")
 SPLITS = ("train", "heldout", "all")
 POOLS = ("all", "toxic")
