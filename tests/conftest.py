@@ -3,6 +3,7 @@ tokenizer, saved to a temp dir once per session: real Hugging Face code paths, s
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import string
@@ -114,6 +115,50 @@ def save_tiny_classifier(path: Path, labels: tuple[str, ...] = ("hate", "nothate
     )
     RobertaForSequenceClassification(cfg).save_pretrained(path)
     tok.save_pretrained(path)
+    return path
+
+
+def save_sft_adapter(model_dir: Path, path: Path, scale: float = 0.5) -> Path:
+    """A non-trivial LoRA adapter on q/v (random B, so it really changes the model), as an SFT
+    run would leave it: the starting point of `--adapter`."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+    seq2seq = AutoConfig.from_pretrained(model_dir).is_encoder_decoder
+    auto = AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM
+    targets = ["q", "v"] if seq2seq else ["q_proj", "v_proj"]
+    sft = get_peft_model(
+        auto.from_pretrained(model_dir), LoraConfig(r=4, lora_alpha=8, target_modules=targets)
+    )
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in sft.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, scale)
+    sft.save_pretrained(path)
+    return path
+
+
+def _dialogue(i: int, chars: int) -> str:
+    head = f"#Person1#: hello number {i}.\n#Person2#: "
+    return head + "x" * (chars - len(head))
+
+
+# DialogSum-shaped rows around the walkthrough's 200-1000 character filter
+DIALOGSUM_ROWS = [
+    {"id": f"train_{i}", "dialogue": _dialogue(i, n), "summary": f"person one greets {i}."}
+    for i, n in enumerate([150, 200, 201, 500, 999, 1000, 1001, 1500] * 5)
+]
+
+
+@pytest.fixture
+def dialogsum_csv(tmp_path) -> Path:
+    """A DialogSum-layout train.csv (id, dialogue, summary, topic)."""
+    path = tmp_path / "train.csv"
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["id", "dialogue", "summary", "topic"])
+        writer.writeheader()
+        writer.writerows({**r, "topic": "greeting"} for r in DIALOGSUM_ROWS)
     return path
 
 

@@ -1,35 +1,14 @@
 """DialogSum-style prompts from local files, the walkthrough's length filter, and ROUGE."""
 
-import csv
 import json
 
 import pytest
+from conftest import DIALOGSUM_ROWS as ROWS
 
 from tether.cli import main
 from tether.data import SUMMARIZE_TEMPLATE, load_prompts
 from tether.errors import TetherError
 from tether.evaluate import rouge_f1
-
-
-def _dialogue(i: int, chars: int) -> str:
-    head = f"#Person1#: hello number {i}.\n#Person2#: "
-    return head + "x" * (chars - len(head))
-
-
-ROWS = [
-    {"id": f"train_{i}", "dialogue": _dialogue(i, n), "summary": f"person one greets {i}."}
-    for i, n in enumerate([150, 200, 201, 500, 999, 1000, 1001, 1500] * 5)
-]
-
-
-@pytest.fixture
-def dialogsum_csv(tmp_path):
-    path = tmp_path / "train.csv"
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=["id", "dialogue", "summary", "topic"])
-        writer.writeheader()
-        writer.writerows({**r, "topic": "greeting"} for r in ROWS)
-    return path
 
 
 def test_csv_jsonl_and_directory_give_the_same_records(dialogsum_csv, tmp_path):

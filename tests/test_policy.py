@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from conftest import save_sft_adapter
 
 from tether.models import load_model
 from tether.policy import Policy
@@ -97,22 +97,7 @@ def test_prompt_truncation_is_counted(tiny_llama):
 
 def test_starting_adapter_is_merged_so_reference_is_starting_policy(tiny_model, tmp_path):
     """Start from a non-trivial SFT adapter: the reference must be that policy (KL ~ 0)."""
-    base = load_model(str(tiny_model)).model
-    sft = get_peft_model(
-        base,
-        LoraConfig(
-            r=4,
-            lora_alpha=8,
-            target_modules=["q", "v"] if base.config.is_encoder_decoder else ["q_proj", "v_proj"],
-        ),
-    )
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for n, p in sft.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    sft.save_pretrained(tmp_path / "sft")
-
+    save_sft_adapter(tiny_model, tmp_path / "sft")
     policy = _policy(tiny_model, adapter=str(tmp_path / "sft"))
     raw = _policy(tiny_model)
     torch.manual_seed(0)
