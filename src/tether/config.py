@@ -142,6 +142,11 @@ class TrainConfig:
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     resume: bool = _opt(False, "continue from the last complete checkpoint in --out")
     progress: bool = _opt(True, "show a progress bar")
+    report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = _opt(
+        "none",
+        "also send the metrics to this tracker through Accelerate (metrics.jsonl is always written; "
+        "tensorboard: RUN/tensorboard/)",
+    )
 
     def __post_init__(self) -> None:
         self.validate()

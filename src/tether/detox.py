@@ -23,6 +23,7 @@ from tether.policy import Policy
 from tether.report import EVAL_DIR, RUN_INFO, write_report
 from tether.rewards import RewardModel, load_reward
 from tether.rundir import RunDir, atomic_write_text, write_jsonl
+from tether.tracking import check_tracker
 from tether.trainer import build_policy, sampling_params, train, warn
 
 
@@ -104,6 +105,7 @@ def detox(
     cfg: DetoxConfig, reward: RewardModel | None = None, judge: RewardModel | None = None
 ) -> DetoxResult:
     t_start = time.perf_counter()
+    check_tracker(cfg.report_to)
     reward = reward or load_reward(cfg.reward, cfg.device)
     judge = judge or load_reward(cfg.judge, cfg.device)
     train_records = load_prompts(cfg.prompts, "train", cfg.heldout_fraction)

@@ -213,5 +213,5 @@ def _without_resume(config_yaml: str) -> str:
     return "\n".join(
         line
         for line in config_yaml.splitlines()
-        if not line.startswith(("resume:", "progress:", "steps:"))
+        if not line.startswith(("resume:", "progress:", "steps:", "report_to:"))
     )

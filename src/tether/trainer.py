@@ -31,6 +31,7 @@ from tether.policy import LoraSettings, Policy, PolicyOutput
 from tether.rewards import RewardModel, checked_scores, load_reward
 from tether.rollout import Experience, Rollout, SamplingParams
 from tether.rundir import RunDir, atomic_write_text, load_trainer_state, set_rng_state
+from tether.tracking import Tracker, check_tracker
 
 Monitor = Callable[[list[str], list[str]], list[float]]  # (prompts, completions) -> values
 
@@ -333,6 +334,7 @@ def train(
     With guard probes on, training uses the prompt source's train split and the probes come from
     its held-out split.
     """
+    check_tracker(cfg.report_to)
     run = RunDir(cfg.out)
     config_yaml = config_to_yaml(cfg)
     probing = cfg.judge_every > 0
@@ -361,6 +363,7 @@ def train(
         reference_rows=guard_reference,
     )
     guard.start(resumed_step=start_step - 1 if cfg.resume else None)
+    tracker = Tracker(cfg.report_to, run.root, cfg)
 
     bar = tqdm(
         range(start_step, cfg.steps),
@@ -381,6 +384,7 @@ def train(
             warn(f"step {step}: guard flag {flag['flag']}: {flag['message']}")
         n_flags += len(row["guard"]["flags"])
         run.append_metrics(row)
+        tracker.log(row)
         metrics.append(row)
         bar.set_postfix(
             reward=f"{row['reward_mean']:.3f}",
@@ -393,6 +397,7 @@ def train(
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
             run.save_checkpoint(step, policy.save, state.state_dict(), config_yaml)
     bar.close()
+    tracker.close()
     run.save_final(policy.save, config_yaml)  # final/ is always the last step that ran
     ending: dict[str, Any] = {"last_step": step, "stopped_by_guard": action is not None}
     if action == "rollback":
