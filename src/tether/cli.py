@@ -98,9 +98,12 @@ def _config(args: argparse.Namespace) -> Any:
 
 def cmd_detox(args: argparse.Namespace) -> int:
     from tether.detox import detox
+    from tether.distributed import is_main
     from tether.report import summary_table
 
     result = detox(_config(args))
+    if not is_main():  # under `accelerate launch`, rank 0 speaks for all
+        return 0
     print(summary_table(result.report))
     print(f"report: {result.run_dir / 'report.html'}")
     return 0
@@ -108,9 +111,12 @@ def cmd_detox(args: argparse.Namespace) -> int:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tether.detox import evaluate_adapter
+    from tether.distributed import is_main
     from tether.report import summary_table
 
     result = evaluate_adapter(_config(args))
+    if not is_main():
+        return 0
     if result.report is None:
         keys = [k for k in result.baseline[0] if isinstance(result.baseline[0][k], float)]
         for key in keys:
@@ -149,12 +155,13 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from tether.distributed import is_main
     from tether.trainer import train
 
     cfg = _config(args)
     result = train(cfg)
     last = result.metrics[-1] if result.metrics else {}
-    if last:
+    if last and is_main():  # under `accelerate launch`, one line, not one per process
         print(
             f"done: {len(result.metrics)} steps, last reward_mean {last['reward_mean']:.4f}, "
             f"kl_mean {last['kl_mean']:.4f}; adapter in {result.run_dir / 'final'}"

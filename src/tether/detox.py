@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tether import distributed
 from tether.config import DetoxConfig, EvalConfig, config_to_yaml
 from tether.data import PromptRecord, load_prompts
 from tether.errors import TetherError
@@ -52,7 +53,7 @@ def _setup(cfg: DetoxConfig, reward: RewardModel, judge: RewardModel) -> _Setup:
             f"evaluating all of them, not {cfg.eval_prompts}"
         )
     embedder = Embedder() if cfg.similarity else None
-    run = RunDir(cfg.out)
+    run = RunDir(distributed.run_root(cfg.out))  # rank 0's is --out, see distributed.py
     return _Setup(
         run, [text_metric(reward), text_metric(judge)], records[: cfg.eval_prompts], embedder
     )
@@ -97,7 +98,8 @@ def _finish(setup: _Setup, cfg: DetoxConfig, adapter: str, timing: dict[str, flo
     }
     atomic_write_text(setup.run.root / RUN_INFO, json.dumps(info, indent=2))
     report = write_report(setup.run.root)
-    print(f"report: {setup.run.root / 'report.html'}", file=sys.stderr)
+    if distributed.is_main():
+        print(f"report: {setup.run.root / 'report.html'}", file=sys.stderr)
     return report
 
 
@@ -106,6 +108,7 @@ def detox(
 ) -> DetoxResult:
     t_start = time.perf_counter()
     check_tracker(cfg.report_to)
+    distributed.check_supported(cfg)
     reward = reward or load_reward(cfg.reward, cfg.device)
     judge = judge or load_reward(cfg.judge, cfg.device)
     train_records = load_prompts(cfg.prompts, "train", cfg.heldout_fraction)

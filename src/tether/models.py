@@ -121,7 +121,12 @@ def resolve_model_path(spec: str) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
-    """`auto` is CUDA when present, else CPU; anything else as torch reads it."""
+    """`auto` is CUDA when present, else CPU; anything else as torch reads it. Under a
+    multi-process launch, `auto` and `cuda` are this process's own device (cuda:LOCAL_RANK)."""
+    from tether import distributed
+
+    if name in ("auto", "cuda") and distributed.world_size() > 1:
+        return distributed.state().device
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -20,7 +20,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
-from tether import ppo
+from tether import distributed, ppo
 from tether.config import TrainConfig, config_to_yaml
 from tether.data import PromptRecord, load_prompts
 from tether.errors import TetherError
@@ -335,11 +335,13 @@ def train(
     its held-out split.
     """
     check_tracker(cfg.report_to)
-    run = RunDir(cfg.out)
+    distributed.check_supported(cfg)
+    run = RunDir(distributed.run_root(cfg.out))
     config_yaml = config_to_yaml(cfg)
     probing = cfg.judge_every > 0
     split = "train" if probing else "all"
     records = records or load_prompts(cfg.prompts, split, cfg.heldout_fraction)
+    records = _shard(records)
     probe_records = _probe_records(cfg) if probing else []
     reward = reward or load_reward(cfg.reward, cfg.device)
     if judge is None and cfg.judge:
@@ -350,6 +352,10 @@ def train(
     sampling = sampling_params(cfg)
 
     state = TrainState.create(policy, cfg)
+    if distributed.world_size() > 1:  # processes share the leash and the score statistics
+        state.kl_ctl = distributed.SyncedKLController(state.kl_ctl)
+        state.score_moments = distributed.SyncedMoments(state.score_moments)
+    distributed.average_gradients(policy.trainable_parameters())
     start_step = _restore(run, policy, state) if cfg.resume else 0
     metrics = [r for r in run.read_metrics() if r["step"] < start_step]
     guard = Guard(
@@ -369,7 +375,7 @@ def train(
         range(start_step, cfg.steps),
         desc="ppo",
         unit="step",
-        disable=not cfg.progress,
+        disable=not cfg.progress or not distributed.is_main(),
         initial=start_step,
         total=cfg.steps,
         file=sys.stderr,
@@ -377,9 +383,10 @@ def train(
     action, n_flags, step = None, 0, start_step - 1
     for step in bar:
         row = ppo_step(policy, reward, state, records, sampling, cfg, step, monitors)
+        row = distributed.mean_row(row)
         t_guard = time.perf_counter()
-        action = guard.after_step(step, row, last=step == cfg.steps - 1)
-        row["guard_seconds"] = time.perf_counter() - t_guard
+        action = distributed.from_main(guard.after_step(step, row, last=step == cfg.steps - 1))
+        row["guard_seconds"] = time.perf_counter() - t_guard  # this process's own
         for flag in row["guard"]["flags"]:
             warn(f"step {step}: guard flag {flag['flag']}: {flag['message']}")
         n_flags += len(row["guard"]["flags"])
@@ -409,7 +416,17 @@ def train(
         warn(f"guard: stopped after step {step} (--on-hack stop)")
     summary = {**guard.report(), **ending, "flags": n_flags}
     atomic_write_text(run.root / GUARD_JSON, json.dumps(summary, indent=2))
-    return TrainResult(run.root, metrics, policy, summary)
+    return TrainResult(Path(cfg.out), metrics, policy, summary)
+
+
+def _shard(records: list[PromptRecord]) -> list[PromptRecord]:
+    """This process's share of the training prompts (all of them in a one-process run)."""
+    n = distributed.world_size()
+    if n == 1:
+        return records
+    if len(records) < n:
+        raise TetherError(f"{len(records)} training prompts cannot be shared by {n} processes")
+    return records[distributed.rank() :: n]
 
 
 def _probe_records(cfg: TrainConfig) -> list[PromptRecord]:
