@@ -130,9 +130,16 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        return torch.device(name)
+        device = torch.device(name)
     except RuntimeError:
         raise TetherError(f"unknown device {name!r}; expected cpu, cuda, cuda:N or auto") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise TetherError(
+                f"--device {name}: this machine has {count} CUDA device(s); use --device auto or cpu"
+            )
+    return device
 
 
 def load_config(path: str, spec: str, role: str) -> Any:
