@@ -19,7 +19,8 @@ def test_csv_jsonl_and_directory_give_the_same_records(dialogsum_csv, tmp_path):
     assert (
         from_csv == load_prompts(f"dialogsum:{jsonl}") == load_prompts(f"dialogsum:{jsonl.parent}")
     )
-    assert load_prompts(f"dialogsum:{tmp_path}") == from_csv  # the dir's train.csv
+    (tmp_path / "test.csv").write_text("id,dialogue,summary\ntest_0,#Person1#: bye.,a goodbye.\n")
+    assert load_prompts(f"dialogsum:{tmp_path}") == from_csv  # the dir's train file(s) only
     assert len(from_csv) == 8 * 5
     r = from_csv[0]
     assert r.prompt == SUMMARIZE_TEMPLATE.replace("{dialogue}", r.source)

@@ -5,9 +5,9 @@ Specs (the `--prompts` option):
     dialogsum                    the hub dataset knkarthick/dialogsum (train split), through the
                                  `datasets` package; needs the network the first time
     dialogsum:PATH               a local copy: a CSV or JSONL file with `dialogue` and `summary`
-                                 columns, or a directory holding one (train.csv / train.jsonl is
-                                 preferred, as `hf download knkarthick/dialogsum --repo-type dataset`
-                                 lays it out; otherwise every .csv / .jsonl file in it)
+                                 columns, or a directory of them: the .csv / .jsonl files with
+                                 `train` in their name (the hub's train.csv, the original
+                                 release's dialogsum.train.jsonl), else all of them
     ...@MIN-MAX                  keep dialogues with MIN < characters <= MAX, the walkthrough's
                                  filter being `dialogsum@200-1000`
 
@@ -101,10 +101,8 @@ def _hub_rows() -> list[tuple[str, str]]:
 
 def _local_rows(path: Path) -> list[tuple[str, str]]:
     if path.is_dir():
-        preferred = [
-            path / f"train{ext}" for ext in _EXTENSIONS if (path / f"train{ext}").is_file()
-        ]
-        files = preferred or sorted(p for p in path.iterdir() if p.suffix in _EXTENSIONS)
+        files = sorted(p for p in path.iterdir() if p.suffix in _EXTENSIONS)
+        files = [p for p in files if "train" in p.name] or files
         if not files:
             raise TetherError(f"dialogsum directory {path} holds no .csv or .jsonl file")
     elif path.is_file():
