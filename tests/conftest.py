@@ -190,6 +190,19 @@ def prompts_file(tmp_path) -> Path:
 
 
 @pytest.fixture
+def scorers_file(tmp_path) -> Path:
+    """Two toy text scores for detox-style runs: `vowels` (the reward), `spaces` (the judge)."""
+    path = tmp_path / "scorers.py"
+    path.write_text(
+        "def vowels(p, c):\n"
+        "    return [sum(ch in 'aeiou' for ch in x) / max(len(x), 1) for x in c]\n"
+        "def spaces(p, c):\n"
+        "    return [x.count(' ') / max(len(x), 1) for x in c]\n"
+    )
+    return path
+
+
+@pytest.fixture
 def reward_file(tmp_path) -> Path:
     """Toy reward: the fraction of 'a' characters in the completion."""
     path = tmp_path / "toy_reward.py"

@@ -12,19 +12,12 @@ WORDS = [*PROMPT_WORDS, "a bad day", "rain again"]
 
 
 @pytest.fixture
-def detox_inputs(tmp_path):
+def detox_inputs(tmp_path, scorers_file):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text(
         "".join(json.dumps({"prompt": f"{w} {i}"}) + "\n" for i in range(6) for w in WORDS)
     )
-    scorers = tmp_path / "scorers.py"
-    scorers.write_text(
-        "def vowels(p, c):\n"
-        "    return [sum(ch in 'aeiou' for ch in x) / max(len(x), 1) for x in c]\n"
-        "def spaces(p, c):\n"
-        "    return [x.count(' ') / max(len(x), 1) for x in c]\n"
-    )
-    return prompts, scorers
+    return prompts, scorers_file
 
 
 def _scored(tiny_llama, prompts, scorers):

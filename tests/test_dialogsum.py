@@ -91,16 +91,10 @@ def test_rouge_f1_by_hand():
 
 
 def test_seq2seq_detox_and_eval_report_rouge_against_the_references(
-    tiny_t5, dialogsum_csv, tmp_path, capsys
+    tiny_t5, dialogsum_csv, scorers_file, tmp_path, capsys
 ):
     """T5 end to end through the CLI on DialogSum-style data: ROUGE-1/2/L before vs after."""
-    scorers = tmp_path / "scorers.py"
-    scorers.write_text(
-        "def vowels(p, c):\n"
-        "    return [sum(ch in 'aeiou' for ch in x) / max(len(x), 1) for x in c]\n"
-        "def spaces(p, c):\n"
-        "    return [x.count(' ') / max(len(x), 1) for x in c]\n"
-    )
+    scorers = scorers_file
     common = ["--policy", str(tiny_t5), "--prompts", f"dialogsum:{dialogsum_csv}@200-1000"]
     common += ["--reward", f"python:{scorers}:vowels", "--judge", f"python:{scorers}:spaces"]
     common += ["--max-new-tokens", "8", "--max-prompt-tokens", "48", "--eval-prompts", "6"]

@@ -43,17 +43,20 @@ def test_train_seq2seq_from_an_sft_adapter_starts_at_zero_kl(
 
 
 def test_flan_t5_recipe_runs_with_tiny_stand_ins(
-    tiny_t5, tiny_classifier, dialogsum_csv, tmp_path, capsys
+    tiny_t5, tiny_classifier, dialogsum_csv, scorers_file, tmp_path, capsys
 ):
     """`tether detox --config recipes/detox-flan-t5.yaml` with a tiny T5 (and its SFT adapter),
     a tiny local classifier for the hub reward, and DialogSum-shaped data; tiny sizes only."""
-    judge = tmp_path / "judge.py"
-    judge.write_text("def spaces(p, c):\n    return [x.count(' ') / max(len(x), 1) for x in c]\n")
     sft = save_sft_adapter(tiny_t5, tmp_path / "sft")
     out = tmp_path / "run"
     argv = ["detox", "--config", str(RECIPES / "detox-flan-t5.yaml"), "--out", str(out)]
     argv += ["--policy", str(tiny_t5), "--adapter", str(sft)]
-    argv += ["--reward", f"hf:{tiny_classifier}:nothate@logit", "--judge", f"python:{judge}:spaces"]
+    argv += [
+        "--reward",
+        f"hf:{tiny_classifier}:nothate@logit",
+        "--judge",
+        f"python:{scorers_file}:spaces",
+    ]
     argv += ["--prompts", f"dialogsum:{dialogsum_csv}@200-1000", "--max-prompt-tokens", "48"]
     argv += ["--steps", "2", "--batch-size", "4", "--mini-batch-size", "2", "--max-new-tokens", "8"]
     argv += ["--eval-prompts", "4", "--eval-batch-size", "4", "--no-similarity", "--no-progress"]

@@ -12,6 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tether.errors import TetherError
 
@@ -71,16 +72,17 @@ def text_bucket(text: str) -> float:
     return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big") / 2**64
 
 
-def read_jsonl_prompts(path: str) -> list[PromptRecord]:
-    """Read prompts from JSONL; every error names the file and the line."""
+def jsonl_objects(path: str | Path, what: str) -> list[tuple[int, Any]]:
+    """(line number, parsed JSON value) for every non-blank line of a JSONL file; every error
+    names the file (`what` says which kind) and the line."""
     p = Path(path)
     if not p.is_file():
-        raise TetherError(f"prompt file not found: {path}")
-    records = []
+        raise TetherError(f"{what} not found: {path}")
     try:
         raw_lines = p.read_bytes().splitlines()
     except OSError as e:
-        raise TetherError(f"cannot read prompt file {path}: {e.strerror}") from None
+        raise TetherError(f"cannot read {what} {path}: {e.strerror}") from None
+    rows = []
     for lineno, raw in enumerate(raw_lines, start=1):
         try:
             line = raw.decode("utf-8")
@@ -91,9 +93,16 @@ def read_jsonl_prompts(path: str) -> list[PromptRecord]:
         if not line.strip():
             continue
         try:
-            row = json.loads(line)
+            rows.append((lineno, json.loads(line)))
         except json.JSONDecodeError as e:
             raise TetherError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+    return rows
+
+
+def read_jsonl_prompts(path: str) -> list[PromptRecord]:
+    """Read prompts from JSONL; every error names the file and the line."""
+    records = []
+    for lineno, row in jsonl_objects(path, "prompt file"):
         if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
             raise TetherError(f'{path}:{lineno}: expected an object with a string "prompt" field')
         if not row["prompt"].strip():

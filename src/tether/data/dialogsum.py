@@ -20,11 +20,10 @@ same idea, reproducible across processes.
 from __future__ import annotations
 
 import csv
-import json
 import re
 from pathlib import Path
 
-from tether.data import SUMMARIZE_TEMPLATE, PromptRecord, text_bucket
+from tether.data import SUMMARIZE_TEMPLATE, PromptRecord, jsonl_objects, text_bucket
 from tether.errors import TetherError
 
 HUB_ID = "knkarthick/dialogsum"
@@ -114,23 +113,17 @@ def _local_rows(path: Path) -> list[tuple[str, str]]:
 
 def _read_file(path: Path) -> list[tuple[str, str]]:
     """(dialogue, summary) rows; errors name the file (and the line, for JSONL)."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise TetherError(f"cannot read dialogsum file {path}: {e}") from None
     if path.suffix == ".jsonl":
         rows = []
-        for lineno, line in enumerate(text.splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TetherError(f"{path}:{lineno}: malformed JSON ({e.msg})") from None
+        for lineno, row in jsonl_objects(path, "dialogsum file"):
             if not isinstance(row, dict) or not isinstance(row.get("dialogue"), str):
                 raise TetherError(f'{path}:{lineno}: expected an object with a string "dialogue"')
             rows.append((row["dialogue"], str(row.get("summary") or "")))
         return rows
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise TetherError(f"cannot read dialogsum file {path}: {e}") from None
     reader = csv.DictReader(text.splitlines(keepends=True))
     if "dialogue" not in (reader.fieldnames or []):
         raise TetherError(
