@@ -41,6 +41,22 @@ def test_train_seq2seq_from_an_sft_adapter_starts_at_zero_kl(
     assert abs(rows[0]["kl_mean"]) < 1e-4 and rows[0]["response_len_mean"] > 1
     assert yaml.safe_load((out / "config.yaml").read_text())["adapter"] == str(sft)
 
+    # evaluating that PPO adapter without the starting adapter would score another model
+    argv = ["eval", "--policy", str(tiny_t5), "--trained", str(out / "final"), "--no-progress"]
+    argv += [
+        "--reward",
+        f"python:{reward_file}:frac_a",
+        "--judge",
+        f"python:{reward_file}:constant",
+    ]
+    argv += ["--prompts", f"jsonl:{prompts_file}", "--out", str(tmp_path / "eval")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        f"error: --trained {out / 'final'} was trained from starting adapter {sft} (its "
+        f"config.yaml), but this eval starts from None: pass --adapter {sft}"
+    )
+
 
 def test_flan_t5_recipe_runs_with_tiny_stand_ins(
     tiny_t5, tiny_classifier, dialogsum_csv, scorers_file, tmp_path, capsys

@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from tether import distributed
 from tether.config import DetoxConfig, EvalConfig, config_to_yaml
 from tether.data import PromptRecord, load_prompts
@@ -23,7 +25,7 @@ from tether.evaluate import Embedder, Metric, evaluate, text_metric
 from tether.policy import Policy
 from tether.report import EVAL_DIR, RUN_INFO, write_report
 from tether.rewards import RewardModel, load_reward
-from tether.rundir import RunDir, atomic_write_text, write_jsonl
+from tether.rundir import CONFIG, RunDir, atomic_write_text, write_jsonl
 from tether.tracking import check_tracker
 from tether.trainer import build_policy, sampling_params, train, warn
 
@@ -177,6 +179,7 @@ def _with_adapter_shape(cfg: EvalConfig, trained: Path) -> EvalConfig:
         raise TetherError(
             f"--trained {trained}: not a tether adapter dir (value_head.safetensors missing)"
         )
+    _check_same_start(cfg, trained)
     targets = saved.get("target_modules")
     return dataclasses.replace(
         cfg,
@@ -184,6 +187,22 @@ def _with_adapter_shape(cfg: EvalConfig, trained: Path) -> EvalConfig:
         lora_alpha=int(saved["lora_alpha"]),
         lora_target_modules=sorted(targets) if isinstance(targets, list | set) else None,
     )
+
+
+def _check_same_start(cfg: EvalConfig, trained: Path) -> None:
+    """A PPO adapter only means something on the policy it was trained from: with a starting
+    (SFT) adapter merged in, evaluating it without that merge would score a different model."""
+    try:
+        run_cfg = yaml.safe_load((trained / CONFIG).read_text(encoding="utf-8")) or {}
+    except (OSError, yaml.YAMLError):
+        return  # an adapter dir from elsewhere: nothing to compare with
+    started_from = run_cfg.get("adapter")
+    if started_from != cfg.adapter:
+        fix = f"pass --adapter {started_from}" if started_from else "drop --adapter"
+        raise TetherError(
+            f"--trained {trained} was trained from starting adapter {started_from} (its "
+            f"{CONFIG}), but this eval starts from {cfg.adapter}: {fix}"
+        )
 
 
 def _monitor_name(role: str, metric: Metric) -> str:
