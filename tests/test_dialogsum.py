@@ -1,6 +1,8 @@
 """DialogSum-style prompts from local files, the walkthrough's length filter, and ROUGE."""
 
 import json
+import sys
+import types
 
 import pytest
 from conftest import DIALOGSUM_ROWS as ROWS
@@ -120,3 +122,18 @@ def test_seq2seq_detox_and_eval_report_rouge_against_the_references(
     redone = [json.loads(x) for x in (again / "eval" / "aligned.jsonl").read_text().splitlines()]
     assert [r["completion"] for r in redone] == [r["completion"] for r in rows]
     assert json.loads((again / "report.json").read_text())["quality"]["rougeL"]["n"] == 6
+
+
+def test_hub_dialogsum_reads_the_train_split_through_datasets(monkeypatch):
+    """The network path, with `datasets.load_dataset` stood in for (no hub here)."""
+    calls = []
+
+    def load_dataset(name, split):
+        calls.append((name, split))
+        return ROWS
+
+    monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=load_dataset))
+    records = load_prompts("dialogsum@200-1000")
+    assert calls == [("knkarthick/dialogsum", "train")]
+    assert sorted({len(r.source) for r in records}) == [201, 500, 999, 1000]
+    assert all(r.reference.startswith("person one greets") for r in records)

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import save_tiny_classifier
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from tether.cli import main
@@ -93,3 +94,14 @@ def test_offline_hub_id_fails_in_one_line_naming_the_model(
     assert not (tmp_path / "run").exists()  # nothing spent, nothing written
     assert main([*argv[:3], "--reward", "hf:./no/such/dir:nothate", *argv[5:]]) == 2
     assert "reward model path does not exist: ./no/such/dir" in capsys.readouterr().err
+
+
+def test_single_output_head_needs_no_label_and_uses_sigmoid(tmp_path):
+    path = save_tiny_classifier(tmp_path / "scorer", labels=("score",))
+    logits = _reference_logits(path, TEXTS)[:, 0]
+    assert load_reward(f"hf:{path}").score(TEXTS, TEXTS) == pytest.approx(
+        torch.sigmoid(logits).tolist(), abs=1e-5
+    )
+    assert load_reward(f"hf:{path}@logit").score(TEXTS, TEXTS) == pytest.approx(
+        logits.tolist(), abs=1e-5
+    )
