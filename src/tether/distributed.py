@@ -107,7 +107,9 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
         p.grad.div_(n)
 
     for p in params:
-        p.register_post_accumulate_grad_hook(hook)
+        if not getattr(p, "_tether_averaged", False):  # a policy trained twice keeps one hook
+            p.register_post_accumulate_grad_hook(hook)
+            p._tether_averaged = True
 
 
 def _all_gather(values: list[float]) -> list[float]:

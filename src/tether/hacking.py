@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from tether import distributed
 from tether.config import HackingDemoConfig, config_to_yaml
 from tether.errors import TetherError
 from tether.guard import GUARD_DIR, run_summary
@@ -43,6 +44,8 @@ def arm_configs(cfg: HackingDemoConfig) -> dict[str, HackingDemoConfig]:
 
 
 def hacking_demo(cfg: HackingDemoConfig) -> dict[str, Any]:
+    if distributed.world_size() > 1:
+        raise TetherError("hacking-demo runs in one process: launch it without accelerate launch")
     reward, judge = load_reward(cfg.reward, cfg.device), load_reward(cfg.judge, cfg.device)
     root = Path(cfg.out)
     if root.exists() and any(root.iterdir()):
