@@ -60,7 +60,7 @@ def test_two_processes_train_the_same_weights_and_rank0_alone_writes(
         "lr": 0.05,
         "target_kl": 0.5,
         "score_norm": True,
-        "judge_every": 0,
+        "judge_every": 3,  # guard probes at the start and after the last step, on both ranks
         "save_every": 2,
         "progress": False,
     }
@@ -94,6 +94,7 @@ def test_two_processes_train_the_same_weights_and_rank0_alone_writes(
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [0, 1, 2]
     assert (run / "final" / "adapter_model.safetensors").is_file()
+    assert (run / "guard.json").is_file() and (run / "guard" / "reference.jsonl").is_file()
     assert (run / "checkpoints" / "step-1" / "trainer_state.pt").is_file()
     assert not [p for p in run.rglob("*") if ".tmp" in p.name or ".old" in p.name]
     final = load_file(run / "final" / "adapter_model.safetensors")
