@@ -155,7 +155,7 @@ def test_generation_pass_gives_the_forward_logprobs_and_values(tiny_model):
     torch.manual_seed(0)
     rollout, gen, _ = policy.generate(PROMPTS, SamplingParams(max_new_tokens=10, temperature=0.7))
     with torch.no_grad():
-        fwd = policy(rollout)
+        fwd = policy(rollout, with_entropy=True)
     valid = rollout.valid_mask.bool()
     torch.testing.assert_close(gen.logprobs[valid], fwd.logprobs[valid], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(gen.values[valid], fwd.values[valid], atol=1e-4, rtol=1e-4)

@@ -12,8 +12,8 @@ from tether.trainer import (
     batch_indices,
     build_policy,
     make_experience,
-    reference_logprobs,
     ppo_update,
+    reference_logprobs,
     sampling_params,
     train,
 )

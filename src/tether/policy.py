@@ -51,12 +51,12 @@ class LoraSettings:
 
 @dataclass
 class PolicyOutput:
-    """Per response token, all (b, t): log-probs of the taken tokens, values (None when not
-    asked for), entropy of the full next-token distribution (no grad)."""
+    """Per response token, all (b, t): log-probs of the taken tokens, values and entropy of the
+    full next-token distribution (no grad), each None when not asked for."""
 
     logprobs: torch.Tensor
     values: torch.Tensor | None
-    entropy: torch.Tensor
+    entropy: torch.Tensor | None
 
 
 class _StepSampler(LogitsProcessor):
@@ -374,12 +374,19 @@ class Policy(torch.nn.Module):
     # ------------------------------------------------------------------------------------------
 
     def forward(
-        self, rollout: Rollout, with_values: bool = True, temperature: float | None = None
+        self,
+        rollout: Rollout,
+        with_values: bool = True,
+        temperature: float | None = None,
+        with_entropy: bool = False,
     ) -> PolicyOutput:
-        """Log-probs (and values) of the response tokens in one pass over prompt + response.
+        """Log-probs (and values, and entropy when asked) of the response tokens in one pass over
+        prompt + response.
 
-        Gradients flow when called under grad mode; entropy never carries one. `temperature`
-        overrides the sampling temperature (perplexity is measured at 1).
+        Gradients flow when called under grad mode; entropy never carries one, and is off by
+        default: PPO logs the rollout's entropy from the sampling pass, and another softmax over
+        (b, t, V) logits per pass costs time for nothing. `temperature` overrides the sampling
+        temperature (perplexity is measured at 1).
         """
         model = self._active_model
         self._hidden = None
@@ -414,10 +421,13 @@ class Policy(torch.nn.Module):
             )
             logits = out.logits[:, -(t + 1) : -1]
             hidden = self._hidden[:, -(t + 1) : -1] if self._hidden is not None else None
-        logits = logits.float() / (temperature or self.temperature)
+        temperature = temperature or self.temperature
+        logits = logits.float() if temperature == 1.0 else logits.float() / temperature
         logprobs = ppo.logprobs_from_logits(logits, rollout.response_ids)
-        with torch.no_grad():
-            entropy = ppo.entropy_from_logits(logits)
+        entropy = None
+        if with_entropy:
+            with torch.no_grad():
+                entropy = ppo.entropy_from_logits(logits)
         values = None
         if with_values:
             if hidden is None:
