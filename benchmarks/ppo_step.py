@@ -168,6 +168,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "phases": phases,
         "phase_gflop": {k: v / 1e9 for k, v in phase_flops.items()},
         "matmul_gflops": matmul_gflops(),
+        "gen_s": median("gen_seconds"),  # the key the peers report (compare_trl.py reads it)
         "gen_share": median("gen_seconds") / step_s,
         "samples_per_s": args.batch_size / step_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
