@@ -13,12 +13,13 @@ from tether.trainer import train
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_half_precision_base_trains_float32_adapter(dtype, tiny_t5, prompts_file, tmp_path):
-    vowels = tmp_path / "vowels.py"  # varies from the first batch on, so the first update is real
-    vowels.write_text("def f(p, c):\n    return [sum(x in 'aeiou' for x in s) for s in c]\n")
+def test_half_precision_base_trains_float32_adapter(
+    dtype, tiny_t5, prompts_file, scorers_file, tmp_path
+):
     cfg = TrainConfig(
         policy=str(tiny_t5),
-        reward=f"python:{vowels}:f",
+        # varies from the first batch on, so the first update is real
+        reward=f"python:{scorers_file}:vowels",
         prompts=f"jsonl:{prompts_file}",
         out=str(tmp_path / "run"),
         steps=2,
