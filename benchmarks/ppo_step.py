@@ -101,6 +101,7 @@ def run_one(args: argparse.Namespace) -> dict:
             batch_size=args.batch_size,
             mini_batch_size=args.mini_batch_size,
             ppo_epochs=args.ppo_epochs,
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
             max_new_tokens=args.max_new_tokens,
             min_new_tokens=args.max_new_tokens,
             lora_r=args.lora_r,
@@ -163,6 +164,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "policy": args.policy,
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
+        "gradient_accumulation_steps": args.gradient_accumulation_steps,
         "threads": torch.get_num_threads(),
         "step_s": step_s,
         "phases": phases,
@@ -271,6 +273,9 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--mini-batch-size", type=int, default=4)
     parser.add_argument("--ppo-epochs", type=int, default=1)
+    parser.add_argument(
+        "--gradient-accumulation-steps", type=int, default=1, help="micro-batches per mini-batch"
+    )
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--steps", type=int, default=5, help="including one warm-up step")
