@@ -111,11 +111,11 @@ def detox(
     t_start = time.perf_counter()
     check_tracker(cfg.report_to)
     distributed.check_supported(cfg)
-    reward = reward or load_reward(cfg.reward, cfg.device)
-    judge = judge or load_reward(cfg.judge, cfg.device)
+    reward = reward or load_reward(cfg.reward, cfg.device, **cfg.load_safety())
+    judge = judge or load_reward(cfg.judge, cfg.device, **cfg.load_safety())
     train_records = load_prompts(cfg.prompts, "train", cfg.heldout_fraction)
     setup = _setup(cfg, reward, judge)
-    setup.run.prepare(config_to_yaml(cfg), cfg.resume)
+    setup.run.prepare(config_to_yaml(cfg), cfg.resume, cfg.force)
     policy = build_policy(cfg)
     timing: dict[str, float] = {}
 
@@ -150,7 +150,11 @@ def detox(
 def evaluate_adapter(cfg: EvalConfig) -> DetoxResult:
     """Baseline (starting policy) and, with `cfg.trained`, that adapter on the same prompts."""
     t_start = time.perf_counter()
-    setup = _setup(cfg, load_reward(cfg.reward, cfg.device), load_reward(cfg.judge, cfg.device))
+    setup = _setup(
+        cfg,
+        load_reward(cfg.reward, cfg.device, **cfg.load_safety()),
+        load_reward(cfg.judge, cfg.device, **cfg.load_safety()),
+    )
     if cfg.trained is not None:
         cfg = _with_adapter_shape(cfg, Path(cfg.trained))
     setup.run.prepare_eval(config_to_yaml(cfg))
