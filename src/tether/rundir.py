@@ -86,17 +86,18 @@ def atomic_dir(target: Path, fill: Callable[[Path], None]) -> None:
         _fsync_dir(target.parent)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = _write_failure(e)
+        reason = _write_failure(e, target.parent)
         if reason is None:
             raise
         raise TetherError(f"cannot write {target}: {reason}") from None
 
 
-def _write_failure(e: BaseException) -> str | None:
+def _write_failure(e: BaseException, where: Path) -> str | None:
     """The one-line reason when `e` is a failed write, else None (a bug: let it propagate).
 
-    torch.save reports a full disk as RuntimeError("... file write failed"), safetensors as its
-    own error type; both keep the OSError (when there is one) as __cause__ or __context__.
+    Measured on a full tmpfs: safetensors raises SafetensorError("... No space left on device"),
+    torch.save a RuntimeError("[enforce fail at inline_container.cc:...] . unexpected pos ...")
+    that names no errno at all; both then get the free space appended.
     """
     if isinstance(e, OSError):
         return e.strerror or str(e)
@@ -106,9 +107,14 @@ def _write_failure(e: BaseException) -> str | None:
             return seen.strerror
         seen = seen.__cause__ or seen.__context__
     text = str(e)
-    if any(s in text for s in ("write failed", "No space left", "Read-only file system")):
-        return text.splitlines()[0] if text else type(e).__name__
-    return None
+    markers = ("No space left", "Read-only file system", "I/O error", "inline_container.cc")
+    if not any(m in text for m in markers):
+        return None
+    try:
+        free = f"; {shutil.disk_usage(where).free:,} bytes free there"
+    except OSError:
+        free = ""
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}{free}"
 
 
 def _fsync_tree(root: Path) -> None:

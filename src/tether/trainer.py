@@ -267,8 +267,8 @@ def ppo_update(
     into micro-batches, so gradient accumulation gives the same gradient as one big batch.
 
     Numeric guards: a mini-batch whose loss or gradient is not finite (NaN/inf logits end up in
-    both), or in which a response token's ratio new/old is beyond `cfg.max_importance_ratio`
-    either way, is skipped (no optimiser step) and counted; `skips` counts them in a row across
+    both), or whose mean per-token ratio new/old is beyond `cfg.max_importance_ratio` either way
+    (above it or below its inverse), is skipped (no optimiser step) and counted; `skips` counts them in a row across
     calls and raises TooManySkips at its limit.
     """
     n = len(exp.rollout)
@@ -314,8 +314,11 @@ def ppo_update(
                     break
                 with torch.no_grad():
                     log_ratio = out.logprobs - mu.old_logprobs
-                    # |log r| > log(max ratio) on any real token: r beyond max or below 1/max
-                    if bool(((log_ratio.abs() > max_log_ratio) & valid.bool()).any()):
+                    # E_old[r] = 1 for r = pi_new / pi_old on tokens sampled from pi_old: a mean
+                    # ratio far from 1 is a broken batch (one exploding token is enough), while
+                    # a few moderately large per-token ratios are PPO's clipping's business
+                    mean_ratio = ppo.masked_mean(torch.exp(log_ratio), valid)
+                    if abs(math.log(max(mean_ratio.item(), 1e-300))) > max_log_ratio:
                         bad = "ratio"
                         break
                 loss.backward()
