@@ -247,6 +247,24 @@ class RunDir:
         atomic_dir(target, fill)
         return target
 
+    def remove_stale_temps(self) -> list[Path]:
+        """Delete what killed writers left: `.NAME.tmp-PID` dirs/files and `.NAME.old-PID` dirs
+        (an old copy already replaced; every dir they could restore is rebuilt on resume).
+        Call before this process writes anything."""
+        stale = [
+            p
+            for parent in (self.root, self.root / CHECKPOINTS, self.root / "guard")
+            if parent.is_dir()
+            for p in parent.iterdir()
+            if p.name.startswith(".") and re.search(r"\.(tmp|old)-\d+$", p.name)
+        ]
+        for p in stale:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        return stale
+
     def latest_checkpoint(self) -> Path | None:
         """The highest complete step-N dir. Temp dirs start with '.' and never match; a step-N
         dir without its completion marker, or whose files differ from it, is skipped (warned)."""

@@ -616,6 +616,8 @@ def _weights_finite(policy: Policy) -> bool:
 
 def _restore(run: RunDir, policy: Policy, state: TrainState) -> int:
     """Load the last complete checkpoint; returns the step to continue from."""
+    if stale := run.remove_stale_temps():
+        warn(f"--resume: removed {len(stale)} unfinished temp file(s) of the interrupted run")
     ckpt = run.latest_checkpoint()
     if ckpt is None:
         warn(f"--resume: no complete checkpoint in {run.root}; starting from step 0")
