@@ -115,8 +115,9 @@ def detox(
     judge = judge or load_reward(cfg.judge, cfg.device, **cfg.load_safety())
     train_records = load_prompts(cfg.prompts, "train", cfg.heldout_fraction)
     setup = _setup(cfg, reward, judge)
+    setup.run.check(config_to_yaml(cfg), cfg.resume, cfg.force)
+    policy = build_policy(cfg)  # a model that does not load leaves no run directory behind
     setup.run.prepare(config_to_yaml(cfg), cfg.resume, cfg.force)
-    policy = build_policy(cfg)
     timing: dict[str, float] = {}
 
     # 1. baseline: the starting policy (adapter disabled), unless a resumed run already has it

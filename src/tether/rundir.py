@@ -155,6 +155,16 @@ class RunDir:
         names the options that differ) unless `force`: then it continues with the new config,
         which replaces config.yaml (each checkpoint keeps the config it was written with).
         """
+        self.check(config_yaml, resume, force)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TetherError(f"cannot create {self.root}: {e.strerror}") from None
+        atomic_write_text(self.root / CONFIG, config_yaml)
+
+    def check(self, config_yaml: str, resume: bool, force: bool = False) -> None:
+        """prepare()'s refusals without writing anything: callers run it before loading models,
+        so a mistake found later (a model path, a model type) leaves no directory behind."""
         if self.root.exists() and not self.root.is_dir():
             raise TetherError(f"--out {self.root} exists and is not a directory")
         has_run = self.metrics_path.exists() or (self.root / CHECKPOINTS).exists()
@@ -171,11 +181,6 @@ class RunDir:
                     f"({changed}); rerun with the same options, pass --force to continue with "
                     "the new ones, or pick a new --out"
                 )
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TetherError(f"cannot create {self.root}: {e.strerror}") from None
-        atomic_write_text(self.root / CONFIG, config_yaml)
 
     def prepare_eval(self, config_yaml: str) -> None:
         """An evaluation directory: never one that holds a training run."""

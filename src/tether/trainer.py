@@ -415,8 +415,10 @@ def train(
     if judge is None and cfg.judge:
         judge = load_reward(cfg.judge, cfg.device, **cfg.load_safety())
     if not prepared:
-        run.prepare(config_yaml, cfg.resume, cfg.force)
+        run.check(config_yaml, cfg.resume, cfg.force)  # before the model loads: fail fast
     policy = policy or build_policy(cfg)
+    if not prepared:  # ... and create the directory only once the model loaded
+        run.prepare(config_yaml, cfg.resume, cfg.force)
     sampling = sampling_params(cfg)
 
     state = TrainState.create(policy, cfg)
