@@ -139,3 +139,21 @@ def test_source_has_no_unsafe_loaders():
         if re.search(r"trust_remote_code\s*=\s*True", text):
             problems.append(f"{path.name}: trust_remote_code=True")
     assert not problems, problems
+
+
+def test_pickled_starting_adapter_is_refused_unless_allowed(tiny_llama, tmp_path):
+    from tether.config import TrainConfig
+    from tether.errors import TetherError
+    from tether.trainer import build_policy
+
+    adapter = tmp_path / "sft"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    (adapter / "adapter_model.bin").write_bytes(b"not even read")
+    cfg = TrainConfig(
+        policy=str(tiny_llama), reward="python:x.py:f", prompts="jsonl:p", out=str(tmp_path / "o")
+    )
+    with pytest.raises(TetherError, match="holds only adapter_model.bin"):
+        build_policy(TrainConfig(**{**cfg.__dict__, "adapter": str(adapter)}))
+    with pytest.raises(TetherError, match="holds no adapter_model.safetensors"):
+        build_policy(cfg).load_trainable(adapter)

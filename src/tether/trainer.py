@@ -153,6 +153,17 @@ def warn(msg: str) -> None:
 
 def build_policy(cfg: TrainConfig) -> Policy:
     """The configured policy; seeded, because LoRA's A matrices are drawn at build time."""
+    if (
+        cfg.adapter
+        and not cfg.allow_bin_weights
+        and (Path(cfg.adapter) / "adapter_model.bin").is_file()
+        and not (Path(cfg.adapter) / "adapter_model.safetensors").is_file()
+    ):
+        raise TetherError(
+            f"--adapter {cfg.adapter} holds only adapter_model.bin (a pickle); tether reads "
+            "safetensors only by default: pass --allow-bin-weights to read it with "
+            "torch.load(weights_only=True)"
+        )
     torch.manual_seed(cfg.seed)
     loaded = load_model(
         cfg.policy, dtype=cfg.dtype, device=resolve_device(cfg.device), **cfg.load_safety()
