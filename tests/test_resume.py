@@ -303,3 +303,64 @@ def test_a_real_full_disk(tiny_llama, prompts_file, reward_file, tmp_path, capsy
         assert load_trainer_state(out / "checkpoints" / "step-1")["step"] == 1
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_detox_kill_9_then_resume_matches_uninterrupted_run(tiny_llama, scorers_file, tmp_path):
+    """`tether detox` killed during PPO, then `--resume`: the baseline is kept, PPO continues
+    from the checkpoint, and the aligned evaluation and metrics equal an uninterrupted run's."""
+    prompts = tmp_path / "prompts.jsonl"
+    words = ["hello there", "how are you", "the cat sat", "a bad day", "rain again", "see you"]
+    prompts.write_text(
+        "".join(json.dumps({"prompt": f"{w} {i}"}) + "\n" for i in range(6) for w in words)
+    )
+
+    def argv(out):
+        return [
+            "detox",
+            *("--policy", str(tiny_llama), "--prompts", f"jsonl:{prompts}"),
+            *(
+                "--reward",
+                f"python:{scorers_file}:vowels",
+                "--judge",
+                f"python:{scorers_file}:spaces",
+            ),
+            *("--out", str(out), "--steps", "8", "--save-every", "2", "--judge-every", "4"),
+            *("--batch-size", "4", "--mini-batch-size", "2", "--max-new-tokens", "6"),
+            *("--eval-prompts", "6", "--eval-batch-size", "6", "--probe-prompts", "2"),
+            *("--lora-r", "4", "--no-similarity", "--no-progress"),
+        ]
+
+    env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"}
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "tether.cli"]
+    proc = subprocess.Popen(
+        [*cmd, *argv(killed)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 240
+    while not ((killed / "checkpoints" / "step-1" / COMPLETE).exists() and _n_rows(killed) >= 3):
+        assert proc.poll() is None, proc.communicate()
+        assert time.monotonic() < deadline, "no progress within 240 s"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, "the run finished before the kill"
+    baseline = (killed / "eval" / "baseline.jsonl").read_text()
+    done = subprocess.run(
+        [*cmd, *argv(killed), "--resume"], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    assert (killed / "eval" / "baseline.jsonl").read_text() == baseline  # reused, not redone
+    full = tmp_path / "full"
+    done = subprocess.run([*cmd, *argv(full)], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert [r["step"] for r in _rows(killed)] == list(range(8))
+    for a, b in zip(_rows(full), _rows(killed), strict=True):
+        _close(a, b)
+    aligned = [json.loads(x) for x in (killed / "eval" / "aligned.jsonl").read_text().splitlines()]
+    want = [json.loads(x) for x in (full / "eval" / "aligned.jsonl").read_text().splitlines()]
+    assert [r["completion"] for r in aligned] == [r["completion"] for r in want]
+    from safetensors.torch import load_file
+
+    a, b = (load_file(d / "final" / "adapter_model.safetensors") for d in (killed, full))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)

@@ -263,6 +263,9 @@ def _by_length(rollout: Rollout, idx: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+_SKIP_CAUSES = ("gradient", "loss", "ratio")  # why a mini-batch is skipped; 0 = no local cause
+
+
 def ppo_update(
     policy: Policy,
     optimizer: torch.optim.Optimizer,
@@ -279,12 +282,13 @@ def ppo_update(
 
     Numeric guards: a mini-batch whose loss or gradient is not finite (NaN/inf logits end up in
     both), or whose mean per-token ratio new/old is beyond `cfg.max_importance_ratio` either way
-    (above it or below its inverse), is skipped (no optimiser step) and counted; `skips` counts them in a row across
-    calls and raises TooManySkips at its limit.
+    (above it or below its inverse), is skipped (no optimiser step) and counted; `skips` counts
+    them in a row across calls and raises TooManySkips at its limit.
     """
     n = len(exp.rollout)
     micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
     params = policy.trainable_parameters()
+    n_procs = distributed.world_size()
     max_log_ratio = (
         math.log(cfg.max_importance_ratio) if cfg.max_importance_ratio is not None else math.inf
     )
@@ -320,18 +324,22 @@ def ppo_update(
                 pg_loss = ppo.masked_sum(pg, valid) / n_valid
                 vf_loss = ppo.masked_sum(vf, valid) / n_valid
                 loss = pg_loss + cfg.vf_coef * vf_loss
-                if not torch.isfinite(loss):
-                    bad = "loss"
-                    break
                 with torch.no_grad():
                     log_ratio = out.logprobs - mu.old_logprobs
                     # E_old[r] = 1 for r = pi_new / pi_old on tokens sampled from pi_old: a mean
                     # ratio far from 1 is a broken batch (one exploding token is enough), while
                     # a few moderately large per-token ratios are PPO's clipping's business
-                    mean_ratio = ppo.masked_mean(torch.exp(log_ratio), valid)
-                    if abs(math.log(max(mean_ratio.item(), 1e-300))) > max_log_ratio:
-                        bad = "ratio"
+                    mean_ratio = ppo.masked_mean(torch.exp(log_ratio), valid).item()
+                if bad is None and not torch.isfinite(loss):
+                    bad = "loss"
+                elif bad is None and abs(math.log(max(mean_ratio, 1e-300))) > max_log_ratio:
+                    bad = "ratio"
+                if bad is not None:
+                    if n_procs == 1:
                         break
+                    # the other processes wait for this one in the gradient all-reduce: go on,
+                    # with a NaN loss, so every process sees a non-finite gradient and skips too
+                    loss = loss * math.nan
                 loss.backward()
                 with torch.no_grad():
                     mb_stats["policy_loss"] += pg_loss.item()
@@ -346,13 +354,19 @@ def ppo_update(
                     mb_stats["approx_kl"] += (
                         ppo.masked_sum(0.5 * log_ratio**2, valid) / n_valid
                     ).item()
-            if bad is None:
-                # the norm is inf/NaN as soon as one gradient entry is (cheap: LoRA + value head)
+            if bad is None or n_procs > 1:
+                # the norm is inf/NaN as soon as one gradient entry is (cheap: LoRA + value head);
+                # gradients are averaged over processes, so all of them decide alike here
                 grad_norm = torch.nn.utils.clip_grad_norm_(
                     params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
                 )
                 if not torch.isfinite(grad_norm):
-                    bad = "gradient"
+                    bad = bad or "gradient"
+            if bad is not None and n_procs > 1:
+                # every process got here (the gradients are averaged, NaN on all): name the
+                # cause the first process saw, so the counts agree on every rank
+                codes = distributed.gather_ints([_SKIP_CAUSES.index(bad)])
+                bad = _SKIP_CAUSES[next((c for c in codes if c != 0), 0)]
             if bad is not None:
                 optimizer.zero_grad(set_to_none=True)
                 skipped["ratio" if bad == "ratio" else "nonfinite"] += 1
