@@ -364,3 +364,22 @@ def test_detox_kill_9_then_resume_matches_uninterrupted_run(tiny_llama, scorers_
     a, b = (load_file(d / "final" / "adapter_model.safetensors") for d in (killed, full))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5)
+
+
+def test_resume_falls_back_past_a_checkpoint_that_does_not_load(
+    tiny_llama, prompts_file, reward_file, tmp_path, capsys
+):
+    """step-1 (the newest) is complete on disk (marker and sizes agree) but its trainer state is
+    garbage: --resume warns, continues from step-0, and the run still ends with every step once."""
+    out = tmp_path / "run"
+    argv = ["train", *_argv(tiny_llama, prompts_file, reward_file, out, 4), "--no-progress"]
+    argv += ["--judge-every", "0", "--save-every", "1", "--steps", "3"]
+    assert main(argv) == 0
+    state = out / "checkpoints" / "step-1" / "trainer_state.pt"
+    state.write_bytes(b"\0" * state.stat().st_size)  # same size: the marker cannot tell
+    capsys.readouterr()
+    assert main([*argv[:-1], "4", "--resume"]) == 0
+    err = capsys.readouterr().err
+    assert "cannot load" in err and "step-1" in err and "resumed from" in err
+    assert f"{out / 'checkpoints' / 'step-0'} (step 0)" in err
+    assert [r["step"] for r in _rows(out)] == [0, 1, 2, 3]

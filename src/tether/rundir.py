@@ -18,7 +18,7 @@ import random
 import re
 import shutil
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -273,9 +273,13 @@ class RunDir:
     def latest_checkpoint(self) -> Path | None:
         """The highest complete step-N dir. Temp dirs start with '.' and never match; a step-N
         dir without its completion marker, or whose files differ from it, is skipped (warned)."""
+        return next(self.complete_checkpoints(), None)
+
+    def complete_checkpoints(self) -> Iterator[Path]:
+        """Complete step-N dirs, newest first (incomplete ones are warned about and skipped)."""
         ckpt_root = self.root / CHECKPOINTS
         if not ckpt_root.is_dir():
-            return None
+            return
         steps = sorted(
             ((int(m.group(1)), p) for p in ckpt_root.iterdir() if (m := _STEP_DIR.match(p.name))),
             reverse=True,
@@ -283,9 +287,9 @@ class RunDir:
         for _step, path in steps:
             problem = checkpoint_problem(path)
             if problem is None:
-                return path
-            print(f"warning: ignoring {path}: {problem}", file=sys.stderr)
-        return None
+                yield path
+            else:
+                print(f"warning: ignoring {path}: {problem}", file=sys.stderr)
 
     def save_final(self, save_weights: Callable[[Path], None], config_yaml: str) -> Path:
         def fill(tmp: Path) -> None:

@@ -645,13 +645,24 @@ def _restore(run: RunDir, policy: Policy, state: TrainState) -> int:
     """Load the last complete checkpoint; returns the step to continue from."""
     if stale := run.remove_stale_temps():
         warn(f"--resume: removed {len(stale)} unfinished temp file(s) of the interrupted run")
-    ckpt = run.latest_checkpoint()
-    if ckpt is None:
+    unreadable = []
+    for ckpt in run.complete_checkpoints():
+        try:  # the weights of an older checkpoint replace whatever a failed load left behind
+            saved = load_trainer_state(ckpt)
+            policy.load_trainable(ckpt)
+            break
+        except Exception as e:  # complete on disk yet unreadable (bit rot, a foreign write)
+            unreadable.append(ckpt)
+            warn(f"--resume: cannot load {ckpt} ({type(e).__name__}: {e}); trying an older one")
+    else:
+        if unreadable:  # the policy may hold half of one of them: do not train on from there
+            raise TetherError(
+                f"--resume: none of the {len(unreadable)} checkpoint(s) in {run.root} loads; "
+                "start over in a new --out"
+            )
         warn(f"--resume: no complete checkpoint in {run.root}; starting from step 0")
         run.truncate_metrics(-1)
         return 0
-    saved = load_trainer_state(ckpt)
-    policy.load_trainable(ckpt)
     state.load_state_dict(saved)
     set_rng_state(saved["rng"])
     run.truncate_metrics(saved["step"])
