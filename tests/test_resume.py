@@ -383,3 +383,18 @@ def test_resume_falls_back_past_a_checkpoint_that_does_not_load(
     assert "cannot load" in err and "step-1" in err and "resumed from" in err
     assert f"{out / 'checkpoints' / 'step-0'} (step 0)" in err
     assert [r["step"] for r in _rows(out)] == [0, 1, 2, 3]
+
+
+def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
+    """A kill in the middle of appending a row leaves half a line; resume truncation keeps the
+    rows up to the checkpoint and drops the torn one."""
+    run = RunDir(tmp_path)
+    for step in range(3):
+        run.append_metrics({"step": step, "reward_mean": 0.5})
+    with run.metrics_path.open("a") as f:
+        f.write('{"step": 3, "rewa')
+    assert [r["step"] for r in run.read_metrics()] == [0, 1, 2]
+    run.truncate_metrics(1)
+    assert run.metrics_path.read_text().splitlines() == [
+        json.dumps({"step": s, "reward_mean": 0.5}) for s in (0, 1)
+    ]

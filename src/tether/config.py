@@ -147,7 +147,7 @@ class TrainConfig:
     max_importance_ratio: float | None = _opt(
         10.0,
         "skip a mini-batch whose mean per-token PPO ratio new/old (1 in expectation) exceeds "
-        "this or falls below its inverse (counted as skipped_ratio; unset = no check)",
+        "this or falls below its inverse (counted as skipped_ratio; null in YAML: no check)",
     )
     max_consecutive_skips: int = _opt(
         8,
