@@ -398,3 +398,14 @@ def test_a_torn_metrics_line_is_dropped_on_resume(tmp_path):
     assert run.metrics_path.read_text().splitlines() == [
         json.dumps({"step": s, "reward_mean": 0.5}) for s in (0, 1)
     ]
+
+
+def test_config_changes_names_options_and_ignores_newer_ones():
+    from tether.rundir import config_changes
+
+    old = "lr: 0.001\nsteps: 10\nresume: false\n"
+    assert config_changes(old, "lr: 0.001\nsteps: 20\nresume: true\nforce: true\n") == ""
+    assert config_changes(old, "lr: 0.002\nsteps: 10\n") == "lr 0.001 -> 0.002"
+    # an option tether gained after the old run was written is not a change
+    assert config_changes(old, "lr: 0.001\nsteps: 10\nmax_importance_ratio: 10.0\n") == ""
+    assert config_changes("{oops", "lr: 1\n") == "the old config.yaml is not valid YAML"

@@ -355,7 +355,8 @@ _RESUME_FREE = ("resume", "force", "progress", "steps", "report_to")
 
 def config_changes(old_yaml: str, new_yaml: str) -> str:
     """'' when two config.yaml texts agree (up to the options above), else the differing options
-    as 'name old -> new, ...'."""
+    as 'name old -> new, ...'. config.yaml always holds every option, so a key only in `new_yaml`
+    is an option added to tether after the old run was written, and is not counted."""
     new = yaml.safe_load(new_yaml) or {}
     try:
         old = yaml.safe_load(old_yaml) or {}
@@ -363,7 +364,8 @@ def config_changes(old_yaml: str, new_yaml: str) -> str:
         return "the old config.yaml is not valid YAML"
     if not isinstance(old, dict):
         return "the old config.yaml is not a mapping"
-    keys = [k for k in dict.fromkeys([*old, *new]) if k not in _RESUME_FREE]
+    # an option missing from the old file did not exist in the tether that wrote it: not a change
+    keys = [k for k in old if k not in _RESUME_FREE]
     return ", ".join(
         f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
         for k in keys
