@@ -490,6 +490,9 @@ def train(
         row = distributed.mean_row(row)
         t_guard = time.perf_counter()
         action = distributed.from_main(guard.after_step(step, row, last=step == cfg.steps - 1))
+        # every process probes on its own, and float noise (measured: the 8th digit of the probe
+        # KL) can tell them apart; rank 0's verdict and numbers are the run's, on every rank
+        row["guard"] = distributed.from_main(row["guard"])
         row["guard_seconds"] = time.perf_counter() - t_guard  # this process's own
         for flag in row["guard"]["flags"]:
             warn(f"step {step}: guard flag {flag['flag']}: {flag['message']}")
