@@ -246,18 +246,31 @@ def test_enospc_from_the_os_names_the_path(tmp_path, monkeypatch):
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-1"]
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
 def test_read_only_out_dir_is_one_line(tiny_llama, prompts_file, reward_file, tmp_path, capsys):
+    """chmod 0o555 for a normal user; root ignores permissions, so as root a read-only tmpfs
+    is mounted instead (skipped when neither is possible)."""
     out = tmp_path / "ro"
     out.mkdir()
-    out.chmod(0o555)
+    mounted = False
+    if os.geteuid() == 0:
+        cmd = ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(out)]
+        if subprocess.run(cmd, capture_output=True).returncode:
+            pytest.skip("running as root and cannot mount a read-only tmpfs")
+        mounted = True
+    else:
+        out.chmod(0o555)
     try:
         argv = ["train", *_argv(tiny_llama, prompts_file, reward_file, out, 1), "--no-progress"]
         assert main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
-        assert len(err) == 1 and str(out) in err[0] and "Permission denied" in err[0], err
+        assert len(err) == 1 and err[0].startswith("error: cannot write "), err
+        assert str(out) in err[0], err
+        assert "Permission denied" in err[0] or "Read-only file system" in err[0], err
     finally:
-        out.chmod(0o755)
+        if mounted:
+            subprocess.run(["umount", str(out)], check=False)
+        else:
+            out.chmod(0o755)
 
 
 def test_a_real_full_disk(tiny_llama, prompts_file, reward_file, tmp_path, capsys):

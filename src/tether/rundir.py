@@ -11,6 +11,7 @@ dir is removed and the previous checkpoint is left as it was.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import os
@@ -47,7 +48,8 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only filesystem even this fails (EROFS)
+            tmp.unlink(missing_ok=True)
         raise TetherError(f"cannot write {path}: {e.strerror}") from None
 
 
