@@ -422,3 +422,22 @@ def test_config_changes_names_options_and_ignores_newer_ones():
     # an option tether gained after the old run was written is not a change
     assert config_changes(old, "lr: 0.001\nsteps: 10\nmax_importance_ratio: 10.0\n") == ""
     assert config_changes("{oops", "lr: 1\n") == "the old config.yaml is not valid YAML"
+
+
+def test_a_full_disk_anywhere_in_the_run_is_one_line(
+    tiny_llama, prompts_file, reward_file, tmp_path, capsys, monkeypatch
+):
+    """Past the run directory's own writers (here: creating guard/ for the probes)."""
+    real = Path.mkdir
+
+    def mkdir(self, *a, **kw):
+        if self.name == "guard":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self))
+        return real(self, *a, **kw)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    out = tmp_path / "run"
+    argv = ["train", *_argv(tiny_llama, prompts_file, reward_file, out, 2), "--no-progress"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: cannot write {out / 'guard'}: No space left on device"], err
