@@ -28,3 +28,10 @@ def test_controller_state_round_trip_and_factory():
     d.load_state_dict(c.state_dict())
     assert d.value == c.value
     assert isinstance(make_kl_controller(0.05, None, 1000), FixedKLController)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_adaptive_controller_ignores_a_non_finite_kl(bad):
+    c = AdaptiveKLController(0.1, target=6.0, horizon=10_000)
+    assert c.update(bad, 256) == 0.1
+    assert c.update(9.0, 256) == pytest.approx(0.1 * 1.00512)  # and still works afterwards

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
 import sys
 from pathlib import Path
 from typing import Any, NoReturn
@@ -19,6 +20,8 @@ from tether.config import (
     field_type,
 )
 from tether.errors import TetherError
+
+_FILESYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO}
 
 
 class _Parser(argparse.ArgumentParser):
@@ -182,6 +185,13 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except TetherError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        # a full disk or a read-only directory met outside the run directory's own writers
+        # (which say more): still one line naming the path, never a traceback
+        if e.errno not in _FILESYSTEM_ERRNOS:
+            raise
+        print(f"error: cannot write {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted: the run directory keeps its last complete checkpoint", file=sys.stderr)

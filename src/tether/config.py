@@ -141,6 +141,29 @@ class TrainConfig:
     dtype: Literal["float32", "bfloat16", "float16"] = _opt("float32", "model weight dtype")
     device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
     resume: bool = _opt(False, "continue from the last complete checkpoint in --out")
+    force: bool = _opt(
+        False, "with --resume: continue even though --out was written with a different config"
+    )
+    max_importance_ratio: float | None = _opt(
+        10.0,
+        "skip a mini-batch whose mean per-token PPO ratio new/old (1 in expectation) exceeds "
+        "this or falls below its inverse (counted as skipped_ratio; null in YAML: no check)",
+    )
+    max_consecutive_skips: int = _opt(
+        8,
+        "stop with an error after this many mini-batches in a row were skipped (non-finite "
+        "loss/gradients or extreme ratios); the last complete checkpoint is kept",
+    )
+    trust_remote_code: bool = _opt(
+        False,
+        "let transformers run Python code shipped with a model or reward model (auto_map); "
+        "off: such a model is refused",
+    )
+    allow_bin_weights: bool = _opt(
+        False,
+        "also read pickle-based PyTorch .bin weights (with torch.load(weights_only=True)); "
+        "off: safetensors only",
+    )
     progress: bool = _opt(True, "show a progress bar")
     report_to: Literal["none", "tensorboard", "wandb", "mlflow"] = _opt(
         "none",
@@ -150,6 +173,13 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+
+    def load_safety(self) -> dict[str, bool]:
+        """The model-loading switches, as keyword arguments of load_model / load_reward."""
+        return {
+            "trust_remote_code": self.trust_remote_code,
+            "allow_bin_weights": self.allow_bin_weights,
+        }
 
     def validate(self) -> None:
         """Check values that the types cannot; messages show the offending values."""
@@ -204,6 +234,12 @@ class TrainConfig:
             raise TetherError(f"kl_budget must be > 0, got {self.kl_budget}")
         if not 0 < self.heldout_fraction < 1:
             raise TetherError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.max_importance_ratio is not None and self.max_importance_ratio <= 1:
+            raise TetherError(f"max_importance_ratio must be > 1, got {self.max_importance_ratio}")
+        if self.max_consecutive_skips < 1:
+            raise TetherError(
+                f"max_consecutive_skips must be >= 1, got {self.max_consecutive_skips}"
+            )
         if self.judge is not None and self.judge == self.reward:
             raise TetherError(
                 f"--judge {self.judge} is also the --reward: the gold judge must be independent"

@@ -111,12 +111,13 @@ def detox(
     t_start = time.perf_counter()
     check_tracker(cfg.report_to)
     distributed.check_supported(cfg)
-    reward = reward or load_reward(cfg.reward, cfg.device)
-    judge = judge or load_reward(cfg.judge, cfg.device)
+    reward = reward or load_reward(cfg.reward, cfg.device, **cfg.load_safety())
+    judge = judge or load_reward(cfg.judge, cfg.device, **cfg.load_safety())
     train_records = load_prompts(cfg.prompts, "train", cfg.heldout_fraction)
     setup = _setup(cfg, reward, judge)
-    setup.run.prepare(config_to_yaml(cfg), cfg.resume)
-    policy = build_policy(cfg)
+    setup.run.check(config_to_yaml(cfg), cfg.resume, cfg.force)
+    policy = build_policy(cfg)  # a model that does not load leaves no run directory behind
+    setup.run.prepare(config_to_yaml(cfg), cfg.resume, cfg.force)
     timing: dict[str, float] = {}
 
     # 1. baseline: the starting policy (adapter disabled), unless a resumed run already has it
@@ -150,7 +151,11 @@ def detox(
 def evaluate_adapter(cfg: EvalConfig) -> DetoxResult:
     """Baseline (starting policy) and, with `cfg.trained`, that adapter on the same prompts."""
     t_start = time.perf_counter()
-    setup = _setup(cfg, load_reward(cfg.reward, cfg.device), load_reward(cfg.judge, cfg.device))
+    setup = _setup(
+        cfg,
+        load_reward(cfg.reward, cfg.device, **cfg.load_safety()),
+        load_reward(cfg.judge, cfg.device, **cfg.load_safety()),
+    )
     if cfg.trained is not None:
         cfg = _with_adapter_shape(cfg, Path(cfg.trained))
     setup.run.prepare_eval(config_to_yaml(cfg))

@@ -120,6 +120,13 @@ def _all_gather(values: list[float]) -> list[float]:
     return torch.cat(out).tolist()
 
 
+def gather_ints(values: list[int]) -> list[int]:
+    """Every process's `values` (equal lengths), in rank order; all processes must call it."""
+    if world_size() == 1:
+        return list(values)
+    return [int(v) for v in _all_gather([float(v) for v in values])]
+
+
 class SyncedKLController:
     """A KL controller fed the mean KL of all processes, counted over all their samples."""
 

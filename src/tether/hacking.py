@@ -46,7 +46,10 @@ def arm_configs(cfg: HackingDemoConfig) -> dict[str, HackingDemoConfig]:
 def hacking_demo(cfg: HackingDemoConfig) -> dict[str, Any]:
     if distributed.world_size() > 1:
         raise TetherError("hacking-demo runs in one process: launch it without accelerate launch")
-    reward, judge = load_reward(cfg.reward, cfg.device), load_reward(cfg.judge, cfg.device)
+    reward, judge = (
+        load_reward(cfg.reward, cfg.device, **cfg.load_safety()),
+        load_reward(cfg.judge, cfg.device, **cfg.load_safety()),
+    )
     root = Path(cfg.out)
     if root.exists() and any(root.iterdir()):
         raise TetherError(f"--out {root} is not empty; pick a new dir for the demo")

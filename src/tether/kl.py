@@ -7,6 +7,7 @@ whose scales differ.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 
@@ -40,7 +41,12 @@ class AdaptiveKLController:
     horizon: int = 10_000
 
     def update(self, current_kl: float, n_steps: int) -> float:
-        """Move beta toward the value that would give `target` KL; returns the new beta."""
+        """Move beta toward the value that would give `target` KL; returns the new beta.
+
+        A non-finite KL (a batch whose log-probs overflowed; its update is skipped too) leaves
+        beta as it is: one bad batch must not poison the leash for the rest of the run."""
+        if not math.isfinite(current_kl):
+            return self.value
         # e_t = clip(KL_t / KL_target - 1, -0.2, 0.2)
         proportional_error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
         # beta_{t+1} = beta_t * (1 + K_beta * e_t), with K_beta = n_steps / horizon

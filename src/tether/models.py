@@ -142,15 +142,27 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def load_config(path: str, spec: str, role: str) -> Any:
+def load_config(path: str, spec: str, role: str, trust_remote_code: bool = False) -> Any:
     """The Hugging Face config at `path` (a local dir or a hub id), or one line saying how to
-    provide it: without the network a hub id only loads from a local copy."""
+    provide it: without the network a hub id only loads from a local copy. A model that ships
+    its own Python code (`auto_map`) is refused unless `trust_remote_code`."""
     local = Path(path).exists()
     if not local and (path.startswith((".", "/", "~")) or path.count("/") > 1):
         raise TetherError(f"{role} path does not exist: {spec}")
     try:
-        return AutoConfig.from_pretrained(path)
-    except (OSError, ValueError) as e:
+        return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "trust_remote_code" in str(e):
+            raise TetherError(
+                f"{role} {spec!r} ships its own Python code (auto_map in its config.json), which "
+                "tether does not run by default; read it, then pass --trust-remote-code if you "
+                "trust it"
+            ) from None
+        if "does not recognize this architecture" in str(e) or "Unrecognized model" in str(e):
+            raise TetherError(
+                f"cannot load {role} {spec!r}: unknown model type ({first})"
+            ) from None
         where = (
             "the local directory has no usable config.json"
             if local
@@ -160,26 +172,37 @@ def load_config(path: str, spec: str, role: str) -> Any:
                 "--local-dir DIR`, and pass DIR instead)"
             )
         )
-        raise TetherError(
-            f"cannot load {role} {spec!r}: {where} ({str(e).splitlines()[0]})"
-        ) from None
+        raise TetherError(f"cannot load {role} {spec!r}: {where} ({first})") from None
 
 
 def load_model(
-    spec: str, dtype: str = "float32", device: str | torch.device = "cpu", _rebuilt: bool = False
+    spec: str,
+    dtype: str = "float32",
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+    allow_bin_weights: bool = False,
+    _rebuilt: bool = False,
 ) -> LoadedModel:
     """Load a causal or seq2seq LM and its tokenizer; the architecture decides which.
 
+    Safe by default: weights from safetensors files only (`allow_bin_weights` also reads a
+    pickle-based .bin, through transformers' torch.load(weights_only=True)), and no Python code
+    shipped with the model runs unless `trust_remote_code`.
     Raises TetherError (not OSError) for anything the user can fix: a missing path, no network
     for a hub id, an architecture that is neither causal nor seq2seq.
     """
     path = resolve_model_path(spec)
-    config = load_config(path, spec, "model")
+    config = load_config(path, spec, "model", trust_remote_code)
     is_enc_dec = bool(getattr(config, "is_encoder_decoder", False))
     auto = AutoModelForSeq2SeqLM if is_enc_dec else AutoModelForCausalLM
     try:
-        model = auto.from_pretrained(path, dtype=_dtype(dtype))
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = auto.from_pretrained(
+            path,
+            dtype=_dtype(dtype),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=None if allow_bin_weights else True,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except Exception as e:
         if spec != SMOLLM2 or _rebuilt:
             raise _load_error(spec, config, is_enc_dec, e) from None
@@ -194,7 +217,7 @@ def load_model(
             raise TetherError(
                 f"the model cache {path} is unreadable and cannot be removed: {err.strerror}"
             ) from None
-        return load_model(spec, dtype, device, _rebuilt=True)
+        return load_model(spec, dtype, device, trust_remote_code, allow_bin_weights, _rebuilt=True)
     if tokenizer.pad_token_id is None:
         # Padding is always masked out, so any id will do; eos is the usual choice.
         tokenizer.pad_token = tokenizer.eos_token
@@ -212,5 +235,10 @@ def _load_error(spec: str, config: Any, is_enc_dec: bool, e: Exception) -> Excep
             f"that transformers can load: {first}"
         )
     if isinstance(e, OSError):
+        if "safetensors" in str(e) or ".bin" in str(e):
+            first += (
+                " (tether reads safetensors weights only by default; --allow-bin-weights also "
+                "reads a .bin with torch.load(weights_only=True))"
+            )
         return TetherError(f"cannot load model {spec!r}: {first}")
     return e

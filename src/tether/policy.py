@@ -459,8 +459,11 @@ class Policy(torch.nn.Module):
         self.value_head.bias.zero_()
 
     def load_trainable(self, directory: str | Path) -> None:
-        """Restore adapter and value head saved by `save` (resume, evaluation)."""
+        """Restore adapter and value head saved by `save` (resume, evaluation); safetensors
+        only, as `save` writes them (never a pickled adapter_model.bin)."""
         directory = Path(directory)
+        if not (directory / "adapter_model.safetensors").is_file():
+            raise TetherError(f"{directory} holds no adapter_model.safetensors (tether's format)")
         set_peft_model_state_dict(
             self.model, load_peft_weights(str(directory), device=str(self.device))
         )

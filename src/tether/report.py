@@ -19,7 +19,7 @@ import yaml
 from tether.errors import TetherError
 from tether.evaluate import ROUGE_KEYS, compare
 from tether.guard import run_summary
-from tether.rundir import read_jsonl
+from tether.rundir import atomic_write_text, read_jsonl
 
 EVAL_DIR = "eval"
 RUN_INFO = "run_info.json"
@@ -89,8 +89,8 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
     """Write report.json and report.html into the run directory; returns the report."""
     run_dir = Path(run_dir)
     report = build_report(run_dir)
-    (run_dir / "report.json").write_text(json.dumps(report, indent=2))
-    (run_dir / "report.html").write_text(_html(run_dir, report), encoding="utf-8")
+    atomic_write_text(run_dir / "report.json", json.dumps(report, indent=2))
+    atomic_write_text(run_dir / "report.html", _html(run_dir, report))
     return report
 
 

@@ -1,22 +1,30 @@
 """The run directory: config.yaml, metrics.jsonl, checkpoints/step-N/, final/.
 
-Every directory is written beside its target and renamed into place, so a crash leaves either
-the previous complete checkpoint or the new one, never half of one. metrics.jsonl is appended a
-line at a time and fsynced, and on resume rows after the restored step are dropped.
+Every directory is written beside its target, fsynced and renamed into place, so a crash (or a
+`kill -9`, or a power cut) leaves either the previous complete checkpoint or the new one, never
+half of one; a checkpoint also carries a completion marker listing its files and sizes, and one
+without it (or whose files do not match it) is never resumed from. metrics.jsonl is appended a
+line at a time and fsynced, and on resume rows after the restored step are dropped. A failed
+write (full disk, read-only directory) is one TetherError naming the path; the half-built temp
+dir is removed and the previous checkpoint is left as it was.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
 import re
 import shutil
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from tether.errors import TetherError
 
@@ -25,7 +33,9 @@ FINAL = "final"
 METRICS = "metrics.jsonl"
 CONFIG = "config.yaml"
 TRAINER_STATE = "trainer_state.pt"
+COMPLETE = "tether-complete.json"  # a checkpoint's last file: {file name: size in bytes}
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -38,7 +48,8 @@ def atomic_write_text(path: Path, text: str) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # on a read-only filesystem even this fails (EROFS)
+            tmp.unlink(missing_ok=True)
         raise TetherError(f"cannot write {path}: {e.strerror}") from None
 
 
@@ -57,12 +68,15 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 def atomic_dir(target: Path, fill: Callable[[Path], None]) -> None:
-    """Build a directory with `fill(tmp)` and rename it to `target`, replacing an old one."""
+    """Build a directory with `fill(tmp)`, fsync it and rename it to `target`, replacing an old
+    one. Any failure to write (OSError, or the RuntimeError torch/safetensors turn ENOSPC into)
+    is one TetherError naming `target`; `target` is untouched then."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir(parents=True)
         fill(tmp)
+        _fsync_tree(tmp)
         if target.exists():
             # rename the old one away first: a crash in between leaves it recoverable by name
             old = target.with_name(f".{target.name}.old-{os.getpid()}")
@@ -71,9 +85,59 @@ def atomic_dir(target: Path, fill: Callable[[Path], None]) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-    except OSError as e:
+        _fsync_dir(target.parent)
+    except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise TetherError(f"cannot write {target}: {e.strerror or e}") from None
+        reason = _write_failure(e, target.parent)
+        if reason is None:
+            raise
+        raise TetherError(f"cannot write {target}: {reason}") from None
+
+
+def _write_failure(e: BaseException, where: Path) -> str | None:
+    """The one-line reason when `e` is a failed write, else None (a bug: let it propagate).
+
+    Measured on a full tmpfs: safetensors raises SafetensorError("... No space left on device"),
+    torch.save a RuntimeError("[enforce fail at inline_container.cc:...] . unexpected pos ...")
+    that names no errno at all; both then get the free space appended.
+    """
+    if isinstance(e, OSError):
+        return e.strerror or str(e)
+    seen = e.__cause__ or e.__context__
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno in _WRITE_ERRNOS:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    text = str(e)
+    markers = ("No space left", "Read-only file system", "I/O error", "inline_container.cc")
+    if not any(m in text for m in markers):
+        return None
+    try:
+        free = f"; {shutil.disk_usage(where).free:,} bytes free there"
+    except OSError:
+        free = ""
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}{free}"
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file under `root` (and the dirs) to disk before the rename publishes them:
+    without it a power cut can leave a renamed directory of empty files."""
+    for dirpath, _dirnames, filenames in os.walk(root):
+        for name in filenames:
+            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(Path(dirpath))
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class RunDir:
@@ -86,8 +150,23 @@ class RunDir:
     def metrics_path(self) -> Path:
         return self.root / METRICS
 
-    def prepare(self, config_yaml: str, resume: bool) -> None:
-        """Create the directory; refuse to mix a new run into an old one; write config.yaml."""
+    def prepare(self, config_yaml: str, resume: bool, force: bool = False) -> None:
+        """Create the directory; refuse to mix a new run into an old one; write config.yaml.
+
+        `--resume` into a directory written with a different config is refused (the message
+        names the options that differ) unless `force`: then it continues with the new config,
+        which replaces config.yaml (each checkpoint keeps the config it was written with).
+        """
+        self.check(config_yaml, resume, force)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TetherError(f"cannot create {self.root}: {e.strerror}") from None
+        atomic_write_text(self.root / CONFIG, config_yaml)
+
+    def check(self, config_yaml: str, resume: bool, force: bool = False) -> None:
+        """prepare()'s refusals without writing anything: callers run it before loading models,
+        so a mistake found later (a model path, a model type) leaves no directory behind."""
         if self.root.exists() and not self.root.is_dir():
             raise TetherError(f"--out {self.root} exists and is not a directory")
         has_run = self.metrics_path.exists() or (self.root / CHECKPOINTS).exists()
@@ -97,16 +176,13 @@ class RunDir:
             )
         if resume and (self.root / CONFIG).exists():
             old = (self.root / CONFIG).read_text(encoding="utf-8")
-            if _without_resume(old) != _without_resume(config_yaml):
+            changed = config_changes(old, config_yaml)
+            if changed and not force:
                 raise TetherError(
-                    f"--resume: {self.root / CONFIG} was written with a different config; "
-                    "rerun with the same options or pick a new --out"
+                    f"--resume: {self.root / CONFIG} was written with a different config "
+                    f"({changed}); rerun with the same options, pass --force to continue with "
+                    "the new ones, or pick a new --out"
                 )
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise TetherError(f"cannot create {self.root}: {e.strerror}") from None
-        atomic_write_text(self.root / CONFIG, config_yaml)
 
     def prepare_eval(self, config_yaml: str) -> None:
         """An evaluation directory: never one that holds a training run."""
@@ -155,30 +231,67 @@ class RunDir:
         save_weights: Callable[[Path], None],
         state: dict[str, Any],
         config_yaml: str,
+        extra_dirs: dict[str, Path] | None = None,
     ) -> Path:
-        """checkpoints/step-N: weights (safetensors, via `save_weights`), trainer_state.pt and
-        the config that produced them."""
+        """checkpoints/step-N: weights (safetensors, via `save_weights`), trainer_state.pt, the
+        config that produced them, copies of `extra_dirs` (name -> an existing dir, e.g. the
+        guard's best/) and, last, the completion marker."""
 
         def fill(tmp: Path) -> None:
             save_weights(tmp)
             torch.save({**state, "step": step, "rng": rng_state()}, tmp / TRAINER_STATE)
             (tmp / CONFIG).write_text(config_yaml, encoding="utf-8")
+            for name, src in (extra_dirs or {}).items():
+                if src.is_dir():
+                    shutil.copytree(src, tmp / name)
+            write_marker(tmp)
 
         target = self.root / CHECKPOINTS / f"step-{step}"
-        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise TetherError(f"cannot create {target.parent}: {e.strerror}") from None
         atomic_dir(target, fill)
         return target
 
+    def remove_stale_temps(self) -> list[Path]:
+        """Delete what killed writers left: `.NAME.tmp-PID` dirs/files and `.NAME.old-PID` dirs
+        (an old copy already replaced; every dir they could restore is rebuilt on resume).
+        Call before this process writes anything."""
+        stale = [
+            p
+            for parent in (self.root, self.root / CHECKPOINTS, self.root / "guard")
+            if parent.is_dir()
+            for p in parent.iterdir()
+            if p.name.startswith(".") and re.search(r"\.(tmp|old)-\d+$", p.name)
+        ]
+        for p in stale:
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        return stale
+
     def latest_checkpoint(self) -> Path | None:
-        """The highest complete step-N dir; temp dirs start with '.' and never match."""
+        """The highest complete step-N dir. Temp dirs start with '.' and never match; a step-N
+        dir without its completion marker, or whose files differ from it, is skipped (warned)."""
+        return next(self.complete_checkpoints(), None)
+
+    def complete_checkpoints(self) -> Iterator[Path]:
+        """Complete step-N dirs, newest first (incomplete ones are warned about and skipped)."""
         ckpt_root = self.root / CHECKPOINTS
         if not ckpt_root.is_dir():
-            return None
-        steps = [
-            (int(m.group(1)), p) for p in ckpt_root.iterdir() if (m := _STEP_DIR.match(p.name))
-        ]
-        steps = [(s, p) for s, p in steps if (p / TRAINER_STATE).is_file()]
-        return max(steps)[1] if steps else None
+            return
+        steps = sorted(
+            ((int(m.group(1)), p) for p in ckpt_root.iterdir() if (m := _STEP_DIR.match(p.name))),
+            reverse=True,
+        )
+        for _step, path in steps:
+            problem = checkpoint_problem(path)
+            if problem is None:
+                yield path
+            else:
+                print(f"warning: ignoring {path}: {problem}", file=sys.stderr)
 
     def save_final(self, save_weights: Callable[[Path], None], config_yaml: str) -> Path:
         def fill(tmp: Path) -> None:
@@ -187,6 +300,36 @@ class RunDir:
 
         atomic_dir(self.root / FINAL, fill)
         return self.root / FINAL
+
+
+def write_marker(directory: Path) -> None:
+    """The completion marker: every file under `directory` with its size, written last."""
+    files = {
+        str(p.relative_to(directory)): p.stat().st_size
+        for p in sorted(directory.rglob("*"))
+        if p.is_file()
+    }
+    (directory / COMPLETE).write_text(json.dumps({"files": files}), encoding="utf-8")
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why `directory` is not a complete checkpoint, or None when it is."""
+    try:
+        files = json.loads((directory / COMPLETE).read_text(encoding="utf-8"))["files"]
+    except FileNotFoundError:
+        return f"no {COMPLETE} (an unfinished checkpoint)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return f"unreadable {COMPLETE}"
+    if TRAINER_STATE not in files:
+        return f"{TRAINER_STATE} is not listed in {COMPLETE}"
+    for name, size in files.items():
+        try:
+            actual = (directory / name).stat().st_size
+        except OSError:
+            return f"{name} is missing"
+        if actual != size:
+            return f"{name} has {actual} bytes, {COMPLETE} says {size}"
+    return None
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
@@ -208,10 +351,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _without_resume(config_yaml: str) -> str:
-    """Config text minus the options that may differ between a run and its resumption."""
-    return "\n".join(
-        line
-        for line in config_yaml.splitlines()
-        if not line.startswith(("resume:", "progress:", "steps:", "report_to:"))
+# options that may differ between a run and its resumption without changing what it computes
+_RESUME_FREE = ("resume", "force", "progress", "steps", "report_to")
+
+
+def config_changes(old_yaml: str, new_yaml: str) -> str:
+    """'' when two config.yaml texts agree (up to the options above), else the differing options
+    as 'name old -> new, ...'. config.yaml always holds every option, so a key only in `new_yaml`
+    is an option added to tether after the old run was written, and is not counted."""
+    new = yaml.safe_load(new_yaml) or {}
+    try:
+        old = yaml.safe_load(old_yaml) or {}
+    except yaml.YAMLError:
+        return "the old config.yaml is not valid YAML"
+    if not isinstance(old, dict):
+        return "the old config.yaml is not a mapping"
+    # an option missing from the old file did not exist in the tether that wrote it: not a change
+    keys = [k for k in old if k not in _RESUME_FREE]
+    return ", ".join(
+        f"{k} {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}"
+        for k in keys
+        if old.get(k) != new.get(k)
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -24,13 +25,19 @@ from tether import distributed, ppo
 from tether.config import TrainConfig, config_to_yaml
 from tether.data import PromptRecord, load_prompts
 from tether.errors import TetherError
-from tether.guard import GUARD_JSON, Guard, GuardSettings
+from tether.guard import BEST, GUARD_JSON, Guard, GuardSettings
 from tether.kl import KLController, make_kl_controller
 from tether.models import load_model, resolve_device
 from tether.policy import LoraSettings, Policy, PolicyOutput
 from tether.rewards import RewardModel, checked_scores, load_reward
 from tether.rollout import Experience, Rollout, SamplingParams
-from tether.rundir import RunDir, atomic_write_text, load_trainer_state, set_rng_state
+from tether.rundir import (
+    RunDir,
+    atomic_dir,
+    atomic_write_text,
+    load_trainer_state,
+    set_rng_state,
+)
 from tether.tracking import Tracker, check_tracker
 
 Monitor = Callable[[list[str], list[str]], list[float]]  # (prompts, completions) -> values
@@ -69,6 +76,27 @@ class RunningMoments:
         )
 
 
+class TooManySkips(Exception):
+    """`max_consecutive_skips` mini-batches in a row were skipped; the trainer turns this into
+    a TetherError naming the step and the last complete checkpoint."""
+
+
+@dataclass
+class SkipCounter:
+    """Mini-batches skipped in a row, across steps (any optimiser step resets it)."""
+
+    limit: int
+    in_a_row: int = 0
+
+    def skipped(self, reason: str) -> None:
+        self.in_a_row += 1
+        if self.in_a_row >= self.limit:
+            raise TooManySkips(reason)
+
+    def stepped(self) -> None:
+        self.in_a_row = 0
+
+
 @dataclass
 class TrainState:
     """Everything besides the weights that a resumed run needs to continue bit for bit."""
@@ -77,6 +105,7 @@ class TrainState:
     scheduler: Any
     kl_ctl: KLController
     score_moments: RunningMoments
+    skips: SkipCounter
 
     @classmethod
     def create(cls, policy: Policy, cfg: TrainConfig) -> TrainState:
@@ -88,7 +117,9 @@ class TrainState:
             cfg.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=total_updates
         )
         kl_ctl = make_kl_controller(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
-        return cls(optimizer, scheduler, kl_ctl, RunningMoments())
+        return cls(
+            optimizer, scheduler, kl_ctl, RunningMoments(), SkipCounter(cfg.max_consecutive_skips)
+        )
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -96,6 +127,7 @@ class TrainState:
             "scheduler": self.scheduler.state_dict(),
             "kl_controller": self.kl_ctl.state_dict(),
             "score_moments": self.score_moments.state_dict(),
+            "skips_in_a_row": self.skips.in_a_row,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -103,6 +135,7 @@ class TrainState:
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.score_moments.load_state_dict(state["score_moments"])
+        self.skips.in_a_row = int(state.get("skips_in_a_row", 0))
 
 
 @dataclass
@@ -120,8 +153,21 @@ def warn(msg: str) -> None:
 
 def build_policy(cfg: TrainConfig) -> Policy:
     """The configured policy; seeded, because LoRA's A matrices are drawn at build time."""
+    if (
+        cfg.adapter
+        and not cfg.allow_bin_weights
+        and (Path(cfg.adapter) / "adapter_model.bin").is_file()
+        and not (Path(cfg.adapter) / "adapter_model.safetensors").is_file()
+    ):
+        raise TetherError(
+            f"--adapter {cfg.adapter} holds only adapter_model.bin (a pickle); tether reads "
+            "safetensors only by default: pass --allow-bin-weights to read it with "
+            "torch.load(weights_only=True)"
+        )
     torch.manual_seed(cfg.seed)
-    loaded = load_model(cfg.policy, dtype=cfg.dtype, device=resolve_device(cfg.device))
+    loaded = load_model(
+        cfg.policy, dtype=cfg.dtype, device=resolve_device(cfg.device), **cfg.load_safety()
+    )
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
     return Policy(
         loaded,
@@ -217,6 +263,9 @@ def _by_length(rollout: Rollout, idx: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------
 
 
+_SKIP_CAUSES = ("gradient", "loss", "ratio")  # why a mini-batch is skipped; 0 = no local cause
+
+
 def ppo_update(
     policy: Policy,
     optimizer: torch.optim.Optimizer,
@@ -224,15 +273,25 @@ def ppo_update(
     exp: Experience,
     cfg: TrainConfig,
     generator: torch.Generator,
+    skips: SkipCounter | None = None,
 ) -> dict[str, float]:
     """Epochs x shuffled mini-batches of clipped policy + value updates.
 
     The loss of a mini-batch is a token mean over the whole mini-batch even when it is split
     into micro-batches, so gradient accumulation gives the same gradient as one big batch.
+
+    Numeric guards: a mini-batch whose loss or gradient is not finite (NaN/inf logits end up in
+    both), or whose mean per-token ratio new/old is beyond `cfg.max_importance_ratio` either way
+    (above it or below its inverse), is skipped (no optimiser step) and counted; `skips` counts
+    them in a row across calls and raises TooManySkips at its limit.
     """
     n = len(exp.rollout)
     micro = cfg.mini_batch_size // cfg.gradient_accumulation_steps
     params = policy.trainable_parameters()
+    n_procs = distributed.world_size()
+    max_log_ratio = (
+        math.log(cfg.max_importance_ratio) if cfg.max_importance_ratio is not None else math.inf
+    )
     sums = {
         "policy_loss": 0.0,
         "value_loss": 0.0,
@@ -240,7 +299,8 @@ def ppo_update(
         "approx_kl": 0.0,
         "vf_clipfrac": 0.0,
     }
-    n_minibatches, n_skipped, epochs_run, early_stopped = 0, 0, 0, False
+    n_minibatches, epochs_run, early_stopped = 0, 0, False
+    skipped = {"nonfinite": 0, "ratio": 0}
     for _epoch in range(cfg.ppo_epochs):
         epochs_run += 1
         for mb_idx in torch.randperm(n, generator=generator).split(cfg.mini_batch_size):
@@ -248,7 +308,7 @@ def ppo_update(
             n_valid = mb.rollout.valid_mask.sum().clamp(min=1)
             optimizer.zero_grad(set_to_none=True)
             mb_stats = {k: 0.0 for k in sums}
-            finite = True
+            bad = None  # why this mini-batch is skipped: "loss", "ratio" or "gradient"
             # micro-batches of similar length pad less; the loss is a sum, so order is free
             for micro_idx in _by_length(mb.rollout, torch.arange(len(mb_idx))).split(micro):
                 mu = mb.select(micro_idx)
@@ -264,12 +324,24 @@ def ppo_update(
                 pg_loss = ppo.masked_sum(pg, valid) / n_valid
                 vf_loss = ppo.masked_sum(vf, valid) / n_valid
                 loss = pg_loss + cfg.vf_coef * vf_loss
-                if not torch.isfinite(loss):
-                    finite = False
-                    break
-                loss.backward()
                 with torch.no_grad():
                     log_ratio = out.logprobs - mu.old_logprobs
+                    # E_old[r] = 1 for r = pi_new / pi_old on tokens sampled from pi_old: a mean
+                    # ratio far from 1 is a broken batch (one exploding token is enough), while
+                    # a few moderately large per-token ratios are PPO's clipping's business
+                    mean_ratio = ppo.masked_mean(torch.exp(log_ratio), valid).item()
+                if bad is None and not torch.isfinite(loss):
+                    bad = "loss"
+                elif bad is None and abs(math.log(max(mean_ratio, 1e-300))) > max_log_ratio:
+                    bad = "ratio"
+                if bad is not None:
+                    if n_procs == 1:
+                        break
+                    # the other processes wait for this one in the gradient all-reduce: go on,
+                    # with a NaN loss, so every process sees a non-finite gradient and skips too
+                    loss = loss * math.nan
+                loss.backward()
+                with torch.no_grad():
                     mb_stats["policy_loss"] += pg_loss.item()
                     mb_stats["value_loss"] += vf_loss.item()
                     mb_stats["clipfrac"] += (
@@ -282,18 +354,35 @@ def ppo_update(
                     mb_stats["approx_kl"] += (
                         ppo.masked_sum(0.5 * log_ratio**2, valid) / n_valid
                     ).item()
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-            )
-            if not finite or not torch.isfinite(grad_norm):
-                optimizer.zero_grad(set_to_none=True)
-                n_skipped += 1
-                warn(
-                    f"skipped a mini-batch with a non-finite {'loss' if not finite else 'gradient'}"
+            if bad is None or n_procs > 1:
+                # the norm is inf/NaN as soon as one gradient entry is (cheap: LoRA + value head);
+                # gradients are averaged over processes, so all of them decide alike here
+                grad_norm = torch.nn.utils.clip_grad_norm_(
+                    params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
                 )
+                if not torch.isfinite(grad_norm):
+                    bad = bad or "gradient"
+            if bad is not None and n_procs > 1:
+                # every process got here (the gradients are averaged, NaN on all): name the
+                # cause the first process saw, so the counts agree on every rank
+                codes = distributed.gather_ints([_SKIP_CAUSES.index(bad)])
+                bad = _SKIP_CAUSES[next((c for c in codes if c != 0), 0)]
+            if bad is not None:
+                optimizer.zero_grad(set_to_none=True)
+                skipped["ratio" if bad == "ratio" else "nonfinite"] += 1
+                reason = (
+                    f"an importance ratio beyond {cfg.max_importance_ratio:g}"
+                    if bad == "ratio"
+                    else f"a non-finite {bad}"
+                )
+                warn(f"skipped a mini-batch with {reason}")
+                if skips is not None:
+                    skips.skipped(reason)
                 continue
             optimizer.step()
             scheduler.step()
+            if skips is not None:
+                skips.stepped()
             n_minibatches += 1
             for k in sums:
                 sums[k] += mb_stats[k]
@@ -304,7 +393,11 @@ def ppo_update(
             break
     stats = {k: v / max(n_minibatches, 1) for k, v in sums.items()}
     stats.update(
-        skipped_minibatches=n_skipped, ppo_epochs_run=epochs_run, early_stopped=early_stopped
+        skipped_minibatches=skipped["nonfinite"] + skipped["ratio"],
+        skipped_nonfinite=skipped["nonfinite"],
+        skipped_ratio=skipped["ratio"],
+        ppo_epochs_run=epochs_run,
+        early_stopped=early_stopped,
     )
     return stats
 
@@ -343,12 +436,14 @@ def train(
     records = records or load_prompts(cfg.prompts, split, cfg.heldout_fraction)
     records = _shard(records)
     probe_records = _probe_records(cfg) if probing else []
-    reward = reward or load_reward(cfg.reward, cfg.device)
+    reward = reward or load_reward(cfg.reward, cfg.device, **cfg.load_safety())
     if judge is None and cfg.judge:
-        judge = load_reward(cfg.judge, cfg.device)
+        judge = load_reward(cfg.judge, cfg.device, **cfg.load_safety())
     if not prepared:
-        run.prepare(config_yaml, cfg.resume)
+        run.check(config_yaml, cfg.resume, cfg.force)  # before the model loads: fail fast
     policy = policy or build_policy(cfg)
+    if not prepared:  # ... and create the directory only once the model loaded
+        run.prepare(config_yaml, cfg.resume, cfg.force)
     sampling = sampling_params(cfg)
 
     state = TrainState.create(policy, cfg)
@@ -382,10 +477,22 @@ def train(
     )
     action, n_flags, step = None, 0, start_step - 1
     for step in bar:
-        row = ppo_step(policy, reward, state, records, sampling, cfg, step, monitors)
+        try:
+            row = ppo_step(policy, reward, state, records, sampling, cfg, step, monitors)
+        except TooManySkips as e:
+            last = run.latest_checkpoint()
+            raise TetherError(
+                f"step {step}: {cfg.max_consecutive_skips} mini-batches in a row skipped (the "
+                f"last for {e}); stopped. Last complete checkpoint: "
+                f"{last or 'none (no checkpoint was written yet)'}; lower --lr or fix the input, "
+                "then --resume"
+            ) from None
         row = distributed.mean_row(row)
         t_guard = time.perf_counter()
         action = distributed.from_main(guard.after_step(step, row, last=step == cfg.steps - 1))
+        # every process probes on its own, and float noise (measured: the 8th digit of the probe
+        # KL) can tell them apart; rank 0's verdict and numbers are the run's, on every rank
+        row["guard"] = distributed.from_main(row["guard"])
         row["guard_seconds"] = time.perf_counter() - t_guard  # this process's own
         for flag in row["guard"]["flags"]:
             warn(f"step {step}: guard flag {flag['flag']}: {flag['message']}")
@@ -402,7 +509,17 @@ def train(
         if action:
             break
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
-            run.save_checkpoint(step, policy.save, state.state_dict(), config_yaml)
+            if _weights_finite(policy):
+                # best/ travels with the checkpoint: a resumed run starts from the same best
+                run.save_checkpoint(
+                    step,
+                    policy.save,
+                    state.state_dict(),
+                    config_yaml,
+                    extra_dirs={BEST: run.root / BEST},
+                )
+            else:
+                warn(f"step {step}: non-finite adapter weights; checkpoint not written")
     bar.close()
     tracker.close()
     run.save_final(policy.save, config_yaml)  # final/ is always the last step that ran
@@ -477,7 +594,7 @@ def ppo_step(
     t_adv = time.perf_counter()
     # 6. update
     gen = torch.Generator().manual_seed(step_seed(cfg.seed, step))
-    stats = ppo_update(policy, state.optimizer, state.scheduler, exp, cfg, gen)
+    stats = ppo_update(policy, state.optimizer, state.scheduler, exp, cfg, gen, state.skips)
     t_update = time.perf_counter()
     # 7. KL control, on the mean per-sequence KL of this batch
     valid = rollout.valid_mask
@@ -507,6 +624,8 @@ def ppo_step(
         "non_score_reward_mean": ppo.masked_sum(-kl_coef * exp.kl, valid, dim=1).mean().item(),
         "response_len_mean": valid.sum(-1).float().mean().item(),
         "skipped_minibatches": stats["skipped_minibatches"],
+        "skipped_nonfinite": stats["skipped_nonfinite"],
+        "skipped_ratio": stats["skipped_ratio"],
         "ppo_epochs_run": stats["ppo_epochs_run"],
         "lr": state.scheduler.get_last_lr()[0],
         "truncated_prompts": n_truncated,
@@ -520,17 +639,42 @@ def ppo_step(
     }
 
 
+def _weights_finite(policy: Policy) -> bool:
+    """No NaN/inf in the adapter or value head (cheap: only the trainable parameters)."""
+    return all(bool(torch.isfinite(p).all()) for p in policy.trainable_parameters())
+
+
 def _restore(run: RunDir, policy: Policy, state: TrainState) -> int:
     """Load the last complete checkpoint; returns the step to continue from."""
-    ckpt = run.latest_checkpoint()
-    if ckpt is None:
+    if stale := run.remove_stale_temps():
+        warn(f"--resume: removed {len(stale)} unfinished temp file(s) of the interrupted run")
+    unreadable = []
+    for ckpt in run.complete_checkpoints():
+        try:  # the weights of an older checkpoint replace whatever a failed load left behind
+            saved = load_trainer_state(ckpt)
+            policy.load_trainable(ckpt)
+            break
+        except Exception as e:  # complete on disk yet unreadable (bit rot, a foreign write)
+            unreadable.append(ckpt)
+            warn(f"--resume: cannot load {ckpt} ({type(e).__name__}: {e}); trying an older one")
+    else:
+        if unreadable:  # the policy may hold half of one of them: do not train on from there
+            raise TetherError(
+                f"--resume: none of the {len(unreadable)} checkpoint(s) in {run.root} loads; "
+                "start over in a new --out"
+            )
         warn(f"--resume: no complete checkpoint in {run.root}; starting from step 0")
         run.truncate_metrics(-1)
         return 0
-    saved = load_trainer_state(ckpt)
-    policy.load_trainable(ckpt)
     state.load_state_dict(saved)
     set_rng_state(saved["rng"])
     run.truncate_metrics(saved["step"])
+    # the guard's best/ as it was at that step (guard.start reads it); none then, none now
+    if (ckpt / BEST).is_dir():
+        atomic_dir(
+            run.root / BEST, lambda tmp: shutil.copytree(ckpt / BEST, tmp, dirs_exist_ok=True)
+        )
+    else:
+        shutil.rmtree(run.root / BEST, ignore_errors=True)
     tqdm.write(f"resumed from {ckpt} (step {saved['step']})", file=sys.stderr)
     return saved["step"] + 1

@@ -27,10 +27,17 @@ class RewardModel(Protocol):
     def score(self, prompts: list[str], completions: list[str]) -> list[float]: ...
 
 
-def load_reward(spec: str, device: str = "cpu") -> RewardModel:
+def load_reward(
+    spec: str,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+    allow_bin_weights: bool = False,
+) -> RewardModel:
     """Parse a reward spec into a RewardModel; unknown kinds name the ones that exist.
 
     `device` (cpu, cuda, cuda:N, auto) is where a neural classifier runs: the policy's device.
+    `trust_remote_code` / `allow_bin_weights`: as for the policy (models.load_model); off, an
+    hf: classifier loads from safetensors and runs no code shipped with it.
     """
     kind, _, rest = spec.partition(":")
     if kind == "python" and rest:
@@ -41,7 +48,14 @@ def load_reward(spec: str, device: str = "cpu") -> RewardModel:
         from tether.rewards.hf import HFClassifierReward, parse_hf_spec
 
         model, label, mode = parse_hf_spec(rest)
-        return HFClassifierReward(model, label, mode, device=device)
+        return HFClassifierReward(
+            model,
+            label,
+            mode,
+            device=device,
+            trust_remote_code=trust_remote_code,
+            allow_bin_weights=allow_bin_weights,
+        )
     name, _, mode = spec.partition("@")
     if name == "profanity" and not rest:
         from tether.rewards.profanity import ProfanityReward

@@ -63,6 +63,8 @@ class HFClassifierReward:
         device: str | torch.device = "cpu",
         batch_size: int = 32,
         max_tokens: int | None = None,
+        trust_remote_code: bool = False,
+        allow_bin_weights: bool = False,
     ) -> None:
         if mode not in MODES:
             raise TetherError(f"hf reward mode {mode!r} unknown; expected one of {MODES}")
@@ -70,7 +72,7 @@ class HFClassifierReward:
         self.mode = mode
         self.batch_size = batch_size
         self.device = resolve_device(device) if isinstance(device, str) else device
-        config = load_config(model, model, "reward model")
+        config = load_config(model, model, "reward model", trust_remote_code)
         labels = {int(i): str(name) for i, name in (config.id2label or {}).items()}
         if label is None:
             if config.num_labels != 1:
@@ -92,8 +94,15 @@ class HFClassifierReward:
             config.num_labels == 1 or config.problem_type == "multi_label_classification"
         )
         try:
-            self.tokenizer = AutoTokenizer.from_pretrained(model)
-            self.model = AutoModelForSequenceClassification.from_pretrained(model)
+            self.tokenizer = AutoTokenizer.from_pretrained(
+                model, trust_remote_code=trust_remote_code
+            )
+            # safetensors only unless allowed: a .bin is a pickle (read with weights_only=True)
+            self.model = AutoModelForSequenceClassification.from_pretrained(
+                model,
+                trust_remote_code=trust_remote_code,
+                use_safetensors=None if allow_bin_weights else True,
+            )
         except (OSError, ValueError) as e:
             raise TetherError(
                 f"cannot load reward model {model!r} as a sequence classifier: "
