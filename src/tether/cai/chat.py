@@ -14,9 +14,12 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import LogitsProcessorList
 
 from tether.errors import TetherError
 from tether.models import LoadedModel
+from tether.policy import _StepSampler
+from tether.rollout import SamplingParams
 
 Message = dict[str, str]  # {"role": "user" | "assistant", "content": ...}
 
@@ -29,6 +32,9 @@ class ChatModel:
         self.tokenizer = loaded.tokenizer
         self.is_encoder_decoder = loaded.is_encoder_decoder
         self.use_template = not self.is_encoder_decoder and bool(self.tokenizer.chat_template)
+        eos = self.model.generation_config.eos_token_id
+        eos = self.tokenizer.eos_token_id if eos is None else eos
+        self.eos_token_ids: list[int] = [eos] if isinstance(eos, int) else list(eos)
 
     @property
     def device(self) -> torch.device:
@@ -76,13 +82,20 @@ class ChatModel:
         ):
             torch.manual_seed(seed * 1_000_003 + i)
             enc = self._encode(chunk)
+            # tether's own sampler (inverse CDF, one uniform per row) and, on CPU, a static
+            # cache: what makes the policy's rollouts fast (see policy._StepSampler)
+            sampler = _StepSampler(
+                SamplingParams(max_new_tokens, 0, temperature), temperature, self.eos_token_ids
+            )
             seq = self.model.generate(
                 **enc,
-                do_sample=True,
-                temperature=temperature,
-                top_k=0,
+                do_sample=False,  # greedy over the sampler's one-hot scores = its draw
                 max_new_tokens=max_new_tokens,
                 pad_token_id=self.tokenizer.pad_token_id,
+                eos_token_id=self.eos_token_ids,
+                logits_processor=LogitsProcessorList([sampler]),
+                cache_implementation="static" if self.device.type == "cpu" else None,
+                disable_compile=True,
             )
             new = seq if self.is_encoder_decoder else seq[:, enc["input_ids"].shape[1] :]
             out.extend(
