@@ -50,7 +50,7 @@ class RewardModelResult:
     n_heldout: int
     heldout_accuracy_before: float | None  # None: no held-out pair with a clear preference
     heldout_accuracy: float | None
-    train_accuracy: float
+    train_accuracy: float | None
     losses: list[float]  # mean loss per epoch
 
 
@@ -74,9 +74,13 @@ def read_pairs(path: str) -> list[Pair]:
 
 
 def split_pairs(pairs: list[Pair], heldout_fraction: float) -> tuple[list[Pair], list[Pair]]:
-    """(train, held-out), by a hash of the prompt: every pair of one prompt lands on one side."""
-    heldout = [p for p in pairs if text_bucket(p.prompt) < heldout_fraction]
-    train = [p for p in pairs if text_bucket(p.prompt) >= heldout_fraction]
+    """(train, held-out), by a hash of the prompt: every pair of one prompt lands on one side.
+
+    The hash is salted: prompt sources split by the unsalted `text_bucket` too (red-team prompts
+    for CAI), and pairs made from one side of that split would otherwise all land in train."""
+    bucket = {p.prompt: text_bucket("pairs:" + p.prompt) for p in pairs}
+    heldout = [p for p in pairs if bucket[p.prompt] < heldout_fraction]
+    train = [p for p in pairs if bucket[p.prompt] >= heldout_fraction]
     if not train:
         raise TetherError(
             f"all {len(pairs)} pairs fell into the held-out split ({heldout_fraction:.0%}); "
@@ -164,7 +168,7 @@ def train_reward_model(cfg: RewardModelConfig) -> RewardModelResult:
         len(heldout),
         acc_before,
         pairwise_accuracy(model, tokenizer, heldout, cfg.max_length),
-        pairwise_accuracy(model, tokenizer, train_pairs, cfg.max_length) or 0.0,
+        pairwise_accuracy(model, tokenizer, train_pairs, cfg.max_length),
         losses,
     )
     info = {
