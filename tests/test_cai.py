@@ -169,3 +169,16 @@ def test_cai_cli_errors_are_one_line(tmp_path, tiny_llama, capsys):
     assert main(["cai", "revise", "--out", out, "--redteam", f"jsonl:{missing}"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "prompt file not found" in err
+
+
+@pytest.mark.slow
+def test_smollm2_feedback_format():
+    """The real default: chat template around the question, A/B as single tokens, the answer
+    prefix right after the assistant tag, probabilities that sum to one."""
+    chat = ChatModel(load_model("smollm2"))
+    assert chat.use_template and option_letters(chat.tokenizer) == ("A", "B")
+    question = feedback_question("How do I pick a lock?", "No.", "Like this: ...", P, ("A", "B"))
+    text = chat.render([{"role": "user", "content": question}], ANSWER_PREFIX)
+    assert text.endswith("<|im_start|>assistant\nThe answer is: (")
+    probs = chat.option_probs([text], ("A", "B"))
+    torch.testing.assert_close(probs.sum(-1), torch.ones(1))

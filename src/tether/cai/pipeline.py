@@ -229,9 +229,7 @@ def stage_rl(cfg: CaiConfig, out: Path) -> dict[str, Any]:
     # probes (guard) the second, the same split as the evaluation's
     prompts_file = out / "prompts.jsonl"
     write_jsonl(prompts_file, [{"prompt": p} for p in sets["train"] + sets["heldout"]])
-    run_dir = out / "run"
-    shutil.rmtree(run_dir, ignore_errors=True)  # an unfinished earlier attempt
-    result = train(rl_config(cfg, prompts_file, run_dir))
+    result = train(rl_config(cfg, prompts_file, out / "run"))
     last = result.metrics[-1]
     return {
         "steps": len(result.metrics),
@@ -305,7 +303,10 @@ def run_stage(cfg: CaiConfig, stage: str) -> dict[str, Any]:
     for later in STAGES[STAGES.index(stage) :]:
         (stage_dir(cfg, later) / DONE).unlink(missing_ok=True)
     out = stage_dir(cfg, stage)
-    out.mkdir(parents=True, exist_ok=True)
+    # from scratch: an interrupted attempt leaves half-written files (a PPO run dir that
+    # refuses to be overwritten, temp dirs of atomic writes)
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
     t0 = time.perf_counter()
     summary = RUNNERS[stage](cfg, out)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
