@@ -171,8 +171,10 @@ def train_reward_model(cfg: RewardModelConfig) -> RewardModelResult:
         pairwise_accuracy(model, tokenizer, train_pairs, cfg.max_length),
         losses,
     )
+    # a local base is recorded as an absolute path: pm:DIR must load from any working directory
+    base_dir = Path(cfg.base)
     info = {
-        "base": cfg.base,
+        "base": str(base_dir.resolve()) if base_dir.is_dir() else cfg.base,
         "max_length": cfg.max_length,
         "n_train": result.n_train,
         "n_heldout": result.n_heldout,
