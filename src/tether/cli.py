@@ -11,9 +11,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tether.config import (
+    CaiConfig,
     DetoxConfig,
     EvalConfig,
     HackingDemoConfig,
+    RewardModelConfig,
     TrainConfig,
     build_config,
     closest_key,
@@ -88,6 +90,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="the same PPO job without and with the KL leash, guard on both, side-by-side report",
     )
     _add_config_options(demo, HackingDemoConfig)
+    train_rm = sub.add_parser(
+        "train-rm",
+        help="train a preference (reward) model from chosen/rejected pairs; use it as pm:DIR",
+    )
+    _add_config_options(train_rm, RewardModelConfig)
+    cai = sub.add_parser(
+        "cai", help="Constitutional AI (RLAIF): critique/revise, SL-CAI, AI feedback, PM, PPO"
+    )
+    stages = cai.add_subparsers(dest="stage", required=True, parser_class=_Parser)
+    for name, text in (
+        ("revise", "stage 1: answer red-team prompts, critique and revise under principles"),
+        ("sft", "stage 2: SL-CAI, LoRA fine-tuning on the final revisions"),
+        ("feedback", "stage 3: AI feedback, soft preference labels on pairs of SL-CAI answers"),
+        ("train-pm", "stage 4: preference model on the AI-labelled pairs"),
+        ("rl", "stage 5: RL-CAI, PPO against the preference model, leashed to SL-CAI"),
+        ("eval", "stage 6: base vs SL-CAI vs RL-CAI, report.json + report.html"),
+        ("run", "every stage in order, skipping finished ones, then the comparison table"),
+    ):
+        _add_config_options(stages.add_parser(name, help=text), CaiConfig)
     report = sub.add_parser("report", help="rebuild report.json and report.html from a run dir")
     report.add_argument("run_dir", help="a directory written by tether detox or hacking-demo")
     return parser
@@ -172,6 +193,40 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_rm(args: argparse.Namespace) -> int:
+    from tether.train_rm import train_reward_model
+
+    result = train_reward_model(_config(args))
+
+    def pct(x: float | None) -> str:
+        return "n/a (no held-out pair with a preference)" if x is None else f"{x:.3f}"
+
+    print(
+        f"done: {result.n_train} training pairs, {result.n_heldout} held out; held-out pairwise "
+        f"accuracy {pct(result.heldout_accuracy_before)} before, {pct(result.heldout_accuracy)} "
+        f"after; reward spec pm:{result.out}"
+    )
+    return 0
+
+
+def cmd_cai(args: argparse.Namespace) -> int:
+    from tether.cai import pipeline
+    from tether.cai.evaluate import summary_table
+
+    cfg = _config(args)
+    if args.stage == "run":
+        report = pipeline.run_pipeline(cfg)
+    else:
+        summary = pipeline.run_stage(cfg, args.stage)
+        if args.stage != "eval":
+            print(f"{args.stage}: {summary}")
+            return 0
+        report = pipeline.load_report(cfg)
+    print(summary_table(report))
+    print(f"report: {pipeline.stage_dir(cfg, 'eval') / 'report.html'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -181,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
             "eval": cmd_eval,
             "hacking-demo": cmd_hacking_demo,
             "report": cmd_report,
+            "train-rm": cmd_train_rm,
+            "cai": cmd_cai,
         }
         return commands[args.command](args)
     except TetherError as e:

@@ -34,7 +34,7 @@ class TrainConfig:
     reward: str = _opt(
         None,
         "reward spec: profanity[@prob|@logit], hatesonar, hf:ID_OR_PATH[:LABEL][@prob|@logit], "
-        "python:pkg.mod:fn or python:path/file.py:fn",
+        "pm:DIR (a trained preference model), python:pkg.mod:fn or python:path/file.py:fn",
         required=True,
     )
     prompts: str = _opt(
@@ -342,6 +342,123 @@ class HackingDemoConfig(EmbeddedDefaultConfig):
             )
         if self.unleashed_lr <= 0:
             raise TetherError(f"unleashed_lr must be > 0, got {self.unleashed_lr}")
+
+
+@dataclass
+class RewardModelConfig:
+    """`tether train-rm`: a Bradley-Terry preference model (LoRA + score head) from pairs."""
+
+    pairs: str = _opt(
+        None,
+        'JSONL file, one {"prompt", "chosen", "rejected"} object a line, optionally a soft '
+        '"label" in [0, 1] (probability that chosen is better; default 1)',
+        required=True,
+    )
+    out: str = _opt(
+        None, "directory for the preference model (usable as reward pm:DIR)", required=True
+    )
+    base: str = _opt(
+        "smollm2", "base model: local dir, Hugging Face hub id, or 'smollm2' (embedded default)"
+    )
+    epochs: int = _opt(2, "passes over the training pairs")
+    batch_size: int = _opt(4, "pairs per optimiser step")
+    lr: float = _opt(5e-4, "AdamW learning rate (LoRA and score head)")
+    lora_r: int = _opt(8, "LoRA rank")
+    lora_alpha: int = _opt(16, "LoRA alpha")
+    max_length: int = _opt(256, "tokens of prompt + answer scored (longer ones lose their start)")
+    heldout_fraction: float = _opt(
+        0.2, "share of pairs held out (by a hash of the text) to measure pairwise accuracy"
+    )
+    seed: int = _opt(0, "seed of initialisation and data order")
+    device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
+    progress: bool = _opt(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "lora_r", "max_length"):
+            if getattr(self, name) < 1:
+                raise TetherError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise TetherError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.heldout_fraction < 1:
+            raise TetherError(f"heldout_fraction must be in [0, 1), got {self.heldout_fraction}")
+
+
+@dataclass
+class CaiConfig:
+    """`tether cai ...`: the Constitutional AI pipeline in one directory, one subdirectory per
+    stage. Defaults are sized for the embedded SmolLM2 on 2 CPU cores (`cai run` <= 30 min)."""
+
+    out: str = _opt(None, "pipeline directory (one subdirectory per stage)", required=True)
+    policy: str = _opt(
+        "smollm2", "base model: local dir, Hugging Face hub id, or 'smollm2' (embedded default)"
+    )
+    feedback_model: str | None = _opt(
+        None, "model that answers the AI-feedback questions (default: the base model)"
+    )
+    constitution: str | None = _opt(
+        None, "YAML file of principles (default: tether's own, cai/constitution.yaml)"
+    )
+    redteam: str = _opt(
+        "default",
+        "red-team prompts: default (tether's own + jailbreak-corpus-mini) or jsonl:PATH",
+    )
+    heldout_fraction: float = _opt(
+        0.25, "share of red-team prompts held out for evaluation (by a hash of the text)"
+    )
+    train_prompts: int = _opt(24, "red-team training prompts used by the stages")
+    revision_rounds: int = _opt(1, "critique-revision rounds per answer (K)")
+    max_new_tokens: int = _opt(48, "most tokens per generated answer, critique or revision")
+    temperature: float = _opt(0.7, "sampling temperature of answers, critiques and revisions")
+    generation_batch_size: int = _opt(8, "conversations per generation batch")
+    lora_r: int = _opt(8, "LoRA rank (SL-CAI, preference model, RL)")
+    lora_alpha: int = _opt(16, "LoRA alpha")
+    sft_epochs: int = _opt(1, "SL-CAI: passes over (prompt, final revision)")
+    sft_lr: float = _opt(5e-4, "SL-CAI learning rate")
+    sft_batch_size: int = _opt(4, "SL-CAI examples per optimiser step")
+    feedback_prompts: int = _opt(24, "AI feedback: prompts, two sampled answers each")
+    chain_of_thought: bool = _opt(
+        False, "AI feedback: reason first, then answer; labels clamped to [0.4, 0.6]"
+    )
+    pm_epochs: int = _opt(2, "preference model: passes over the AI-labelled pairs")
+    pm_lr: float = _opt(5e-4, "preference model learning rate")
+    rl_steps: int = _opt(5, "RLAIF: PPO steps")
+    rl_batch_size: int = _opt(4, "RLAIF: completions per PPO step")
+    rl_lr: float = _opt(2e-4, "RLAIF: learning rate")
+    rl_kl_coef: float = _opt(0.1, "RLAIF: KL penalty coefficient to the SL-CAI model")
+    judge: str | None = _opt(
+        "hatesonar",
+        "gold judge of harmfulness for the guard and the evaluation (a reward spec; none: off)",
+    )
+    eval_prompts: int = _opt(8, "held-out red-team prompts in the evaluation")
+    eval_harmless: int = _opt(8, "harmless prompts in the helpfulness evaluation")
+    seed: int = _opt(0, "seed of sampling, initialisation and data order")
+    device: str = _opt("auto", "cpu, cuda, cuda:N or auto")
+    progress: bool = _opt(True, "show progress bars")
+
+    def __post_init__(self) -> None:
+        for name in (
+            "train_prompts",
+            "revision_rounds",
+            "max_new_tokens",
+            "generation_batch_size",
+            "lora_r",
+            "sft_epochs",
+            "sft_batch_size",
+            "feedback_prompts",
+            "pm_epochs",
+            "rl_steps",
+            "rl_batch_size",
+            "eval_prompts",
+            "eval_harmless",
+        ):
+            if getattr(self, name) < 1:
+                raise TetherError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 < self.heldout_fraction < 1:
+            raise TetherError(f"heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
+        if self.temperature <= 0:
+            raise TetherError(f"temperature must be > 0, got {self.temperature}")
+        if self.judge in ("", "none"):
+            self.judge = None
 
 
 def field_type(cls: type, f: dataclasses.Field) -> tuple[type, bool, tuple | None, bool]:

@@ -292,3 +292,28 @@ def explained_variance(
     return 1.0 - masked_var(returns - values, valid_mask) / masked_var(returns, valid_mask).clamp(
         min=1e-8
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# preference (reward) models
+# ----------------------------------------------------------------------------------------------
+
+
+def preference_loss(
+    chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor, labels: torch.Tensor
+) -> torch.Tensor:
+    """Bradley-Terry loss with soft labels, mean over pairs.
+
+    P(chosen > rejected) = sigmoid(r_c - r_r) (Bradley & Terry 1952; Ouyang et al. 2022,
+    arXiv 2203.02155, eq. 1). A soft label l in [0, 1] (AI feedback, Bai et al. 2022,
+    arXiv 2212.08073) is the target probability, so the loss is the binary cross-entropy
+    -(l log sigma(r_c - r_r) + (1 - l) log sigma(r_r - r_c)); l = 1 is the usual hard loss.
+
+    Args:
+        chosen_rewards: (b,) scalar rewards of the chosen texts.
+        rejected_rewards: (b,) scalar rewards of the rejected texts.
+        labels: (b,) probability that chosen is preferred.
+    """
+    margin = chosen_rewards - rejected_rewards
+    # -(l * logsig(m) + (1 - l) * logsig(-m))
+    return -(labels * F.logsigmoid(margin) + (1 - labels) * F.logsigmoid(-margin)).mean()

@@ -8,6 +8,8 @@ Specs (the `--reward` and `--judge` options):
     python:package.module:function        a callable importable from the environment
     python:path/to/file.py:function       a callable defined in a file (this runs that file:
                                           a python: spec is code execution by design)
+    pm:DIR                                a preference model trained by `tether train-rm`: its
+                                          scalar score of prompt + completion
 """
 
 from __future__ import annotations
@@ -56,6 +58,10 @@ def load_reward(
             trust_remote_code=trust_remote_code,
             allow_bin_weights=allow_bin_weights,
         )
+    if kind == "pm" and rest:
+        from tether.rewards.pm import PreferenceModelReward
+
+        return PreferenceModelReward(rest, device=device)
     name, _, mode = spec.partition("@")
     if name == "profanity" and not rest:
         from tether.rewards.profanity import ProfanityReward
@@ -67,7 +73,8 @@ def load_reward(
         return HateSonarJudge()
     raise TetherError(
         f"unknown reward spec {spec!r}; expected profanity[@prob|@logit], hatesonar, "
-        "hf:ID_OR_PATH[:LABEL][@prob|@logit], python:module:function or python:path/file.py:function"
+        "hf:ID_OR_PATH[:LABEL][@prob|@logit], pm:DIR, python:module:function or "
+        "python:path/file.py:function"
     )
 
 
