@@ -4,6 +4,7 @@ labels from option probabilities, and the whole pipeline end to end on a tiny mo
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -145,6 +146,21 @@ def test_cai_run_end_to_end_and_resumes(tmp_path, tiny_llama, reward_file, monke
     assert (root / "eval" / "report.html").read_text().count("<tr>") > 5
     held = set(json.loads((root / "prompts.json").read_text())["heldout"])
     assert not held & {r["prompt"] for r in rows}  # evaluation prompts are never revised on
+
+    # an interrupted `cai rl` goes on from its last complete checkpoint, not from step 0
+    run = root / "rl" / "run"
+    first_rows = (run / "metrics.jsonl").read_text().splitlines()
+    assert len(first_rows) == 2 and (run / "checkpoints").is_dir()
+    shutil.rmtree(run / "final")
+    (root / "rl" / pipeline.DONE).unlink()
+    pipeline.run_stage(cfg, "rl")
+    rows_after = (run / "metrics.jsonl").read_text().splitlines()
+    assert rows_after[0] == first_rows[0]  # step 0 kept as written (timings included)
+    assert [json.loads(r)["step"] for r in rows_after] == [0, 1]
+    assert "resumed from" in capsys.readouterr().err
+    assert (run / "final" / "adapter_config.json").is_file() and pipeline.is_done(cfg, "rl")
+
+    pipeline.run_pipeline(cfg)  # eval again: its DONE went with rl's rerun
 
     # a rerun redoes nothing
     def boom(cfg, out):

@@ -38,7 +38,7 @@ from tether.config import CaiConfig, RewardModelConfig, TrainConfig, config_to_y
 from tether.errors import TetherError
 from tether.models import load_model, resolve_device
 from tether.rewards import load_reward
-from tether.rundir import atomic_dir, atomic_write_text, read_jsonl, write_jsonl
+from tether.rundir import RunDir, atomic_dir, atomic_write_text, read_jsonl, write_jsonl
 
 STAGES = ("revise", "sft", "feedback", "train-pm", "rl", "eval")
 DONE = "DONE"
@@ -210,7 +210,7 @@ def rl_config(cfg: CaiConfig, prompts_file: Path, run_dir: Path) -> TrainConfig:
         lora_r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
         seed=cfg.seed,
-        save_every=0,
+        save_every=1,  # an adapter of a few MB: a killed `cai rl` loses at most one step
         judge=cfg.judge,
         # the guard probes the held-out red-team prompts once, after the last step
         judge_every=cfg.rl_steps if cfg.judge else 0,
@@ -221,6 +221,17 @@ def rl_config(cfg: CaiConfig, prompts_file: Path, run_dir: Path) -> TrainConfig:
     )
 
 
+def _resumable_rl(out: Path, rl_cfg: TrainConfig) -> bool:
+    """Whether an interrupted PPO run in `out` can go on: it holds a complete checkpoint and was
+    written with the same config (a changed config starts the stage over)."""
+    run = RunDir(rl_cfg.out)
+    try:
+        run.check(config_to_yaml(rl_cfg), resume=True)
+    except TetherError:
+        return False
+    return run.latest_checkpoint() is not None
+
+
 def stage_rl(cfg: CaiConfig, out: Path) -> dict[str, Any]:
     from tether.trainer import train
 
@@ -229,7 +240,9 @@ def stage_rl(cfg: CaiConfig, out: Path) -> dict[str, Any]:
     # probes (guard) the second, the same split as the evaluation's
     prompts_file = out / "prompts.jsonl"
     write_jsonl(prompts_file, [{"prompt": p} for p in sets["train"] + sets["heldout"]])
-    result = train(rl_config(cfg, prompts_file, out / "run"))
+    rl_cfg = rl_config(cfg, prompts_file, out / "run")
+    rl_cfg.resume = _resumable_rl(out, rl_cfg)
+    result = train(rl_cfg)
     last = result.metrics[-1]
     return {
         "steps": len(result.metrics),
@@ -303,10 +316,15 @@ def run_stage(cfg: CaiConfig, stage: str) -> dict[str, Any]:
     for later in STAGES[STAGES.index(stage) :]:
         (stage_dir(cfg, later) / DONE).unlink(missing_ok=True)
     out = stage_dir(cfg, stage)
-    # from scratch: an interrupted attempt leaves half-written files (a PPO run dir that
-    # refuses to be overwritten, temp dirs of atomic writes)
-    shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
+    # from scratch: an interrupted attempt leaves half-written files (temp dirs of atomic
+    # writes); except PPO's run, which resumes from its last complete checkpoint (stage_rl)
+    if stage == "rl":
+        rl_cfg = rl_config(cfg, out / "prompts.jsonl", out / "run")
+        if not _resumable_rl(out, rl_cfg):
+            shutil.rmtree(out, ignore_errors=True)
+    else:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     summary = RUNNERS[stage](cfg, out)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
