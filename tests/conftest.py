@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from tether.config import TrainConfig
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -187,6 +189,29 @@ def prompts_file(tmp_path) -> Path:
     path = tmp_path / "prompts.jsonl"
     path.write_text("".join(json.dumps({"prompt": w}) + "\n" for w in PROMPT_WORDS))
     return path
+
+
+def with_option(argv: list[str], flag: str, value: str) -> list[str]:
+    """A copy of a command line with `flag`'s value replaced."""
+    argv = list(argv)
+    argv[argv.index(flag) + 1] = value
+    return argv
+
+
+def tiny_run_config(model: Path, prompts: Path, out: Path, **kw) -> TrainConfig:
+    """A quick PPO run on a tiny model: no progress bars, checkpoints or guard probes unless
+    `kw` asks for them; `kw` (which names the reward) overrides any value."""
+    values = dict(
+        policy=str(model),
+        prompts=f"jsonl:{prompts}",
+        out=str(out),
+        max_new_tokens=8,
+        lora_r=4,
+        progress=False,
+        save_every=0,
+        judge_every=0,
+    )
+    return TrainConfig(**{**values, **kw})
 
 
 @pytest.fixture

@@ -29,6 +29,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import with_option
 
 import tether
 from tether.cli import main
@@ -62,12 +63,6 @@ def argv(tiny_llama, prompts_file, reward_file, tmp_path):
     ]
 
 
-def _set(argv, flag, value):
-    argv = list(argv)
-    argv[argv.index(flag) + 1] = value
-    return argv
-
-
 def _one_line_error(code, capsys) -> str:
     err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert code == 2, err
@@ -96,16 +91,20 @@ def _yaml(tmp_path: Path, text: str) -> str:
 
 
 CASES = {
-    "empty prompt file": lambda a, t: _set(a, "--prompts", _prompts(t, b"")),
-    "malformed line": lambda a, t: _set(a, "--prompts", _prompts(t, b'{"prompt": "x"}\n{oops\n')),
-    "missing prompt field": lambda a, t: _set(a, "--prompts", _prompts(t, b'{"text": "x"}\n')),
-    "non-UTF-8": lambda a, t: _set(a, "--prompts", _prompts(t, b'{"prompt": "caf\xe9"}\n')),
-    "reward model path": lambda a, t: _set(a, "--reward", "hf:./no/such/classifier"),
-    "python reward file": lambda a, t: _set(a, "--reward", "python:./no/such.py:f"),
-    "policy path": lambda a, t: _set(a, "--policy", "./no/such/model"),
-    "unknown model type": lambda a, t: _set(a, "--policy", _unknown_model_type(t)),
+    "empty prompt file": lambda a, t: with_option(a, "--prompts", _prompts(t, b"")),
+    "malformed line": lambda a, t: with_option(
+        a, "--prompts", _prompts(t, b'{"prompt": "x"}\n{oops\n')
+    ),
+    "missing prompt field": lambda a, t: with_option(
+        a, "--prompts", _prompts(t, b'{"text": "x"}\n')
+    ),
+    "non-UTF-8": lambda a, t: with_option(a, "--prompts", _prompts(t, b'{"prompt": "caf\xe9"}\n')),
+    "reward model path": lambda a, t: with_option(a, "--reward", "hf:./no/such/classifier"),
+    "python reward file": lambda a, t: with_option(a, "--reward", "python:./no/such.py:f"),
+    "policy path": lambda a, t: with_option(a, "--policy", "./no/such/model"),
+    "unknown model type": lambda a, t: with_option(a, "--policy", _unknown_model_type(t)),
     "unknown config key": lambda a, t: [*a, "--config", _yaml(t, "kl_coeff: 0.1\n")],
-    "batch not divisible": lambda a, t: _set(a, "--batch-size", "3"),
+    "batch not divisible": lambda a, t: with_option(a, "--batch-size", "3"),
 }
 
 
@@ -121,7 +120,7 @@ def test_unknown_model_type_names_it(argv, tmp_path, capsys):
 
 
 def test_a_real_process_prints_one_line_and_no_traceback(argv, tmp_path):
-    bad = _set(argv, "--prompts", _prompts(tmp_path, b'{"prompt": "ok"}\n\n{"prompt": 1,\n'))
+    bad = with_option(argv, "--prompts", _prompts(tmp_path, b'{"prompt": "ok"}\n\n{"prompt": 1,\n'))
     proc = subprocess.run(
         [sys.executable, "-m", "tether.cli", *bad],
         env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"},
@@ -139,7 +138,7 @@ def test_over_long_prompts_are_truncated_counted_and_warned(argv, tmp_path, caps
     the answer, is kept), each step counts them in metrics.jsonl and warns once."""
     long = tmp_path / "long.jsonl"
     long.write_text("".join(json.dumps({"prompt": "a story " * 20 + str(i)}) + "\n" for i in "12"))
-    code = main([*_set(argv, "--prompts", f"jsonl:{long}"), "--max-prompt-tokens", "16"])
+    code = main([*with_option(argv, "--prompts", f"jsonl:{long}"), "--max-prompt-tokens", "16"])
     err = capsys.readouterr().err
     assert code == 0, err
     assert err.count("were cut from the left") == 2  # one warning a step
@@ -164,7 +163,7 @@ def test_a_reward_failing_mid_run_keeps_the_checkpoint_and_resumes(
         "    return [x.count('a') / max(len(x), 1) for x in c]\n"
     )
     run = tmp_path / "run"
-    args = _set(_set(argv, "--reward", f"python:{flaky}:f"), "--steps", "5")
+    args = with_option(with_option(argv, "--reward", f"python:{flaky}:f"), "--steps", "5")
     args += ["--save-every", "2"]
     monkeypatch.setenv("FLAKY", "1")
     line = _one_line_error(main(args), capsys)

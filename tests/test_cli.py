@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import with_option
 
 from tether.cli import main
 
@@ -112,15 +113,9 @@ def base_args(tiny_llama, prompts_file, reward_file, tmp_path):
     ]
 
 
-def _with(args, flag, value):
-    args = list(args)
-    args[args.index(flag) + 1] = value
-    return args
-
-
 def test_missing_prompt_file(base_args, capsys):
     assert "prompt file not found: nope.jsonl" in _error(
-        _with(base_args, "--prompts", "jsonl:nope.jsonl"), capsys
+        with_option(base_args, "--prompts", "jsonl:nope.jsonl"), capsys
     )
 
 
@@ -128,7 +123,7 @@ def test_malformed_jsonl_names_the_line(base_args, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
     assert f"{bad}:2: malformed JSON" in _error(
-        _with(base_args, "--prompts", f"jsonl:{bad}"), capsys
+        with_option(base_args, "--prompts", f"jsonl:{bad}"), capsys
     )
 
 
@@ -143,15 +138,15 @@ def test_malformed_jsonl_names_the_line(base_args, tmp_path, capsys):
 def test_bad_prompt_files(base_args, tmp_path, capsys, content, message):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(content if isinstance(content, bytes) else content.encode())
-    assert message in _error(_with(base_args, "--prompts", f"jsonl:{bad}"), capsys)
+    assert message in _error(with_option(base_args, "--prompts", f"jsonl:{bad}"), capsys)
 
 
 def test_unknown_specs(base_args, capsys):
     assert "unknown reward spec 'toxicity'" in _error(
-        _with(base_args, "--reward", "toxicity"), capsys
+        with_option(base_args, "--reward", "toxicity"), capsys
     )
     assert "unknown prompt spec 'prompts.txt'" in _error(
-        _with(base_args, "--prompts", "prompts.txt"), capsys
+        with_option(base_args, "--prompts", "prompts.txt"), capsys
     )
 
 
@@ -168,26 +163,28 @@ def test_unknown_specs(base_args, capsys):
 def test_bad_reward_callables(base_args, tmp_path, capsys, body, message):
     path = tmp_path / "bad_reward.py"
     path.write_text(f"def f(p, c):\n{body}\n")
-    assert message in _error(_with(base_args, "--reward", f"python:{path}:f"), capsys)
+    assert message in _error(with_option(base_args, "--reward", f"python:{path}:f"), capsys)
 
 
 def test_missing_reward_function_and_file(base_args, reward_file, capsys):
     assert "has no callable 'nope'" in _error(
-        _with(base_args, "--reward", f"python:{reward_file}:nope"), capsys
+        with_option(base_args, "--reward", f"python:{reward_file}:nope"), capsys
     )
     assert "python reward file not found" in _error(
-        _with(base_args, "--reward", "python:missing.py:f"), capsys
+        with_option(base_args, "--reward", "python:missing.py:f"), capsys
     )
 
 
 def test_batch_not_divisible(base_args, capsys):
-    msg = _error(_with(_with(base_args, "--batch-size", "16"), "--mini-batch-size", "6"), capsys)
+    msg = _error(
+        with_option(with_option(base_args, "--batch-size", "16"), "--mini-batch-size", "6"), capsys
+    )
     assert "batch_size 16 is not divisible by mini_batch_size 6" in msg
 
 
 def test_missing_model_path(base_args, capsys):
     assert "model path does not exist: ./no/such/model" in _error(
-        _with(base_args, "--policy", "./no/such/model"), capsys
+        with_option(base_args, "--policy", "./no/such/model"), capsys
     )
 
 
@@ -215,5 +212,5 @@ def test_refuses_to_overwrite_a_run(base_args, capsys):
     assert "already holds a run; pass --resume" in _error(base_args, capsys)
     # --resume with changed options is refused, with the same steps it continues
     assert "different config" in _error(
-        _with(base_args, "--max-new-tokens", "5") + ["--resume"], capsys
+        with_option(base_args, "--max-new-tokens", "5") + ["--resume"], capsys
     )

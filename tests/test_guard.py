@@ -6,10 +6,10 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_run_config
 from safetensors.torch import load_file
 
 from tether import guard
-from tether.config import TrainConfig
 from tether.trainer import train
 
 N = 32  # probe prompts
@@ -180,24 +180,17 @@ def test_same_distribution_is_not_degeneration():
 
 
 def _guarded_cfg(tiny_llama, prompts_file, reward_file, out, **kw):
-    base = dict(
-        policy=str(tiny_llama),
-        reward=f"python:{reward_file}:frac_a",
+    shape = dict(
         judge=f"python:{reward_file}:constant",
-        prompts=f"jsonl:{prompts_file}",
-        out=str(out),
         steps=4,
         batch_size=8,
         mini_batch_size=4,
-        max_new_tokens=8,
         lr=5e-3,
-        lora_r=4,
-        progress=False,
-        save_every=0,
         judge_every=2,
         probe_prompts=4,
     )
-    return TrainConfig(**{**base, **kw})
+    shape["reward"] = f"python:{reward_file}:frac_a"
+    return tiny_run_config(tiny_llama, prompts_file, out, **{**shape, **kw})
 
 
 def test_guard_probes_log_flags_and_keep_best(tiny_llama, prompts_file, reward_file, tmp_path):

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+from conftest import tiny_run_config
 
 from tether.config import TrainConfig
 from tether.errors import TetherError
@@ -23,24 +24,9 @@ from tether.trainer import (
 
 
 def _cfg(model, prompts, reward, out, **kw):
-    base = dict(
-        policy=str(model),
-        reward=f"python:{reward}:frac_a",
-        prompts=f"jsonl:{prompts}",
-        out=str(out),
-        steps=2,
-        batch_size=8,
-        mini_batch_size=2,
-        ppo_epochs=1,
-        max_new_tokens=8,
-        lr=1e-3,
-        lora_r=4,
-        progress=False,
-        save_every=0,
-        judge_every=0,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    shape = dict(steps=2, batch_size=8, mini_batch_size=2, ppo_epochs=1, lr=1e-3)
+    shape["reward"] = f"python:{reward}:frac_a"
+    return tiny_run_config(model, prompts, out, **{**shape, **kw})
 
 
 @pytest.fixture

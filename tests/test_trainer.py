@@ -5,8 +5,8 @@ import statistics
 
 import pytest
 import torch
+from conftest import tiny_run_config
 
-from tether.config import TrainConfig
 from tether.rewards.python import PythonReward
 from tether.trainer import (
     batch_indices,
@@ -20,23 +20,9 @@ from tether.trainer import (
 
 
 def _cfg(model, prompts, reward_file, out, **kw):
-    base = dict(
-        policy=str(model),
-        reward=f"python:{reward_file}:vowels",
-        prompts=f"jsonl:{prompts}",
-        out=str(out),
-        steps=40,
-        batch_size=32,
-        mini_batch_size=8,
-        max_new_tokens=16,
-        lr=5e-3,
-        lora_r=8,
-        progress=False,
-        save_every=0,
-        judge_every=0,
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    shape = dict(steps=40, batch_size=32, mini_batch_size=8, max_new_tokens=16, lr=5e-3, lora_r=8)
+    reward = f"python:{reward_file}:vowels"
+    return tiny_run_config(model, prompts, out, **{"reward": reward, **shape, **kw})
 
 
 @pytest.fixture
