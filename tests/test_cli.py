@@ -80,6 +80,16 @@ def test_yaml_config_and_command_line_precedence(
     assert saved["lr"] == 0.002 and saved["batch_size"] == 4 and saved["steps"] == 2
 
 
+def test_none_turns_off_an_option_that_is_on_by_default():
+    from tether.cli import _config, build_parser
+
+    base = ["train", "--policy", "p", "--reward", "r", "--prompts", "q", "--out", "o"]
+    parse = build_parser().parse_args
+    assert _config(parse(base)).max_importance_ratio == 10.0
+    assert _config(parse([*base, "--max-importance-ratio", "none"])).max_importance_ratio is None
+    assert _config(parse([*base, "--max-importance-ratio", "4"])).max_importance_ratio == 4.0
+
+
 def _error(argv, capsys) -> str:
     code = main(argv)
     err = capsys.readouterr().err.strip().splitlines()

@@ -7,10 +7,12 @@ import argparse
 import dataclasses
 import errno
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 from tether.config import (
+    OFF,
     CaiConfig,
     DetoxConfig,
     EvalConfig,
@@ -47,7 +49,7 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
     parser.set_defaults(config_cls=cls)
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
-        typ, _optional, choices, is_list = field_type(cls, f)
+        typ, optional, choices, is_list = field_type(cls, f)
         default = "" if f.metadata.get("required") else f" (default: {f.default})"
         help_text = f.metadata["help"] + default
         # default=None everywhere: "not given" must not override a value from --config
@@ -63,8 +65,21 @@ def _add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
                 help=help_text,
                 type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
             )
+        elif optional and f.default is not None and not choices:
+            # an option that is on by default: `none` turns it off (None means "not given")
+            if "none: off" not in help_text:
+                help_text += "; none: off"
+            parser.add_argument(flag, type=_or_off(typ), default=None, help=help_text)
         else:
             parser.add_argument(flag, type=typ, choices=choices, default=None, help=help_text)
+
+
+def _or_off(typ: type) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        return OFF if text.lower() == "none" else typ(text)
+
+    parse.__name__ = typ.__name__  # argparse names the type in its "invalid value" message
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:

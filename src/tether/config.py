@@ -548,10 +548,13 @@ def load_yaml_config(path: str, cls: type = TrainConfig) -> dict[str, Any]:
     return values
 
 
+OFF = object()  # a command-line `none` for an option that is on by default (None: not given)
+
+
 def build_config(cls: type, yaml_path: str | None, overrides: dict[str, Any]) -> Any:
     """YAML values, then command-line overrides (the command line wins); then validation."""
     values = load_yaml_config(yaml_path, cls) if yaml_path else {}
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    values.update({k: None if v is OFF else v for k, v in overrides.items() if v is not None})
     missing = [
         f.name
         for f in dataclasses.fields(cls)
