@@ -16,7 +16,6 @@ import json
 import os
 import random
 import signal
-import string
 import subprocess
 import sys
 import tempfile
@@ -24,41 +23,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "tests"))
+from conftest import save_tiny_llama  # noqa: E402  (the tests' tiny Llama and char tokenizer)
+
 WORDS = ["hello there", "how are you", "tell me a story", "the cat sat", "good morning"]
 WORDS += ["what is this", "once upon a time", "see you soon", "a bad day", "an apple a day"]
-
-
-def tiny_llama(path: Path) -> None:
-    """A 2-layer, 32-wide random Llama with a character tokenizer (as tests/conftest.py)."""
-    import torch
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    specials = ["<pad>", "</s>", "<s>", "<unk>"]
-    vocab = {t: i for i, t in enumerate(specials + list(string.ascii_lowercase + " .,!?"))}
-    tk = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tk.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tk.decoder = decoders.Fuse()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=tk, pad_token="<pad>", eos_token="</s>", bos_token="<s>", unk_token="<unk>"
-    )
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=False,
-        initializer_range=0.3,
-    )
-    LlamaForCausalLM(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
 
 
 def train_argv(work: Path, out: Path, args: argparse.Namespace) -> list[str]:
@@ -130,7 +99,7 @@ def main() -> int:
 
     work = Path(args.keep or tempfile.mkdtemp(prefix="tether-soak-"))
     work.mkdir(parents=True, exist_ok=True)
-    tiny_llama(work / "model")
+    save_tiny_llama(work / "model")
     (work / "prompts.jsonl").write_text("".join(json.dumps({"prompt": w}) + "\n" for w in WORDS))
     (work / "reward.py").write_text(
         "def frac_a(prompts, completions):\n"

@@ -191,6 +191,34 @@ def prompts_file(tmp_path) -> Path:
     return path
 
 
+def assert_close_nested(a, b, rel: float, abs: float, path: str = "row") -> None:
+    """Equal structure (dict keys, list lengths, other values) with floats within rel/abs."""
+    if isinstance(a, dict):
+        assert a.keys() == b.keys(), path
+        for k in a:
+            assert_close_nested(a[k], b[k], rel, abs, f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            assert_close_nested(x, y, rel, abs, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert a == pytest.approx(b, rel=rel, abs=abs), path
+    else:
+        assert a == b, path
+
+
+def one_line_error(argv: list[str], capsys) -> str:
+    """Run the CLI; it must exit 2 with exactly one `error: ` line and no traceback."""
+    from tether.cli import main
+
+    code = main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2, err
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    assert "Traceback" not in err[0]
+    return err[0]
+
+
 def with_option(argv: list[str], flag: str, value: str) -> list[str]:
     """A copy of a command line with `flag`'s value replaced."""
     argv = list(argv)
@@ -238,3 +266,28 @@ def reward_file(tmp_path) -> Path:
         "    return [0.0 for _ in completions]\n"
     )
     return path
+
+
+@pytest.fixture
+def train_args(tiny_llama, prompts_file, reward_file, tmp_path):
+    """A quick `tether train` command line on the tiny Llama (1 step, batch 2)."""
+    return [
+        "train",
+        "--policy",
+        str(tiny_llama),
+        "--reward",
+        f"python:{reward_file}:frac_a",
+        "--prompts",
+        f"jsonl:{prompts_file}",
+        "--out",
+        str(tmp_path / "run"),
+        "--steps",
+        "1",
+        "--batch-size",
+        "2",
+        "--mini-batch-size",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--no-progress",
+    ]

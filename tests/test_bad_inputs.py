@@ -29,7 +29,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import with_option
+from conftest import one_line_error, with_option
 
 import tether
 from tether.cli import main
@@ -38,37 +38,8 @@ SRC = str(Path(tether.__file__).resolve().parents[1])
 
 
 @pytest.fixture
-def argv(tiny_llama, prompts_file, reward_file, tmp_path):
-    return [
-        "train",
-        "--policy",
-        str(tiny_llama),
-        "--reward",
-        f"python:{reward_file}:frac_a",
-        "--prompts",
-        f"jsonl:{prompts_file}",
-        "--out",
-        str(tmp_path / "run"),
-        "--steps",
-        "2",
-        "--batch-size",
-        "2",
-        "--mini-batch-size",
-        "2",
-        "--max-new-tokens",
-        "4",
-        "--judge-every",
-        "0",
-        "--no-progress",
-    ]
-
-
-def _one_line_error(code, capsys) -> str:
-    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
-    assert code == 2, err
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    assert "Traceback" not in err[0]
-    return err[0]
+def argv(train_args):
+    return [*with_option(train_args, "--steps", "2"), "--judge-every", "0"]
 
 
 def _unknown_model_type(tmp_path: Path) -> str:
@@ -110,12 +81,12 @@ CASES = {
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_input_mistakes_leave_no_run_directory(case, argv, tmp_path, capsys):
-    line = _one_line_error(main(CASES[case](argv, tmp_path)), capsys)
+    line = one_line_error(CASES[case](argv, tmp_path), capsys)
     assert not (tmp_path / "run").exists(), f"{case}: {line}"
 
 
 def test_unknown_model_type_names_it(argv, tmp_path, capsys):
-    line = _one_line_error(main(CASES["unknown model type"](argv, tmp_path)), capsys)
+    line = one_line_error(CASES["unknown model type"](argv, tmp_path), capsys)
     assert "unknown model type" in line and "no-such-architecture" in line, line
 
 
@@ -166,7 +137,7 @@ def test_a_reward_failing_mid_run_keeps_the_checkpoint_and_resumes(
     args = with_option(with_option(argv, "--reward", f"python:{flaky}:f"), "--steps", "5")
     args += ["--save-every", "2"]
     monkeypatch.setenv("FLAKY", "1")
-    line = _one_line_error(main(args), capsys)
+    line = one_line_error(args, capsys)
     assert f"reward python:{flaky}:f returned nan at index 0" in line
     assert not (run / "final").exists()
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-1"]

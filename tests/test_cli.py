@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import with_option
+from conftest import one_line_error, with_option
 
 from tether.cli import main
 
@@ -90,50 +90,17 @@ def test_none_turns_off_an_option_that_is_on_by_default():
     assert _config(parse([*base, "--max-importance-ratio", "4"])).max_importance_ratio == 4.0
 
 
-def _error(argv, capsys) -> str:
-    code = main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert code == 2, err
-    assert len(err) == 1 and err[0].startswith("error: "), err
-    assert "Traceback" not in err[0]
-    return err[0]
-
-
-@pytest.fixture
-def base_args(tiny_llama, prompts_file, reward_file, tmp_path):
-    return [
-        "train",
-        "--policy",
-        str(tiny_llama),
-        "--reward",
-        f"python:{reward_file}:frac_a",
-        "--prompts",
-        f"jsonl:{prompts_file}",
-        "--out",
-        str(tmp_path / "run"),
-        "--steps",
-        "1",
-        "--batch-size",
-        "2",
-        "--mini-batch-size",
-        "2",
-        "--max-new-tokens",
-        "4",
-        "--no-progress",
-    ]
-
-
-def test_missing_prompt_file(base_args, capsys):
-    assert "prompt file not found: nope.jsonl" in _error(
-        with_option(base_args, "--prompts", "jsonl:nope.jsonl"), capsys
+def test_missing_prompt_file(train_args, capsys):
+    assert "prompt file not found: nope.jsonl" in one_line_error(
+        with_option(train_args, "--prompts", "jsonl:nope.jsonl"), capsys
     )
 
 
-def test_malformed_jsonl_names_the_line(base_args, tmp_path, capsys):
+def test_malformed_jsonl_names_the_line(train_args, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "ok"}\n{"prompt": oops}\n')
-    assert f"{bad}:2: malformed JSON" in _error(
-        with_option(base_args, "--prompts", f"jsonl:{bad}"), capsys
+    assert f"{bad}:2: malformed JSON" in one_line_error(
+        with_option(train_args, "--prompts", f"jsonl:{bad}"), capsys
     )
 
 
@@ -145,18 +112,18 @@ def test_malformed_jsonl_names_the_line(base_args, tmp_path, capsys):
         (b'{"prompt": "caf\xe9"}\n', ":1: not UTF-8 text"),
     ],
 )
-def test_bad_prompt_files(base_args, tmp_path, capsys, content, message):
+def test_bad_prompt_files(train_args, tmp_path, capsys, content, message):
     bad = tmp_path / "bad.jsonl"
     bad.write_bytes(content if isinstance(content, bytes) else content.encode())
-    assert message in _error(with_option(base_args, "--prompts", f"jsonl:{bad}"), capsys)
+    assert message in one_line_error(with_option(train_args, "--prompts", f"jsonl:{bad}"), capsys)
 
 
-def test_unknown_specs(base_args, capsys):
-    assert "unknown reward spec 'toxicity'" in _error(
-        with_option(base_args, "--reward", "toxicity"), capsys
+def test_unknown_specs(train_args, capsys):
+    assert "unknown reward spec 'toxicity'" in one_line_error(
+        with_option(train_args, "--reward", "toxicity"), capsys
     )
-    assert "unknown prompt spec 'prompts.txt'" in _error(
-        with_option(base_args, "--prompts", "prompts.txt"), capsys
+    assert "unknown prompt spec 'prompts.txt'" in one_line_error(
+        with_option(train_args, "--prompts", "prompts.txt"), capsys
     )
 
 
@@ -170,57 +137,63 @@ def test_unknown_specs(base_args, capsys):
         ("    raise KeyError('boom')", "raised KeyError: 'boom'"),
     ],
 )
-def test_bad_reward_callables(base_args, tmp_path, capsys, body, message):
+def test_bad_reward_callables(train_args, tmp_path, capsys, body, message):
     path = tmp_path / "bad_reward.py"
     path.write_text(f"def f(p, c):\n{body}\n")
-    assert message in _error(with_option(base_args, "--reward", f"python:{path}:f"), capsys)
-
-
-def test_missing_reward_function_and_file(base_args, reward_file, capsys):
-    assert "has no callable 'nope'" in _error(
-        with_option(base_args, "--reward", f"python:{reward_file}:nope"), capsys
-    )
-    assert "python reward file not found" in _error(
-        with_option(base_args, "--reward", "python:missing.py:f"), capsys
+    assert message in one_line_error(
+        with_option(train_args, "--reward", f"python:{path}:f"), capsys
     )
 
 
-def test_batch_not_divisible(base_args, capsys):
-    msg = _error(
-        with_option(with_option(base_args, "--batch-size", "16"), "--mini-batch-size", "6"), capsys
+def test_missing_reward_function_and_file(train_args, reward_file, capsys):
+    assert "has no callable 'nope'" in one_line_error(
+        with_option(train_args, "--reward", f"python:{reward_file}:nope"), capsys
+    )
+    assert "python reward file not found" in one_line_error(
+        with_option(train_args, "--reward", "python:missing.py:f"), capsys
+    )
+
+
+def test_batch_not_divisible(train_args, capsys):
+    msg = one_line_error(
+        with_option(with_option(train_args, "--batch-size", "16"), "--mini-batch-size", "6"), capsys
     )
     assert "batch_size 16 is not divisible by mini_batch_size 6" in msg
 
 
-def test_missing_model_path(base_args, capsys):
-    assert "model path does not exist: ./no/such/model" in _error(
-        with_option(base_args, "--policy", "./no/such/model"), capsys
+def test_missing_model_path(train_args, capsys):
+    assert "model path does not exist: ./no/such/model" in one_line_error(
+        with_option(train_args, "--policy", "./no/such/model"), capsys
     )
 
 
-def test_unknown_yaml_key_suggests_closest(base_args, tmp_path, capsys):
+def test_unknown_yaml_key_suggests_closest(train_args, tmp_path, capsys):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("learning_rate: 0.1\n")
-    assert "unknown option 'learning_rate'" in _error(base_args + ["--config", str(cfg)], capsys)
+    assert "unknown option 'learning_rate'" in one_line_error(
+        train_args + ["--config", str(cfg)], capsys
+    )
     cfg.write_text("kl_coeff: 0.1\n")
-    assert "(did you mean kl_coef?)" in _error(base_args + ["--config", str(cfg)], capsys)
+    assert "(did you mean kl_coef?)" in one_line_error(train_args + ["--config", str(cfg)], capsys)
     cfg.write_text("steps: many\n")
-    assert "steps must be int, got 'many'" in _error(base_args + ["--config", str(cfg)], capsys)
+    assert "steps must be int, got 'many'" in one_line_error(
+        train_args + ["--config", str(cfg)], capsys
+    )
 
 
-def test_unknown_flag_suggests_closest(base_args, capsys):
+def test_unknown_flag_suggests_closest(train_args, capsys):
     with pytest.raises(SystemExit) as exc:
-        main(base_args + ["--kl-coeff", "0.1"])
+        main(train_args + ["--kl-coeff", "0.1"])
     assert exc.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--kl-coef" in err[0]
 
 
-def test_refuses_to_overwrite_a_run(base_args, capsys):
-    assert main(base_args) == 0
+def test_refuses_to_overwrite_a_run(train_args, capsys):
+    assert main(train_args) == 0
     capsys.readouterr()
-    assert "already holds a run; pass --resume" in _error(base_args, capsys)
+    assert "already holds a run; pass --resume" in one_line_error(train_args, capsys)
     # --resume with changed options is refused, with the same steps it continues
-    assert "different config" in _error(
-        with_option(base_args, "--max-new-tokens", "5") + ["--resume"], capsys
+    assert "different config" in one_line_error(
+        with_option(train_args, "--max-new-tokens", "5") + ["--resume"], capsys
     )

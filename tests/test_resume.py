@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import assert_close_nested
 
 import tether
 from tether.cli import main
@@ -83,21 +84,6 @@ def _rows(out: Path) -> list[dict]:
     return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
 
 
-def _close(a, b, path="row"):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _close(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _close(x, y, f"{path}[{i}]")
-    elif isinstance(a, float):
-        assert a == pytest.approx(b, rel=1e-5, abs=1e-6), path
-    else:
-        assert a == b, path
-
-
 def test_kill_9_then_resume_matches_uninterrupted_run(
     tiny_llama, prompts_file, reward_file, tmp_path
 ):
@@ -137,7 +123,7 @@ def test_kill_9_then_resume_matches_uninterrupted_run(
     got, want = _rows(killed_dir), _rows(tmp_path / "full")
     assert [r["step"] for r in got] == list(range(steps))  # none twice, none missing
     for a, b in zip(want, got, strict=True):
-        _close(a, b)
+        assert_close_nested(a, b, rel=1e-5, abs=1e-6)
     policy = build_policy(_cfg(argv))
     policy.load_trainable(killed_dir / "final")
     for a, b in zip(full.policy.trainable_parameters(), policy.trainable_parameters(), strict=True):
@@ -368,7 +354,7 @@ def test_detox_kill_9_then_resume_matches_uninterrupted_run(tiny_llama, scorers_
     assert done.returncode == 0, done.stderr
     assert [r["step"] for r in _rows(killed)] == list(range(8))
     for a, b in zip(_rows(full), _rows(killed), strict=True):
-        _close(a, b)
+        assert_close_nested(a, b, rel=1e-5, abs=1e-6)
     aligned = [json.loads(x) for x in (killed / "eval" / "aligned.jsonl").read_text().splitlines()]
     want = [json.loads(x) for x in (full / "eval" / "aligned.jsonl").read_text().splitlines()]
     assert [r["completion"] for r in aligned] == [r["completion"] for r in want]

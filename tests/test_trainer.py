@@ -5,7 +5,7 @@ import statistics
 
 import pytest
 import torch
-from conftest import tiny_run_config
+from conftest import assert_close_nested, tiny_run_config
 
 from tether.rewards.python import PythonReward
 from tether.trainer import (
@@ -225,26 +225,11 @@ def test_resume_matches_uninterrupted_run(tiny_llama, prompts_file, vowel_reward
     rows_res = [{k: v for k, v in r.items() if "seconds" not in k} for r in rows_res]
     assert [r["step"] for r in rows_res] == list(range(6))
     for a, b in zip(rows_full, rows_res, strict=True):
-        _assert_close_nested(a, b)
+        assert_close_nested(a, b, rel=1e-4, abs=1e-5)
     for a, b in zip(
         full.policy.trainable_parameters(), resumed.policy.trainable_parameters(), strict=True
     ):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-
-
-def _assert_close_nested(a, b, path="row"):
-    if isinstance(a, dict):
-        assert a.keys() == b.keys(), path
-        for k in a:
-            _assert_close_nested(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, list):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            _assert_close_nested(x, y, f"{path}[{i}]")
-    elif isinstance(a, float):
-        assert a == pytest.approx(b, rel=1e-4, abs=1e-5), path
-    else:
-        assert a == b, path
 
 
 def test_batch_indices_cover_every_prompt_once_per_pass():
