@@ -174,6 +174,7 @@ def test_cai_run_end_to_end_and_resumes(tmp_path, tiny_llama, reward_file, monke
     pipeline.run_stage(cfg, "train-pm")
     assert pipeline.is_done(cfg, "feedback") and pipeline.is_done(cfg, "train-pm")
     assert not pipeline.is_done(cfg, "rl") and not pipeline.is_done(cfg, "eval")
+    assert not (root / "rl").exists()  # PPO trained against the old PM: never resumed
 
 
 def test_cai_cli_errors_are_one_line(tmp_path, tiny_llama, capsys):

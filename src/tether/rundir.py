@@ -85,7 +85,7 @@ def atomic_dir(target: Path, fill: Callable[[Path], None]) -> None:
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        _fsync(target.parent)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         reason = _write_failure(e, target.parent)
@@ -124,15 +124,12 @@ def _fsync_tree(root: Path) -> None:
     without it a power cut can leave a renamed directory of empty files."""
     for dirpath, _dirnames, filenames in os.walk(root):
         for name in filenames:
-            fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(Path(dirpath))
+            _fsync(Path(dirpath, name))
+        _fsync(Path(dirpath))
 
 
-def _fsync_dir(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush one file, or one directory's entries, to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

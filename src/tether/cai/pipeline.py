@@ -221,9 +221,9 @@ def rl_config(cfg: CaiConfig, prompts_file: Path, run_dir: Path) -> TrainConfig:
     )
 
 
-def _resumable_rl(out: Path, rl_cfg: TrainConfig) -> bool:
-    """Whether an interrupted PPO run in `out` can go on: it holds a complete checkpoint and was
-    written with the same config (a changed config starts the stage over)."""
+def _resumable_rl(rl_cfg: TrainConfig) -> bool:
+    """Whether an interrupted PPO run in `rl_cfg.out` can go on: it holds a complete checkpoint
+    and was written with the same config (a changed config starts the stage over)."""
     run = RunDir(rl_cfg.out)
     try:
         run.check(config_to_yaml(rl_cfg), resume=True)
@@ -241,7 +241,9 @@ def stage_rl(cfg: CaiConfig, out: Path) -> dict[str, Any]:
     prompts_file = out / "prompts.jsonl"
     write_jsonl(prompts_file, [{"prompt": p} for p in sets["train"] + sets["heldout"]])
     rl_cfg = rl_config(cfg, prompts_file, out / "run")
-    rl_cfg.resume = _resumable_rl(out, rl_cfg)
+    rl_cfg.resume = _resumable_rl(rl_cfg)
+    if not rl_cfg.resume:  # an interrupted attempt that cannot go on: start the run over
+        shutil.rmtree(rl_cfg.out, ignore_errors=True)
     result = train(rl_cfg)
     last = result.metrics[-1]
     return {
@@ -313,16 +315,16 @@ def run_stage(cfg: CaiConfig, stage: str) -> dict[str, Any]:
         raise TetherError(f"cannot create {root}: {e.strerror}") from None
     atomic_write_text(root / "config.yaml", config_to_yaml(cfg))
     atomic_write_text(root / "prompts.json", json.dumps(prompt_sets(cfg), indent=2))
+    was_done = is_done(cfg, stage)
     for later in STAGES[STAGES.index(stage) :]:
         (stage_dir(cfg, later) / DONE).unlink(missing_ok=True)
+    if STAGES.index(stage) < STAGES.index("rl"):
+        # PPO's checkpoints were trained on this stage's old output: never resume from them
+        shutil.rmtree(stage_dir(cfg, "rl"), ignore_errors=True)
     out = stage_dir(cfg, stage)
     # from scratch: an interrupted attempt leaves half-written files (temp dirs of atomic
-    # writes); except PPO's run, which resumes from its last complete checkpoint (stage_rl)
-    if stage == "rl":
-        rl_cfg = rl_config(cfg, out / "prompts.jsonl", out / "run")
-        if not _resumable_rl(out, rl_cfg):
-            shutil.rmtree(out, ignore_errors=True)
-    else:
+    # writes); except an interrupted PPO run, which stage_rl resumes when it can
+    if stage != "rl" or was_done:
         shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
