@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import errno
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +22,7 @@ from tether.config import (
     closest_key,
     field_type,
 )
-from tether.errors import TetherError
-
-_FILESYSTEM_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO}
+from tether.errors import WRITE_ERRNOS, TetherError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -261,7 +258,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as e:
         # a full disk or a read-only directory met outside the run directory's own writers
         # (which say more): still one line naming the path, never a traceback
-        if e.errno not in _FILESYSTEM_ERRNOS:
+        if e.errno not in WRITE_ERRNOS:
             raise
         print(f"error: cannot write {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
         return 2

@@ -12,7 +12,6 @@ dir is removed and the previous checkpoint is left as it was.
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import random
@@ -26,7 +25,7 @@ from typing import Any
 import torch
 import yaml
 
-from tether.errors import TetherError
+from tether.errors import WRITE_ERRNOS, TetherError
 
 CHECKPOINTS = "checkpoints"
 FINAL = "final"
@@ -35,7 +34,6 @@ CONFIG = "config.yaml"
 TRAINER_STATE = "trainer_state.pt"
 COMPLETE = "tether-complete.json"  # a checkpoint's last file: {file name: size in bytes}
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -105,7 +103,7 @@ def _write_failure(e: BaseException, where: Path) -> str | None:
         return e.strerror or str(e)
     seen = e.__cause__ or e.__context__
     while seen is not None:
-        if isinstance(seen, OSError) and seen.errno in _WRITE_ERRNOS:
+        if isinstance(seen, OSError) and seen.errno in WRITE_ERRNOS:
             return seen.strerror
         seen = seen.__cause__ or seen.__context__
     text = str(e)
