@@ -5,7 +5,7 @@ import torch
 from conftest import save_sft_adapter
 
 from tether.models import load_model
-from tether.policy import Policy
+from tether.policy import Policy, head_linear
 from tether.rollout import SamplingParams, response_valid_mask
 
 PROMPTS = ["hello", "how are you doing today", "a cat"]
@@ -203,14 +203,14 @@ def test_model_cache_marker_detects_partial_or_corrupt_copies(tmp_path):
 def test_step_sampler_draws_from_the_softmax_and_records_raw_logprobs():
     """The sampler generate() runs with: inverse-CDF draws match softmax(logits / T); EOS is
     never drawn before min_new_tokens; top-k cuts; log-probs are the untruncated ones PPO uses."""
-    from tether.policy import _StepSampler
+    from tether.policy import StepSampler
 
     torch.manual_seed(0)
     raw = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5]).repeat(40_000, 1)
     temp = 0.8
     expected = torch.softmax(raw[0] / temp, -1)
 
-    sampler = _StepSampler(SamplingParams(temperature=temp), temp, eos_ids=[0])
+    sampler = StepSampler(SamplingParams(temperature=temp), temp, eos_ids=[0])
     onehot = sampler(torch.zeros(40_000, 1, dtype=torch.long), raw)
     token = onehot.argmax(-1)
     assert torch.equal(onehot.isfinite().sum(-1), torch.ones(40_000, dtype=torch.long))
@@ -223,7 +223,7 @@ def test_step_sampler_draws_from_the_softmax_and_records_raw_logprobs():
     torch.testing.assert_close(sampler.entropy[0][0, 0], entropy, atol=1e-6, rtol=1e-6)
 
     # min_new_tokens = 1 bans EOS (id 0) at the first step only; the log-prob stays the raw one
-    banned = _StepSampler(SamplingParams(temperature=temp, min_new_tokens=1), temp, eos_ids=[0])
+    banned = StepSampler(SamplingParams(temperature=temp, min_new_tokens=1), temp, eos_ids=[0])
     first = banned(torch.zeros(40_000, 1, dtype=torch.long), raw).argmax(-1)
     assert (first != 0).all()
     freq = torch.bincount(first, minlength=5).float() / len(first)
@@ -232,8 +232,49 @@ def test_step_sampler_draws_from_the_softmax_and_records_raw_logprobs():
     second = banned(torch.zeros(40_000, 2, dtype=torch.long), raw).argmax(-1)
     assert (second == 0).any()
 
-    top2 = _StepSampler(SamplingParams(temperature=temp, top_k=2), temp, eos_ids=[0])
+    top2 = StepSampler(SamplingParams(temperature=temp, top_k=2), temp, eos_ids=[0])
     assert set(top2(torch.zeros(40_000, 1, dtype=torch.long), raw).argmax(-1).tolist()) == {0, 1}
 
-    greedy = _StepSampler(SamplingParams(temperature=temp, do_sample=False), temp, eos_ids=[3])
+    greedy = StepSampler(SamplingParams(temperature=temp, do_sample=False), temp, eos_ids=[3])
     assert (greedy(torch.zeros(4, 1, dtype=torch.long), raw[:4]).argmax(-1) == 0).all()
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_linear_matches_nn_linear_values_and_input_gradient(bias):
+    """The lm_head's oneDNN path (frozen fp32 head on CPU) computes what nn.Linear does, for 2-D
+    and 3-D inputs and a non-contiguous slice (logits_to_keep hands it one), and gives the input
+    the same gradient."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(24, 300, bias=bias).requires_grad_(False)
+    for x in (torch.randn(5, 24), torch.randn(3, 7, 24), torch.randn(3, 9, 24)[:, 2:-1]):
+        x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        fast, plain = head_linear(head, x1), torch.nn.functional.linear(x2, head.weight, head.bias)
+        assert type(fast.grad_fn).__name__ == "_OneDnnLinearBackward"  # the fast path ran
+        torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
+        grad = torch.randn_like(plain)
+        fast.backward(grad)
+        plain.backward(grad)
+        torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_head_linear_falls_back_where_the_head_trains_or_is_not_fp32():
+    """A head that trains gets its weight gradient (nn.Linear's path); other dtypes also take it."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50)
+    head_linear(head, torch.randn(2, 8)).sum().backward()
+    assert head.weight.grad is not None and head.bias.grad is not None
+    head64 = torch.nn.Linear(8, 50, dtype=torch.float64).requires_grad_(False)
+    x = torch.randn(2, 8, dtype=torch.float64)
+    assert head_linear(head64, x).dtype == torch.float64
+    torch.testing.assert_close(head_linear(head64, x), head64(x))
+
+
+def test_policy_routes_its_plain_lm_head_through_head_linear(tiny_llama):
+    """The policy's head (and a full-copy reference's) runs head_linear, and the logits are the
+    model's own."""
+    policy = _policy(tiny_llama, reference="full-copy")
+    for model in (policy.model.base_model.model, policy._ref_model):
+        head = model.get_output_embeddings()
+        assert head.forward.func is head_linear
+        x = torch.randn(2, 3, head.in_features)
+        torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight))

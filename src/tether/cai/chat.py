@@ -18,7 +18,7 @@ from transformers import LogitsProcessorList
 
 from tether.errors import TetherError
 from tether.models import LoadedModel
-from tether.policy import _StepSampler
+from tether.policy import StepSampler, use_head_linear
 from tether.rollout import SamplingParams
 
 Message = dict[str, str]  # {"role": "user" | "assistant", "content": ...}
@@ -29,6 +29,7 @@ class ChatModel:
 
     def __init__(self, loaded: LoadedModel) -> None:
         self.model = loaded.model.eval()
+        use_head_linear(self.model)
         self.tokenizer = loaded.tokenizer
         self.is_encoder_decoder = loaded.is_encoder_decoder
         self.use_template = not self.is_encoder_decoder and bool(self.tokenizer.chat_template)
@@ -83,8 +84,8 @@ class ChatModel:
             torch.manual_seed(seed * 1_000_003 + i)
             enc = self._encode(chunk)
             # tether's own sampler (inverse CDF, one uniform per row) and, on CPU, a static
-            # cache: what makes the policy's rollouts fast (see policy._StepSampler)
-            sampler = _StepSampler(
+            # cache: what makes the policy's rollouts fast (see policy.StepSampler)
+            sampler = StepSampler(
                 SamplingParams(max_new_tokens, 0, temperature), temperature, self.eos_token_ids
             )
             seq = self.model.generate(
