@@ -12,6 +12,7 @@ from tether.trainer import (
     batch_indices,
     build_policy,
     make_experience,
+    micro_batch_size,
     ppo_update,
     reference_logprobs,
     sampling_params,
@@ -147,10 +148,11 @@ def test_metrics_and_run_directory(tiny_t5, prompts_file, vowel_reward, tmp_path
 def test_gradient_accumulation_equals_full_minibatch(
     tiny_llama, prompts_file, vowel_reward, tmp_path
 ):
-    """4 micro-batches of 2 must give the same update as one mini-batch of 8."""
+    """4 micro-batches of 2 (asked for, or the CPU default) give the update of one mini-batch
+    of 8."""
     reward = PythonReward.from_spec(f"{vowel_reward}:vowels")
     results = []
-    for accum in (1, 4):
+    for accum in (1, 4, None):
         cfg = _cfg(
             tiny_llama,
             prompts_file,
@@ -175,10 +177,21 @@ def test_gradient_accumulation_equals_full_minibatch(
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         stats = ppo_update(policy, opt, sched, exp, cfg, torch.Generator().manual_seed(0))
         results.append(([p.detach().clone() for p in policy.trainable_parameters()], stats))
-    (p1, s1), (p4, s4) = results
-    for a, b in zip(p1, p4, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-    assert s1["policy_loss"] == pytest.approx(s4["policy_loss"], abs=1e-5)
+    (p1, s1), *accumulated = results
+    for p4, s4 in accumulated:
+        for a, b in zip(p1, p4, strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        assert s1["policy_loss"] == pytest.approx(s4["policy_loss"], abs=1e-5)
+
+
+def test_micro_batch_size_default_is_two_on_cpu_and_whole_elsewhere(tiny_llama, tmp_path):
+    def micro(mini, accum, device):
+        cfg = _cfg(tiny_llama, "unused", "unused", tmp_path, batch_size=8, mini_batch_size=mini)
+        cfg.gradient_accumulation_steps = accum
+        return micro_batch_size(cfg, torch.device(device))
+
+    assert [micro(4, None, "cpu"), micro(1, None, "cpu"), micro(4, None, "cuda")] == [2, 1, 4]
+    assert [micro(8, 2, "cpu"), micro(8, 1, "cpu"), micro(8, 4, "cuda")] == [4, 8, 2]
 
 
 def test_nan_loss_minibatch_is_skipped(tiny_llama, prompts_file, tmp_path, capsys):

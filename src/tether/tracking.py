@@ -68,7 +68,10 @@ def _hparams(config: Any) -> dict[str, str | int | float | bool]:
 class Tracker:
     """One run's experiment tracker, or nothing for `none`."""
 
-    def __init__(self, report_to: str, run_dir: Path, config: Any) -> None:
+    def __init__(self, report_to: str, run_dir: Path, config: Any, start_step: int = 0) -> None:
+        """`start_step` > 0: a resumed run. TensorBoard then hides the events the interrupted run
+        logged from that step on (they were after its last checkpoint, and are logged again), so
+        no step shows twice. W&B and MLflow start a new run."""
         self._accelerator = None
         if report_to == "none":
             return
@@ -83,7 +86,11 @@ class Tracker:
         self._accelerator.init_trackers(
             PROJECT,
             config=_hparams(config),
-            init_kwargs={"wandb": {"name": run_dir.name}, "mlflow": {"run_name": run_dir.name}},
+            init_kwargs={
+                "wandb": {"name": run_dir.name},
+                "mlflow": {"run_name": run_dir.name},
+                "tensorboard": {"purge_step": start_step} if start_step else {},
+            },
         )
 
     def log(self, row: dict[str, Any]) -> None:
