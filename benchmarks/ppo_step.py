@@ -2,6 +2,7 @@
 
     python benchmarks/ppo_step.py                   # batch 16, 48 tokens: phases, FLOP/s, memory
     python benchmarks/ppo_step.py --scaling --plot benchmarks/results/scaling.png
+    python benchmarks/ppo_step.py --memory          # what the peak RSS is made of
 
 The default run measures the shared reference (adapter disabled) and a full-copy reference
 side by side, each in its own process so peak RSS is that configuration's alone, and prints a
@@ -10,6 +11,8 @@ the guard (one probe of --probe-prompts prompts, amortised over --judge-every st
 (one checkpoint amortised over --save-every steps, plus the metrics line), each with the useful
 FLOPs it did and the FLOP/s achieved against this machine's measured fp32 matmul throughput.
 `--scaling` runs batch 4/16/64 at 48 new tokens and 24/48/96 new tokens at batch 16.
+`--memory` splits the shared run's peak RSS into libraries, weights, what autograd keeps for one
+update micro-batch and what glibc's allocator holds on to, and measures two ways to lower it.
 
 Every completion is forced to exactly --max-new-tokens tokens (min = max) so runs compare. The
 reward is a trivial Python function: this measures the engine, not a reward model.
@@ -80,6 +83,31 @@ class FlopCounter:
         return 2 * self.linear * n + 4 * self.attn * n * (n + 1) / 2 + 2 * self.head * response_len
 
 
+def rss_mb() -> float:
+    """Resident memory now (not the peak), from /proc."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def saved_activation_mb(policy, rollout) -> float:
+    """What autograd keeps from one training forward over `rollout` until its backward, the
+    parameters (which it also references) left out: the update's memory on top of the rest."""
+    import torch
+
+    params = {p.untyped_storage().data_ptr() for p in policy.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        policy(rollout)
+    return sum(saved.values()) / 2**20
+
+
 def run_one(args: argparse.Namespace) -> dict:
     """One configuration in this process; returns the figures as a dict."""
     import torch
@@ -89,8 +117,16 @@ def run_one(args: argparse.Namespace) -> dict:
     from tether.guard import Guard, GuardSettings
     from tether.rewards import load_reward
     from tether.rundir import RunDir
-    from tether.trainer import TrainState, batch_indices, build_policy, ppo_step, sampling_params
+    from tether.trainer import (
+        TrainState,
+        batch_indices,
+        build_policy,
+        micro_batch_size,
+        ppo_step,
+        sampling_params,
+    )
 
+    libraries_mb = rss_mb()  # torch, transformers, peft and tether imported, no model yet
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig(
             policy=args.policy,
@@ -138,6 +174,10 @@ def run_one(args: argparse.Namespace) -> dict:
         phase_flops = {"gen": fwd, "forward": fwd, "update": 2 * fwd * cfg.ppo_epochs}
 
         extra = {}
+        if args.memory:
+            micro = micro_batch_size(cfg, policy.device)
+            rollout, _, _ = policy.generate([r.prompt for r in records[:micro]], sampling)
+            extra["saved_activation_mb"] = saved_activation_mb(policy, rollout)
         if args.reference == "shared":
             # The guard's cost per step: one probe, amortised over judge_every steps.
             run = RunDir(Path(tmp) / "run")
@@ -164,7 +204,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "policy": args.policy,
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
-        "gradient_accumulation_steps": args.gradient_accumulation_steps,
+        "micro_batch_size": micro_batch_size(cfg, policy.device),
         "threads": torch.get_num_threads(),
         "step_s": step_s,
         "phases": phases,
@@ -175,22 +215,25 @@ def run_one(args: argparse.Namespace) -> dict:
         "samples_per_s": args.batch_size / step_s,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         "weights_mb": n_weights / 2**20,
+        "libraries_mb": libraries_mb,
         "prompt_tokens_mean": statistics.mean(prompt_lens),
         "response_len": statistics.mean(r["response_len_mean"] for r in rows),
         **extra,
     }
 
 
-def spawn(args: argparse.Namespace, **overrides) -> dict:
+def spawn(args: argparse.Namespace, env: dict[str, str] | None = None, **overrides) -> dict:
     """run_one in a fresh process, so each configuration's peak RSS is its own."""
     values = {**vars(args), **overrides}
     argv = [sys.executable, __file__, "--json"] + [
         f"--{k.replace('_', '-')}={v}"
         for k, v in values.items()
-        if k not in ("json", "scaling", "plot")
+        if k not in ("json", "scaling", "plot", "memory") and v is not None
     ]
+    if args.memory:
+        argv.append("--memory")
     proc = subprocess.run(
-        argv, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"}
+        argv, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1", **(env or {})}
     )
     if proc.returncode:
         sys.exit(f"benchmark run failed ({overrides}):\n{proc.stderr[-2000:]}")
@@ -214,6 +257,41 @@ def print_phases(r: dict) -> None:
     print(
         f"{'total':<11} {total:>6.2f}        matmul peak (fp32 2048^3, this machine): {peak:.0f} GFLOP/s; "
         f"{r['prompt_tokens_mean']:.0f} prompt tokens on average"
+    )
+
+
+def memory(args: argparse.Namespace) -> None:
+    """Peak RSS of the shared run, taken apart, and what lowering it costs in time.
+
+    glibc keeps freed memory for reuse, and the phases of a step (decoding, the reference pass,
+    the update) free and allocate different sizes, so part of the peak is memory no tensor holds.
+    With MALLOC_TRIM_THRESHOLD_ set glibc hands freed memory back (and stops raising its mmap
+    threshold), so that run's peak is close to the live peak, paid for in page faults.
+    """
+    whole = f"--gradient-accumulation-steps 1 ({args.mini_batch_size} a micro-batch)"
+    settings = [
+        ("default (2 a micro-batch on CPU)", {}, {}),
+        (whole, {}, {"gradient_accumulation_steps": 1}),
+        ("default, glibc gives freed memory back", {"MALLOC_TRIM_THRESHOLD_": str(2**20)}, {}),
+    ]
+    results = [spawn(args, env=env, reference="shared", **kw) for _, env, kw in settings]
+    r0 = results[0]
+    print(
+        f"policy {r0['policy']}  batch {r0['batch_size']}  new tokens {r0['max_new_tokens']}  "
+        f"mini-batch {args.mini_batch_size}  steps {args.steps} (median of {args.steps - 1})"
+    )
+    print(f"{'setting':<40} {'s/step':>7} {'peak RSS MB':>11} {'saved activations MB':>20}")
+    for (name, _, _), r in zip(settings, results, strict=True):
+        print(
+            f"{name:<40} {r['step_s']:>7.2f} {r['peak_rss_mb']:>11.0f} "
+            f"{r['saved_activation_mb']:>20.0f}"
+        )
+    live = results[2]["peak_rss_mb"]
+    print(
+        f"default peak {r0['peak_rss_mb']:.0f} MB = libraries {r0['libraries_mb']:.0f} + weights "
+        f"{r0['weights_mb']:.0f} + activations of one micro-batch {r0['saved_activation_mb']:.0f} "
+        f"+ the rest of the live peak {live - r0['libraries_mb'] - r0['weights_mb'] - r0['saved_activation_mb']:.0f} "
+        f"(backward, optimiser, buffers) + allocator-held {r0['peak_rss_mb'] - live:.0f}"
     )
 
 
@@ -274,7 +352,9 @@ def main() -> None:
     parser.add_argument("--mini-batch-size", type=int, default=4)
     parser.add_argument("--ppo-epochs", type=int, default=1)
     parser.add_argument(
-        "--gradient-accumulation-steps", type=int, default=1, help="micro-batches per mini-batch"
+        "--gradient-accumulation-steps",
+        type=int,
+        help="micro-batches per mini-batch (default: tether's, micro-batches of 2 on CPU)",
     )
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--lora-r", type=int, default=16)
@@ -285,6 +365,7 @@ def main() -> None:
     parser.add_argument("--reference", choices=["shared", "full-copy", "both"], default="both")
     parser.add_argument("--scaling", action="store_true", help="batch and token sweeps")
     parser.add_argument("--plot", help="with --scaling: write the curves to this PNG")
+    parser.add_argument("--memory", action="store_true", help="what the peak RSS is made of")
     parser.add_argument(
         "--json", action="store_true", help="(internal) run one configuration, print JSON"
     )
@@ -295,6 +376,9 @@ def main() -> None:
         return
     if args.scaling:
         scaling(args)
+        return
+    if args.memory:
+        memory(args)
         return
     modes = ["shared", "full-copy"] if args.reference == "both" else [args.reference]
     results = [spawn(args, reference=mode) for mode in modes]
