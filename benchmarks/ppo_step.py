@@ -89,6 +89,10 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def saved_activation_mb(policy, rollout) -> float:
     """What autograd keeps from one training forward over `rollout` until its backward, the
     parameters (which it also references) left out: the update's memory on top of the rest."""
@@ -158,6 +162,7 @@ def run_one(args: argparse.Namespace) -> dict:
             for step in range(args.steps)
         ]
         timed = rows[1:]  # step 0 is the warm-up
+        peak_steps_mb = peak_rss_mb()  # the PPO steps alone; the guard's probe and I/O come next
 
         def median(key: str) -> float:
             return statistics.median(r[key] for r in timed)
@@ -213,7 +218,8 @@ def run_one(args: argparse.Namespace) -> dict:
         "gen_s": median("gen_seconds"),  # the key the peers report (compare_trl.py reads it)
         "gen_share": median("gen_seconds") / step_s,
         "samples_per_s": args.batch_size / step_s,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
+        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_steps_mb": peak_steps_mb,
         "weights_mb": n_weights / 2**20,
         "libraries_mb": libraries_mb,
         "prompt_tokens_mean": statistics.mean(prompt_lens),
@@ -261,7 +267,7 @@ def print_phases(r: dict) -> None:
 
 
 def memory(args: argparse.Namespace) -> None:
-    """Peak RSS of the shared run, taken apart, and what lowering it costs in time.
+    """Peak RSS of the shared run's PPO steps, taken apart, and what lowering it costs in time.
 
     glibc keeps freed memory for reuse, and the phases of a step (decoding, the reference pass,
     the update) free and allocate different sizes, so part of the peak is memory no tensor holds.
@@ -280,18 +286,18 @@ def memory(args: argparse.Namespace) -> None:
         f"policy {r0['policy']}  batch {r0['batch_size']}  new tokens {r0['max_new_tokens']}  "
         f"mini-batch {args.mini_batch_size}  steps {args.steps} (median of {args.steps - 1})"
     )
-    print(f"{'setting':<40} {'s/step':>7} {'peak RSS MB':>11} {'saved activations MB':>20}")
+    print(f"{'setting':<50} {'s/step':>7} {'peak RSS MB':>11} {'saved activations MB':>20}")
     for (name, _, _), r in zip(settings, results, strict=True):
         print(
-            f"{name:<40} {r['step_s']:>7.2f} {r['peak_rss_mb']:>11.0f} "
+            f"{name:<50} {r['step_s']:>7.2f} {r['peak_rss_steps_mb']:>11.0f} "
             f"{r['saved_activation_mb']:>20.0f}"
         )
-    live = results[2]["peak_rss_mb"]
+    live, peak = results[2]["peak_rss_steps_mb"], r0["peak_rss_steps_mb"]
     print(
-        f"default peak {r0['peak_rss_mb']:.0f} MB = libraries {r0['libraries_mb']:.0f} + weights "
+        f"default peak {peak:.0f} MB = libraries {r0['libraries_mb']:.0f} + weights "
         f"{r0['weights_mb']:.0f} + activations of one micro-batch {r0['saved_activation_mb']:.0f} "
         f"+ the rest of the live peak {live - r0['libraries_mb'] - r0['weights_mb'] - r0['saved_activation_mb']:.0f} "
-        f"(backward, optimiser, buffers) + allocator-held {r0['peak_rss_mb'] - live:.0f}"
+        f"(backward, optimiser, buffers) + allocator-held {peak - live:.0f}"
     )
 
 
