@@ -13,14 +13,10 @@ from tether.tracking import tracker_values
 
 
 @pytest.fixture
-def train_args(tiny_llama, prompts_file, reward_file, tmp_path):
-    return [
-        "train",
-        *("--policy", str(tiny_llama), "--reward", f"python:{reward_file}:frac_a"),
-        *("--prompts", f"jsonl:{prompts_file}", "--out", str(tmp_path / "run")),
-        *("--steps", "3", "--batch-size", "4", "--mini-batch-size", "2"),
-        *("--max-new-tokens", "6", "--judge-every", "0", "--no-progress"),
-    ]
+def train_args(train_args):
+    """conftest's command line (the later option wins): 3 steps of 4, guard probes off."""
+    more = ("--steps", "3", "--batch-size", "4", "--max-new-tokens", "6", "--judge-every", "0")
+    return [*train_args, *more]
 
 
 def test_tensorboard_event_files_hold_the_metrics(train_args, tmp_path):

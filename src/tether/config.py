@@ -196,21 +196,18 @@ class TrainConfig:
             "steps",
             "batch_size",
             "mini_batch_size",
+            "gradient_accumulation_steps",  # None: the device's default
             "ppo_epochs",
             "max_new_tokens",
             "lora_r",
             "forward_batch_size",
             "max_prompt_tokens",
         ):
-            if getattr(self, name) < 1:
-                raise TetherError(f"{name} must be >= 1, got {getattr(self, name)}")
+            if (value := getattr(self, name)) is not None and value < 1:
+                raise TetherError(f"{name} must be >= 1, got {value}")
         if self.batch_size % self.mini_batch_size:
             raise TetherError(
                 f"batch_size {self.batch_size} is not divisible by mini_batch_size {self.mini_batch_size}"
-            )
-        if self.gradient_accumulation_steps is not None and self.gradient_accumulation_steps < 1:
-            raise TetherError(
-                f"gradient_accumulation_steps must be >= 1, got {self.gradient_accumulation_steps}"
             )
         if (
             self.gradient_accumulation_steps
