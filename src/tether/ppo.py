@@ -9,16 +9,26 @@ Sources:
 - GAE: Schulman et al. 2015, arXiv 1506.02438, eq. 16.
 - KL estimators k1/k2/k3: J. Schulman, "Approximating KL Divergence" (2020), joschu.net/blog/kl-approx.html.
 - Per-token KL-shaped reward: Ziegler et al. 2019, arXiv 1909.08593, eq. 2; Stiennon et al. 2020.
+- GRPO group-relative advantages and the per-sequence token-mean loss: Shao et al. 2024,
+  arXiv 2402.03300, sec. 4.1; without the std and with a constant normaliser: Dr. GRPO, Liu et al.
+  2025, arXiv 2503.20783, sec. 3.1; the token-level (token-mean) loss: DAPO, Yu et al. 2025,
+  arXiv 2503.14476, sec. 3.3.
+- RLOO's leave-one-out baseline and its sequence-level action: Ahmadian et al. 2024, arXiv
+  2402.14740, sec. 3.
+- REINFORCE++ (token-level KL in the reward, returns normalised over the batch): Hu 2025, arXiv
+  2501.03262, sec. 3.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 
-KLEstimator = Literal["k1", "k2", "k3"]
+KLEstimator = Literal["k1", "k2", "k3", "full"]
+LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -142,6 +152,32 @@ def kl_estimate(
     raise ValueError(f"unknown KL estimator {estimator!r}; expected one of k1, k2, k3")
 
 
+def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
+    """Exact per-token KL(policy || reference) over the whole vocabulary, not an estimate.
+
+    KL_t = sum_v p_t(v) (log p_t(v) - log q_t(v)), p = softmax(logits), q = softmax(ref_logits).
+    The positions are taken `chunk_size` at a time, so the (b, t, v) log-softmax copies of both
+    distributions never all live at once (each chunk makes (chunk_size, v) ones). Gradients flow
+    into `logits` (KL in the loss); `ref_logits` should carry none.
+
+    Args:
+        logits: (b, t, v) policy logits (already divided by the sampling temperature).
+        ref_logits: (b, t, v) reference logits, same scaling.
+        chunk_size: positions per chunk.
+    Returns:
+        (b, t) KL >= 0 at every position (padding included: mask it afterwards).
+    """
+    b, t, v = logits.shape
+    flat, ref_flat = logits.reshape(b * t, v), ref_logits.reshape(b * t, v)
+    out = []
+    for start in range(0, b * t, chunk_size):
+        log_p = torch.log_softmax(flat[start : start + chunk_size].float(), dim=-1)
+        log_q = torch.log_softmax(ref_flat[start : start + chunk_size].float(), dim=-1)
+        # KL(p || q) = sum_v p_v (log p_v - log q_v)
+        out.append((log_p.exp() * (log_p - log_q)).sum(-1))
+    return torch.cat(out).reshape(b, t) if out else logits.new_zeros(b, t)
+
+
 # ----------------------------------------------------------------------------------------------
 # rewards and advantages
 # ----------------------------------------------------------------------------------------------
@@ -222,6 +258,85 @@ def gae_advantages(
     return advantages, returns
 
 
+def discounted_returns(
+    rewards: torch.Tensor, valid_mask: torch.Tensor, gamma: float
+) -> torch.Tensor:
+    """Reward-to-go of every response token: G_t = sum_{s >= t} gamma^(s - t) r_s.
+
+    Args:
+        rewards: (b, t) per-token rewards (0 at padding).
+        valid_mask: (b, t) 1 where valid (right padding only).
+        gamma: discount.
+    Returns:
+        (b, t) returns, 0 at padding.
+    """
+    rewards = torch.where(valid_mask.bool(), rewards, torch.zeros_like(rewards))
+    running = torch.zeros_like(rewards[:, 0])
+    returns_reversed = []
+    for t in reversed(range(rewards.shape[1])):
+        # G_t = r_t + gamma * G_{t+1}
+        running = rewards[:, t] + gamma * running
+        returns_reversed.append(running)
+    returns = torch.stack(returns_reversed[::-1], dim=1)
+    return torch.where(valid_mask.bool(), returns, torch.zeros_like(returns))
+
+
+def reinforce_pp_advantages(
+    rewards: torch.Tensor, valid_mask: torch.Tensor, gamma: float = 1.0
+) -> torch.Tensor:
+    """REINFORCE++ (Hu 2025, arXiv 2501.03262, sec. 3): the advantage of token t is its return
+    under the KL-shaped token rewards, normalised over every valid token of the batch.
+
+    A_t = (G_t - mean(G)) / std(G), G_t = sum_{s >= t} gamma^(s-t) r_s, r_s = -beta KL_s + [s = T] score.
+
+    Args:
+        rewards: (b, t) KL-shaped per-token rewards (`shaped_rewards`).
+        valid_mask: (b, t).
+        gamma: discount (1 in the paper).
+    Returns:
+        (b, t) advantages, 0 at padding.
+    """
+    return masked_whiten(discounted_returns(rewards, valid_mask, gamma), valid_mask)
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, scale: bool = True) -> torch.Tensor:
+    """GRPO's group-relative advantage of each completion (Shao et al. 2024, sec. 4.1.2).
+
+    A_i = (r_i - mean(r_group)) / (std(r_group) + 1e-4), the std with Bessel's correction and the
+    1e-4 as TRL's GRPOTrainer has them; `scale=False` keeps only the mean (Dr. GRPO, Liu et al.
+    2025: dividing by the std weights easy and hard prompts unequally).
+
+    Args:
+        scores: (b,) sequence rewards, `group_size` consecutive completions per prompt.
+        group_size: G >= 2.
+        scale: divide by the group's std.
+    Returns:
+        (b,) advantages.
+    """
+    grouped = scores.view(-1, group_size)  # (b / G, G)
+    advantages = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale:
+        advantages = advantages / (grouped.std(dim=1, keepdim=True) + 1e-4)
+    return advantages.reshape(-1)
+
+
+def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO's advantage: each completion's reward minus the mean of its G - 1 siblings'
+    (Ahmadian et al. 2024, sec. 3.2; Kool et al. 2019).
+
+    A_i = r_i - (sum_j r_j - r_i) / (G - 1)
+
+    Args:
+        scores: (b,) sequence rewards, `group_size` consecutive completions per prompt.
+        group_size: G >= 2.
+    Returns:
+        (b,) advantages.
+    """
+    grouped = scores.view(-1, group_size)
+    baseline = (grouped.sum(dim=1, keepdim=True) - grouped) / (group_size - 1)
+    return (grouped - baseline).reshape(-1)
+
+
 # ----------------------------------------------------------------------------------------------
 # losses
 # ----------------------------------------------------------------------------------------------
@@ -255,6 +370,78 @@ def policy_loss(
     return loss, (clipped > unclipped) & valid_mask.bool(), ratio
 
 
+def sequence_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    valid_mask: torch.Tensor,
+    cliprange: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The clipped surrogate with the whole completion as one action (RLOO, Ahmadian et al. 2024,
+    sec. 3: "we model the entire generation as a single action"), as TRL's RLOOTrainer has it.
+
+    r_i = exp(sum_t (log pi(y_t) - log pi_old(y_t))); L_i = max(-r_i A_i, -clip(r_i, 1-eps, 1+eps) A_i)
+
+    Args:
+        logprobs, old_logprobs: (b, t).
+        advantages: (b,) one per completion.
+        valid_mask: (b, t).
+        cliprange: epsilon.
+    Returns:
+        loss_per_sequence (b,); clipped (b,) bool; ratio (b,).
+    """
+    log_ratio = masked_sum(logprobs - old_logprobs, valid_mask, dim=1)
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    return torch.maximum(unclipped, clipped), clipped > unclipped, ratio
+
+
+def aggregate_loss(
+    loss: torch.Tensor,
+    valid_mask: torch.Tensor,
+    mode: LossAggregation,
+    n_tokens: torch.Tensor | float | None = None,
+    n_sequences: int | None = None,
+    max_len: int | None = None,
+) -> torch.Tensor:
+    """Reduce a per-token loss to the scalar that is differentiated.
+
+    - `token-mean`: sum over every valid token / their count (DAPO's token-level loss; tether's
+      PPO always did this);
+    - `seq-mean-token-mean`: each sequence's token mean, averaged over sequences (GRPO as Shao et
+      al. 2024 write it, eq. 3: longer completions weigh less per token);
+    - `seq-mean-token-sum-norm`: sum over every valid token / (sequences x max_len), a constant
+      (Dr. GRPO, Liu et al. 2025, sec. 3.1, TRL's `dr_grpo`).
+
+    The normalisers default to this batch's own; a micro-batch of a larger mini-batch passes the
+    mini-batch's (`n_tokens`, `n_sequences`), so that the accumulated gradient is the mini-batch's.
+
+    Args:
+        loss: (b, t) per-token loss (0 at padding is not required).
+        valid_mask: (b, t) 1 where the token counts.
+        mode: one of the three above.
+        n_tokens: valid tokens of the whole (mini-)batch.
+        n_sequences: sequences of the whole (mini-)batch.
+        max_len: the constant of `seq-mean-token-sum-norm` (max new tokens).
+    Returns:
+        () scalar loss.
+    """
+    n_sequences = loss.shape[0] if n_sequences is None else n_sequences
+    if mode == "token-mean":
+        n_tokens = valid_mask.sum().clamp(min=1) if n_tokens is None else n_tokens
+        return masked_sum(loss, valid_mask) / n_tokens
+    if mode == "seq-mean-token-mean":
+        # (1 / n) sum_i (1 / |y_i|) sum_t l_{i,t}
+        per_seq = masked_sum(loss, valid_mask, dim=1) / valid_mask.sum(1).clamp(min=1)
+        return per_seq.sum() / n_sequences
+    if mode == "seq-mean-token-sum-norm":
+        max_len = loss.shape[1] if max_len is None else max_len
+        # (1 / (n * L)) sum_i sum_t l_{i,t}
+        return masked_sum(loss, valid_mask) / (n_sequences * max_len)
+    raise ValueError(f"unknown loss aggregation {mode!r}")
+
+
 def value_loss(
     values: torch.Tensor,
     old_values: torch.Tensor,
@@ -283,6 +470,85 @@ def value_loss(
     loss = 0.5 * torch.maximum(err_unclipped, err_clipped)
     loss = torch.where(valid_mask.bool(), loss, torch.zeros_like(loss))
     return loss, (err_clipped > err_unclipped) & valid_mask.bool()
+
+
+def rl_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    loss_mask: torch.Tensor,
+    cliprange: float,
+    aggregation: LossAggregation | None,
+    n_tokens: torch.Tensor | float,
+    n_sequences: int,
+    max_len: int,
+    kl: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
+    values: torch.Tensor | None = None,
+    old_values: torch.Tensor | None = None,
+    returns: torch.Tensor | None = None,
+    cliprange_value: float = 0.2,
+    vf_coef: float = 0.1,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss of one (micro-)batch, for every estimator: the clipped surrogate, plus the KL
+    penalty when it goes in the loss (GRPO, Shao et al. 2024, eq. 3), plus the clipped value loss
+    when there is a critic.
+
+    L = agg(L^CLIP_t + beta * KL_t) + vf_coef * token-mean(L^V_t); with `aggregation` None the
+    whole completion is one action (RLOO): L = sum_i L^CLIP_i / n_sequences.
+
+    Args:
+        logprobs: (b, t) log-probs under the policy being updated (carry the gradient).
+        old_logprobs: (b, t) log-probs at rollout time.
+        advantages: (b, t); a sequence-level estimator repeats its advantage on every token.
+        loss_mask: (b, t) 1 where a token enters the loss.
+        cliprange: epsilon.
+        aggregation: see `aggregate_loss`; None: sequence-level ratio (`sequence_policy_loss`).
+        n_tokens, n_sequences, max_len: the normalisers of the whole mini-batch.
+        kl: (b, t) per-token KL of the policy being updated to the reference, None: not in
+            the loss.
+        kl_coef: beta.
+        values, old_values, returns: (b, t) for the value loss, None without a critic.
+    Returns:
+        the scalar loss and detached diagnostics as () tensors (each a share of the mini-batch's
+        value: micro-batches' diagnostics add up): policy_loss, clipfrac, approx_kl, and
+        kl_loss / value_loss / vf_clipfrac where those terms exist.
+    """
+    agg = functools.partial(
+        aggregate_loss,
+        valid_mask=loss_mask,
+        n_tokens=n_tokens,
+        n_sequences=n_sequences,
+        max_len=max_len,
+    )
+    if aggregation is None:
+        # advantages[:, 0]: the completion's one advantage (the first token is always emitted)
+        pg_seq, clipped_seq, _ = sequence_policy_loss(
+            logprobs, old_logprobs, advantages[:, 0], loss_mask, cliprange
+        )
+        kept = loss_mask.any(1)
+        pg_loss = torch.where(kept, pg_seq, torch.zeros_like(pg_seq)).sum() / n_sequences
+        clipfrac = (clipped_seq & kept).float().sum() / n_sequences
+    else:
+        pg, clipped, _ = policy_loss(logprobs, old_logprobs, advantages, loss_mask, cliprange)
+        pg_loss = agg(pg, mode=aggregation)
+        clipfrac = agg(clipped.float(), mode="token-mean")
+    loss = pg_loss
+    with torch.no_grad():
+        # approx KL(old || new) ~ 1/2 (log r)^2, the k2 estimator
+        approx_kl = agg(0.5 * (logprobs - old_logprobs) ** 2, mode="token-mean")
+    stats = {"policy_loss": pg_loss.detach(), "clipfrac": clipfrac.detach(), "approx_kl": approx_kl}
+    if kl is not None:
+        kl_loss = agg(kl, mode=aggregation or "token-mean")
+        loss = loss + kl_coef * kl_loss
+        stats["kl_loss"] = kl_loss.detach()
+    if values is not None:
+        vf, vf_clipped = value_loss(values, old_values, returns, loss_mask, cliprange_value)
+        vf_loss = agg(vf, mode="token-mean")
+        loss = loss + vf_coef * vf_loss
+        stats["value_loss"] = vf_loss.detach()
+        stats["vf_clipfrac"] = agg(vf_clipped.float(), mode="token-mean").detach()
+    return loss, stats
 
 
 def explained_variance(
