@@ -199,3 +199,18 @@ def test_smollm2_feedback_format():
     assert text.endswith("<|im_start|>assistant\nThe answer is: (")
     probs = chat.option_probs([text], ("A", "B"))
     torch.testing.assert_close(probs.sum(-1), torch.ones(1))
+
+
+def test_cai_rl_takes_the_estimator(tmp_path, monkeypatch):
+    """`cai rl --rl-advantage rloo --rl-group-size 2` reaches the RL stage's TrainConfig."""
+    monkeypatch.setattr(pipeline, "_needs", lambda cfg, stage: tmp_path / stage)
+    cfg = CaiConfig(out=str(tmp_path / "cai"), rl_advantage="rloo", rl_group_size=2)
+    rl = pipeline.rl_config(cfg, tmp_path / "prompts.jsonl", tmp_path / "run")
+    assert (rl.advantage, rl.group_size, rl.kl_penalty, rl.has_critic) == (
+        "rloo",
+        2,
+        "reward",
+        False,
+    )
+    default = pipeline.rl_config(CaiConfig(out=str(tmp_path / "cai")), tmp_path / "p", tmp_path)
+    assert (default.advantage, default.group_size) == ("gae", 1)

@@ -41,8 +41,13 @@ def _free_port() -> int:
 
 
 @pytest.mark.skipif(not Path(ACCELERATE).is_file(), reason="the accelerate launcher is missing")
+@pytest.mark.parametrize(
+    "estimator",
+    [{}, {"advantage": "grpo", "group_size": 2, "kl_estimator": "full"}],
+    ids=["gae", "grpo-full-kl-in-loss"],
+)
 def test_two_processes_train_the_same_weights_and_rank0_alone_writes(
-    tiny_llama, prompts_file, reward_file, tmp_path
+    tiny_llama, prompts_file, reward_file, tmp_path, estimator
 ):
     driver = tmp_path / "driver.py"
     driver.write_text(DRIVER)
@@ -63,6 +68,7 @@ def test_two_processes_train_the_same_weights_and_rank0_alone_writes(
         "judge_every": 3,  # guard probes at the start and after the last step, on both ranks
         "save_every": 2,
         "progress": False,
+        **estimator,
     }
     # the shipped DDP config; without GPUs its processes run on CPU over gloo. (`accelerate
     # launch --cpu --num_processes 2` starts one process: Accelerate 1.x needs mpirun for more.)

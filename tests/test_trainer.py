@@ -15,6 +15,7 @@ from tether.trainer import (
     micro_batch_size,
     ppo_update,
     reference_logprobs,
+    reference_pass,
     sampling_params,
     train,
 )
@@ -145,8 +146,22 @@ def test_metrics_and_run_directory(tiny_t5, prompts_file, vowel_reward, tmp_path
     assert not [p for p in out.rglob(".*tmp*")]
 
 
+# every estimator's loss, and each aggregation: accumulation must not change the update
+ESTIMATOR_LOSSES = [
+    {},  # gae, token-mean, KL in the reward
+    {"advantage": "grpo", "group_size": 2, "loss_aggregation": "seq-mean-token-mean"},
+    {"advantage": "grpo", "group_size": 2, "loss_aggregation": "seq-mean-token-sum-norm"},
+    {"advantage": "grpo", "group_size": 2, "kl_estimator": "full"},  # full KL in the loss
+    {"advantage": "rloo", "group_size": 2},  # one ratio per completion
+    {"advantage": "reinforce++"},
+]
+
+
+@pytest.mark.parametrize(
+    "estimator", ESTIMATOR_LOSSES, ids=lambda kw: "-".join(map(str, kw.values())) or "gae"
+)
 def test_gradient_accumulation_equals_full_minibatch(
-    tiny_llama, prompts_file, vowel_reward, tmp_path
+    tiny_llama, prompts_file, vowel_reward, tmp_path, estimator
 ):
     """4 micro-batches of 2 (asked for, or the CPU default) give the update of one mini-batch
     of 8."""
@@ -162,6 +177,7 @@ def test_gradient_accumulation_equals_full_minibatch(
             mini_batch_size=8,
             gradient_accumulation_steps=accum,
             ppo_epochs=1,
+            **estimator,
         )
         torch.manual_seed(0)
         policy = build_policy(cfg)
@@ -170,9 +186,8 @@ def test_gradient_accumulation_equals_full_minibatch(
             ["hello there", "the cat sat", "good day", "see you"] * 2, sampling_params(cfg)
         )
         scores = reward.score(rollout.prompts, rollout.completions)
-        exp = make_experience(
-            rollout, gen_out, reference_logprobs(policy, rollout, cfg), scores, 0.05, cfg
-        )
+        ref_logprobs, kl = reference_pass(policy, rollout, cfg)
+        exp = make_experience(rollout, gen_out, ref_logprobs, scores, 0.05, cfg, kl)
         opt = torch.optim.SGD(policy.trainable_parameters(), lr=1.0)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
         stats = ppo_update(policy, opt, sched, exp, cfg, torch.Generator().manual_seed(0))
@@ -226,8 +241,12 @@ def test_nan_loss_minibatch_is_skipped(tiny_llama, prompts_file, tmp_path, capsy
     )  # the other one stepped
 
 
-def test_resume_matches_uninterrupted_run(tiny_llama, prompts_file, vowel_reward, tmp_path):
+@pytest.mark.parametrize("advantage", ["gae", "grpo"])
+def test_resume_matches_uninterrupted_run(
+    tiny_llama, prompts_file, vowel_reward, tmp_path, advantage
+):
     kw = dict(steps=6, batch_size=8, mini_batch_size=4, save_every=3, judge_every=2)
+    kw["advantage"] = advantage  # grpo: no value head to save, the KL in the loss
     full = train(_cfg(tiny_llama, prompts_file, vowel_reward, tmp_path / "full", **kw))
     # the "crashed" run stopped after step 4: checkpoint step-2 exists, metrics has rows 0..4
     part_dir = tmp_path / "part"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
@@ -51,6 +52,34 @@ class TrainConfig:
         "existing LoRA adapter dir to start from; it is merged, so the reference is the starting policy",
     )
 
+    # --- the estimator ---
+    advantage: Literal["gae", "grpo", "rloo", "reinforce++"] = _opt(
+        "gae",
+        "advantage estimator: gae (PPO with a critic), grpo, rloo or reinforce++ (critic-free, "
+        "no value head)",
+    )
+    group_size: int | None = _opt(
+        None,
+        "completions sampled per prompt (a step samples batch_size / group_size prompts); "
+        "unset: 4 for grpo and rloo, 1 otherwise",
+    )
+    grpo_std: bool = _opt(
+        True, "grpo: divide each group's advantages by its std (--no-grpo-std: Dr. GRPO)"
+    )
+    loss_aggregation: (
+        Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] | None
+    ) = _opt(
+        None,
+        "policy loss over tokens: token-mean (DAPO), seq-mean-token-mean (GRPO as published) or "
+        "seq-mean-token-sum-norm (Dr. GRPO's constant); unset: token-mean (rloo: per completion)",
+    )
+    missing_eos_penalty: float | None = _opt(
+        None, "subtract this from the score of a completion that ends without EOS (truncated)"
+    )
+    mask_truncated_completions: bool = _opt(
+        False, "leave completions that end without EOS out of the loss"
+    )
+
     # --- PPO schedule ---
     steps: int = _opt(20, "PPO steps (each = one batch of rollouts + its update)")
     batch_size: int = _opt(16, "completions generated and scored per step")
@@ -91,8 +120,18 @@ class TrainConfig:
         None, "adaptive KL: steer mean per-sequence KL (nats) toward this; unset = fixed beta"
     )
     kl_horizon: int = _opt(10_000, "adaptive KL horizon in samples (Ziegler et al.)")
-    kl_estimator: Literal["k1", "k2", "k3"] = _opt(
-        "k1", "per-token KL estimator in the reward penalty"
+    kl_penalty: Literal["reward", "loss"] | None = _opt(
+        None,
+        "where the KL penalty goes: into the reward (shaped per token) or into the loss (GRPO); "
+        "unset: loss for grpo, reward otherwise",
+    )
+    kl_estimator: Literal["k1", "k2", "k3", "full"] | None = _opt(
+        None,
+        "per-token KL: k1/k2/k3 from the sampled token, full = exact over the whole vocabulary "
+        "(one more forward pass); unset: k3 in the loss, k1 in the reward",
+    )
+    kl_chunk_size: int = _opt(
+        128, "full KL: positions per chunk of the vocabulary-wide softmaxes (memory vs speed)"
     )
 
     # --- generation ---
@@ -175,7 +214,25 @@ class TrainConfig:
     )
 
     def __post_init__(self) -> None:
+        self.resolve_defaults()
         self.validate()
+
+    @property
+    def has_critic(self) -> bool:
+        """Only gae trains a value head; the critic-free estimators build none."""
+        return self.advantage == "gae"
+
+    def resolve_defaults(self) -> None:
+        """The estimator-dependent defaults, resolved once after parsing (and saved resolved)."""
+        grouped = self.advantage in ("grpo", "rloo")
+        if self.group_size is None:
+            self.group_size = 4 if grouped else 1
+        if self.kl_penalty is None:
+            self.kl_penalty = "loss" if self.advantage == "grpo" else "reward"
+        if self.kl_estimator is None:
+            self.kl_estimator = "k3" if self.kl_penalty == "loss" else "k1"
+        if self.loss_aggregation is None and self.advantage != "rloo":
+            self.loss_aggregation = "token-mean"
 
     def load_safety(self) -> dict[str, bool]:
         """The model-loading switches, as keyword arguments of load_model / load_reward."""
@@ -202,6 +259,8 @@ class TrainConfig:
             "lora_r",
             "forward_batch_size",
             "max_prompt_tokens",
+            "group_size",
+            "kl_chunk_size",
         ):
             if (value := getattr(self, name)) is not None and value < 1:
                 raise TetherError(f"{name} must be >= 1, got {value}")
@@ -217,6 +276,7 @@ class TrainConfig:
                 f"mini_batch_size {self.mini_batch_size} is not divisible by "
                 f"gradient_accumulation_steps {self.gradient_accumulation_steps}"
             )
+        self._validate_estimator()
         if self.min_new_tokens > self.max_new_tokens:
             raise TetherError(
                 f"min_new_tokens {self.min_new_tokens} exceeds max_new_tokens {self.max_new_tokens}"
@@ -249,6 +309,39 @@ class TrainConfig:
         if self.judge is not None and self.judge == self.reward:
             raise TetherError(
                 f"--judge {self.judge} is also the --reward: the gold judge must be independent"
+            )
+
+    def _validate_estimator(self) -> None:
+        """The estimator's combinations that do not make sense, refused in one line each."""
+        where = f"--advantage {self.advantage}"
+        if self.batch_size % self.group_size:
+            raise TetherError(
+                f"batch_size {self.batch_size} is not divisible by group_size {self.group_size}"
+            )
+        if self.advantage in ("grpo", "rloo") and self.group_size < 2:
+            raise TetherError(
+                f"{where} compares completions of the same prompt: group_size must be >= 2, "
+                f"got {self.group_size}"
+            )
+        if self.kl_penalty == "loss" and self.kl_estimator == "k1":
+            raise TetherError(
+                "--kl-estimator k1 in the loss has zero expected gradient (E[grad log pi] = 0 on "
+                "policy samples): use k2, k3 or full with --kl-penalty loss"
+            )
+        if self.kl_penalty == "loss" and self.advantage == "reinforce++":
+            raise TetherError(
+                "--advantage reinforce++ puts the KL penalty in the token rewards by definition "
+                "(Hu 2025); drop --kl-penalty loss"
+            )
+        if self.kl_penalty == "loss" and self.advantage == "rloo":
+            raise TetherError(
+                "--advantage rloo treats a completion as one action and puts its KL in the reward "
+                "(Ahmadian et al. 2024); drop --kl-penalty loss"
+            )
+        if self.advantage == "rloo" and self.loss_aggregation is not None:
+            raise TetherError(
+                f"--loss-aggregation {self.loss_aggregation}: rloo's loss is one clipped ratio per "
+                "completion, averaged over completions; there are no tokens to aggregate"
             )
 
 
@@ -431,6 +524,12 @@ class CaiConfig:
     rl_batch_size: int = _opt(4, "RLAIF: completions per PPO step")
     rl_lr: float = _opt(2e-4, "RLAIF: learning rate")
     rl_kl_coef: float = _opt(0.1, "RLAIF: KL penalty coefficient to the SL-CAI model")
+    rl_advantage: Literal["gae", "grpo", "rloo", "reinforce++"] = _opt(
+        "gae", "RLAIF: advantage estimator (gae = PPO with a critic; the others are critic-free)"
+    )
+    rl_group_size: int | None = _opt(
+        None, "RLAIF: completions per prompt (unset: 4 for grpo and rloo, 1 otherwise)"
+    )
     judge: str | None = _opt(
         "hatesonar",
         "gold judge of harmfulness for the guard and the evaluation (a reward spec; none: off)",
@@ -467,9 +566,16 @@ class CaiConfig:
             self.judge = None
 
 
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    """The resolved annotations of a config class (evaluating them is the slow part of building
+    the parser: once per class, not once per field)."""
+    return typing.get_type_hints(cls)
+
+
 def field_type(cls: type, f: dataclasses.Field) -> tuple[type, bool, tuple | None, bool]:
     """(scalar type, optional?, literal choices or None, is_list) of a config field."""
-    hint = typing.get_type_hints(cls)[f.name]
+    hint = _type_hints(cls)[f.name]
     optional = False
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         args = [a for a in typing.get_args(hint) if a is not type(None)]

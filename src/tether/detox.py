@@ -159,7 +159,7 @@ def evaluate_adapter(cfg: EvalConfig) -> DetoxResult:
     if cfg.trained is not None:
         cfg = _with_adapter_shape(cfg, Path(cfg.trained))
     setup.run.prepare_eval(config_to_yaml(cfg))
-    policy = build_policy(cfg)
+    policy = build_policy(cfg, value_head=False)  # evaluation needs no critic
     timing = {}
     t0 = time.perf_counter()
     baseline = _run_eval(policy, setup, cfg, as_reference=True, name="baseline")
@@ -180,9 +180,9 @@ def _with_adapter_shape(cfg: EvalConfig, trained: Path) -> EvalConfig:
         saved = json.loads((trained / "adapter_config.json").read_text())
     except (OSError, ValueError):
         raise TetherError(f"--trained {trained}: no readable adapter_config.json there") from None
-    if not (trained / "value_head.safetensors").is_file():
+    if not (trained / "adapter_model.safetensors").is_file():
         raise TetherError(
-            f"--trained {trained}: not a tether adapter dir (value_head.safetensors missing)"
+            f"--trained {trained}: not a tether adapter dir (adapter_model.safetensors missing)"
         )
     _check_same_start(cfg, trained)
     targets = saved.get("target_modules")

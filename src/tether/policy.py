@@ -1,4 +1,4 @@
-"""One policy interface for causal and seq2seq LMs: base model + LoRA adapter + value head.
+"""One policy interface for causal and seq2seq LMs: base model + LoRA adapter (+ value head).
 
 The reference is the same base weights with the adapter disabled (`with policy.reference():`),
 so only one model sits in memory. A starting SFT adapter is merged into the base first, which
@@ -53,11 +53,13 @@ class LoraSettings:
 @dataclass
 class PolicyOutput:
     """Per response token, all (b, t): log-probs of the taken tokens, values and entropy of the
-    full next-token distribution (no grad), each None when not asked for."""
+    full next-token distribution (no grad), each None when not asked for; `logits` (b, t, v),
+    divided by the temperature like the log-probs, only when asked for (the full KL)."""
 
     logprobs: torch.Tensor
     values: torch.Tensor | None
     entropy: torch.Tensor | None
+    logits: torch.Tensor | None = None
 
 
 # oneDNN's fp32 linear, where this torch build has it (a private op: probed, never required).
@@ -158,7 +160,8 @@ class StepSampler(LogitsProcessor):
 
 
 class Policy(torch.nn.Module):
-    """A language model with a trainable LoRA adapter and value head, and a free reference."""
+    """A language model with a trainable LoRA adapter, a value head when the estimator has a
+    critic (`value_head=False`: none is built, trained or saved), and a free reference."""
 
     def __init__(
         self,
@@ -169,6 +172,7 @@ class Policy(torch.nn.Module):
         temperature: float = 1.0,
         max_prompt_tokens: int = 512,
         chat_template: str = "auto",
+        value_head: bool = True,
     ) -> None:
         super().__init__()
         base = loaded.model
@@ -216,11 +220,14 @@ class Policy(torch.nn.Module):
                 self.model = get_peft_model(base, lora_cfg)
         except ValueError as e:
             raise TetherError(f"cannot put LoRA on {lora_cfg.target_modules}: {e}") from None
-        hidden = base.get_output_embeddings().in_features
-        self.value_head = torch.nn.Linear(hidden, 1, dtype=torch.float32, device=base.device)
-        # V = 0 at the start: the first advantages are then the raw returns, not noise.
-        torch.nn.init.zeros_(self.value_head.weight)
-        torch.nn.init.zeros_(self.value_head.bias)
+        self._device = base.device
+        self.value_head: torch.nn.Linear | None = None
+        if value_head:
+            hidden = base.get_output_embeddings().in_features
+            self.value_head = torch.nn.Linear(hidden, 1, dtype=torch.float32, device=base.device)
+            # V = 0 at the start: the first advantages are then the raw returns, not noise.
+            torch.nn.init.zeros_(self.value_head.weight)
+            torch.nn.init.zeros_(self.value_head.bias)
 
         # The lm_head's input is the final hidden state (after the last norm, and after T5's
         # d_model**-0.5 rescale): the value head reads it there, so one pass gives both.
@@ -262,10 +269,10 @@ class Policy(torch.nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.value_head.weight.device
+        return self._device
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """LoRA matrices and the value head: nothing else ever gets a gradient."""
+        """LoRA matrices and the value head (if any): nothing else ever gets a gradient."""
         return [p for p in self.parameters() if p.requires_grad]
 
     @contextlib.contextmanager
@@ -364,8 +371,8 @@ class Policy(torch.nn.Module):
         the hidden states captured at the lm_head.
 
         Returns:
-            the rollout; its (b, t) log-probs, values (None for a full-copy reference), entropy;
-            and the number of prompts truncated to max_prompt_tokens.
+            the rollout; its (b, t) log-probs, values (None without a value head or for a
+            full-copy reference), entropy; and the number of prompts truncated to max_prompt_tokens.
         """
         prompt_ids, prompt_mask, n_truncated = self.encode_prompts(prompts)
         sampler = StepSampler(sampling, self.temperature, self.eos_token_ids)
@@ -399,13 +406,15 @@ class Policy(torch.nn.Module):
         response_ids = seq[:, 1:] if self.is_encoder_decoder else seq[:, prompt_ids.shape[1] :]
         valid_mask = response_valid_mask(response_ids, self.eos_token_ids)
         completions = self.decode(response_ids, valid_mask)
+        last_token = response_ids.gather(1, ppo.last_valid_index(valid_mask).unsqueeze(1))
+        finished = torch.isin(last_token.squeeze(1), torch.tensor(self.eos_token_ids).to(seq))
         rollout = Rollout(
-            prompt_ids, prompt_mask, response_ids, valid_mask, list(prompts), completions
+            prompt_ids, prompt_mask, response_ids, valid_mask, list(prompts), completions, finished
         )
 
         logprobs, entropy = torch.cat(sampler.logprobs, 1), torch.cat(sampler.entropy, 1)
         values = None
-        if len(hidden_steps) == response_ids.shape[1]:
+        if self.value_head is not None and len(hidden_steps) == response_ids.shape[1]:
             values = self.value_head(torch.cat(hidden_steps, dim=1).float()).squeeze(-1)
         zero = torch.zeros_like(logprobs)
         keep = valid_mask.bool()
@@ -433,9 +442,10 @@ class Policy(torch.nn.Module):
         with_values: bool = True,
         temperature: float | None = None,
         with_entropy: bool = False,
+        with_logits: bool = False,
     ) -> PolicyOutput:
-        """Log-probs (and values, and entropy when asked) of the response tokens in one pass over
-        prompt + response.
+        """Log-probs (and values where there is a value head, entropy and logits when asked) of
+        the response tokens in one pass over prompt + response.
 
         Gradients flow when called under grad mode; entropy never carries one, and is off by
         default: PPO logs the rollout's entropy from the sampling pass, and another softmax over
@@ -483,12 +493,12 @@ class Policy(torch.nn.Module):
             with torch.no_grad():
                 entropy = ppo.entropy_from_logits(logits)
         values = None
-        if with_values:
+        if with_values and self.value_head is not None:
             if hidden is None:
                 raise RuntimeError("value head saw no hidden state: the lm_head hook did not fire")
             values = self.value_head(hidden.float()).squeeze(-1)
         self._hidden = None
-        return PolicyOutput(logprobs, values, entropy)
+        return PolicyOutput(logprobs, values, entropy, logits if with_logits else None)
 
     # ------------------------------------------------------------------------------------------
     # persistence: the adapter (PEFT format) and the value head, both safetensors
@@ -497,10 +507,11 @@ class Policy(torch.nn.Module):
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         self.model.save_pretrained(directory, safe_serialization=True)
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()},
-            directory / VALUE_HEAD_FILE,
-        )
+        if self.value_head is not None:
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()},
+                directory / VALUE_HEAD_FILE,
+            )
 
     @torch.no_grad()
     def reset_adapter(self) -> None:
@@ -509,21 +520,24 @@ class Policy(torch.nn.Module):
         for name, p in self.model.named_parameters():
             if "lora_B" in name:
                 p.zero_()
-        self.value_head.weight.zero_()
-        self.value_head.bias.zero_()
+        if self.value_head is not None:
+            self.value_head.weight.zero_()
+            self.value_head.bias.zero_()
 
     def load_trainable(self, directory: str | Path) -> None:
-        """Restore adapter and value head saved by `save` (resume, evaluation); safetensors
-        only, as `save` writes them (never a pickled adapter_model.bin)."""
+        """Restore adapter and value head (a policy without one reads only the adapter) saved by
+        `save` (resume, evaluation); safetensors only, as `save` writes them (never a pickled
+        adapter_model.bin)."""
         directory = Path(directory)
         if not (directory / "adapter_model.safetensors").is_file():
             raise TetherError(f"{directory} holds no adapter_model.safetensors (tether's format)")
         set_peft_model_state_dict(
             self.model, load_peft_weights(str(directory), device=str(self.device))
         )
-        self.value_head.load_state_dict(
-            load_file(directory / VALUE_HEAD_FILE, device=str(self.device))
-        )
+        if self.value_head is not None:
+            self.value_head.load_state_dict(
+                load_file(directory / VALUE_HEAD_FILE, device=str(self.device))
+            )
 
 
 def _default_targets(model: torch.nn.Module) -> list[str] | str:

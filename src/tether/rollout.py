@@ -37,6 +37,7 @@ class Rollout:
         valid_mask: (b, t) 1 for generated tokens up to and including the first EOS.
         prompts: the b prompt texts as the reward sees them (before any chat template).
         completions: the b decoded responses (special tokens removed).
+        finished: (b,) bool, True where the response ended with EOS (False: cut at max_new_tokens).
     """
 
     prompt_ids: torch.Tensor
@@ -45,6 +46,7 @@ class Rollout:
     valid_mask: torch.Tensor
     prompts: list[str]
     completions: list[str]
+    finished: torch.Tensor
 
     def __len__(self) -> int:
         return self.response_ids.shape[0]
@@ -61,34 +63,43 @@ class Rollout:
             valid_mask=self.valid_mask[idx, :t],
             prompts=[self.prompts[i] for i in idx_list],
             completions=[self.completions[i] for i in idx_list],
+            finished=self.finished[idx],
         )
 
 
 @dataclass
 class Experience:
-    """A scored rollout with everything the PPO update needs. All tensors (b, t) unless noted.
+    """A scored rollout with everything the update needs. All tensors (b, t) unless noted.
 
     Fields:
         rollout: the generated batch.
         old_logprobs: policy log-probs of the response tokens at rollout time.
         ref_logprobs: reference (starting policy) log-probs of the same tokens.
-        old_values: value estimates at rollout time.
-        scores: (b,) reward-model scores.
-        kl: per-token KL estimate (the penalised quantity).
-        rewards: per-token shaped rewards.
-        advantages: GAE advantages (whitened if configured).
-        returns: value targets.
+        old_values: value estimates at rollout time (None without a critic).
+        scores: (b,) the scores the update saw (normalised, length-penalised as configured).
+        kl: per-token KL of the rollout policy to the reference (the penalised quantity).
+        rewards: per-token rewards: the score on the last token, minus the KL penalty on every
+            token when the KL goes in the reward.
+        advantages: per token; a sequence-level estimator's advantage sits on every token of
+            its completion.
+        returns: value targets (None without a critic).
+        loss_mask: 1 where a token enters the loss: `valid_mask`, less truncated completions
+            when those are masked out.
     """
 
     rollout: Rollout
     old_logprobs: torch.Tensor
     ref_logprobs: torch.Tensor
-    old_values: torch.Tensor
+    old_values: torch.Tensor | None
     scores: torch.Tensor
     kl: torch.Tensor
     rewards: torch.Tensor
     advantages: torch.Tensor
-    returns: torch.Tensor
+    returns: torch.Tensor | None
+    loss_mask: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.rollout)
 
     def select(self, idx: torch.Tensor) -> Experience:
         """Rows `idx` (a mini-batch), response columns trimmed like `Rollout.select`."""
@@ -97,7 +108,7 @@ class Experience:
         per_token = {
             f.name: getattr(self, f.name)[idx, :t]
             for f in fields(self)
-            if f.name not in ("rollout", "scores")
+            if f.name not in ("rollout", "scores") and getattr(self, f.name) is not None
         }
         return replace(self, rollout=rollout, scores=self.scores[idx], **per_token)
 

@@ -1,8 +1,10 @@
-"""The PPO loop: a thin orchestrator over the policy, the reward, the math and the run directory.
+"""The RL loop: a thin orchestrator over the policy, the reward, the math and the run directory.
 
-One step: (1) rollout -> (2) score -> (3) log-probs, values, reference log-probs -> (4) KL-shaped
-rewards -> (5) GAE advantages -> (6) epochs x mini-batches of clipped updates -> (7) KL control
--> (8) log and checkpoint.
+One step, for every estimator (`--advantage gae|grpo|rloo|reinforce++`): (1) rollout, G
+completions per prompt -> (2) score -> (3) reference log-probs (and the exact KL for `full`) ->
+(4) rewards, KL-shaped when the KL goes in the reward -> (5) advantages -> (6) epochs x
+mini-batches of clipped updates, KL in the loss when it goes there -> (7) KL control -> (8) log
+and checkpoint. The file reads top-down in that order after the state it keeps.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -101,6 +103,9 @@ class RunningMoments:
         )
 
 
+REWARD_SCALE_WARNING = 10.0  # check_reward_scale: penalty / score std above this warns
+
+
 class TooManySkips(Exception):
     """`max_consecutive_skips` mini-batches in a row were skipped; the trainer turns this into
     a TetherError naming the step and the last complete checkpoint."""
@@ -131,6 +136,7 @@ class TrainState:
     kl_ctl: KLController
     score_moments: RunningMoments
     skips: SkipCounter
+    scale_warned: bool = False  # check_reward_scale warns once a run (not saved: once a process)
 
     @classmethod
     def create(cls, policy: Policy, cfg: TrainConfig) -> TrainState:
@@ -145,6 +151,30 @@ class TrainState:
         return cls(
             optimizer, scheduler, kl_ctl, RunningMoments(), SkipCounter(cfg.max_consecutive_skips)
         )
+
+    def check_reward_scale(
+        self, scores: torch.Tensor, seq_kl: torch.Tensor, kl_coef: float, cfg: TrainConfig
+    ) -> None:
+        """Warn once when the KL penalty in the reward dwarfs the spread of the scores the update
+        sees: the advantages then mostly reward a short, reference-like completion, not a better
+        one (a 0-0.05 toy reward at kl_coef 0.05 shrank completions and never rose)."""
+        if self.scale_warned or cfg.kl_penalty != "reward" or kl_coef == 0 or len(scores) < 2:
+            return
+        penalty = kl_coef * seq_kl.abs().mean().item()
+        spread = scores.std().item()
+        # equal scores (std 0) carry no reward signal to drown: nothing to warn about
+        if spread > 0 and penalty > REWARD_SCALE_WARNING * spread:
+            self.scale_warned = True
+            fix = (
+                "lower --kl-coef or --lr (the scores are normalised already)"
+                if cfg.score_norm
+                else "pass --score-norm (or --kl-penalty loss, or a lower --kl-coef)"
+            )
+            warn(
+                f"the KL penalty in the reward (mean beta x sequence KL {penalty:.3g}) is "
+                f"{penalty / spread:.0f}x "
+                f"the spread of the scores (std {spread:.3g}), so it drowns the reward: {fix}"
+            )
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -176,8 +206,9 @@ def warn(msg: str) -> None:
     tqdm.write(f"warning: {msg}", file=sys.stderr)
 
 
-def build_policy(cfg: TrainConfig) -> Policy:
-    """The configured policy; seeded, because LoRA's A matrices are drawn at build time."""
+def build_policy(cfg: TrainConfig, value_head: bool | None = None) -> Policy:
+    """The configured policy; seeded, because LoRA's A matrices are drawn at build time. It has
+    a value head when the estimator has a critic, unless `value_head` says otherwise."""
     if (
         cfg.adapter
         and not cfg.allow_bin_weights
@@ -202,6 +233,7 @@ def build_policy(cfg: TrainConfig) -> Policy:
         temperature=cfg.temperature,
         max_prompt_tokens=cfg.max_prompt_tokens,
         chat_template=cfg.chat_template,
+        value_head=cfg.has_critic if value_head is None else value_head,
     )
 
 
@@ -230,214 +262,6 @@ def batch_indices(n_prompts: int, batch_size: int, seed: int, step: int) -> list
         take = min(batch_size - len(out), n_prompts - offset)
         out.extend(perm[offset : offset + take].tolist())
     return out
-
-
-# ----------------------------------------------------------------------------------------------
-# experience: steps 3-5
-# ----------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def reference_logprobs(policy: Policy, rollout: Rollout, cfg: TrainConfig) -> torch.Tensor:
-    """(b, t) log-probs of the response under the reference: one pass, adapter disabled, in
-    chunks of similar length (select() trims the padding no row in a chunk needs)."""
-    ref_lp = torch.zeros(rollout.response_ids.shape, device=rollout.response_ids.device)
-    with policy.reference():
-        for idx in _by_length(rollout, torch.arange(len(rollout))).split(cfg.forward_batch_size):
-            lp = policy(rollout.select(idx), with_values=False).logprobs
-            ref_lp[idx, : lp.shape[1]] = lp
-    return ref_lp
-
-
-@torch.no_grad()
-def make_experience(
-    rollout: Rollout,
-    rollout_out: PolicyOutput,
-    ref_logprobs: torch.Tensor,
-    scores: list[float],
-    kl_coef: float,
-    cfg: TrainConfig,
-) -> Experience:
-    """KL-shaped rewards and advantages.
-
-    `rollout_out` holds the rollout policy's log-probs and values, taken from the sampling pass;
-    `ref_logprobs` come from `reference_logprobs`.
-    """
-    valid = rollout.valid_mask
-    old_logprobs, old_values = rollout_out.logprobs, rollout_out.values
-    score_t = torch.tensor(scores, dtype=torch.float32, device=old_logprobs.device)
-    kl = ppo.kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator)
-    kl = torch.where(valid.bool(), kl, torch.zeros_like(kl))
-    rewards = ppo.shaped_rewards(score_t, kl, kl_coef, valid)
-    advantages, returns = ppo.gae_advantages(rewards, old_values, valid, cfg.gamma, cfg.lam)
-    if cfg.whiten_advantages:
-        advantages = ppo.masked_whiten(advantages, valid)
-    return Experience(
-        rollout, old_logprobs, ref_logprobs, old_values, score_t, kl, rewards, advantages, returns
-    )
-
-
-def _by_length(rollout: Rollout, idx: torch.Tensor) -> torch.Tensor:
-    """`idx` ordered by real (unpadded) prompt + response length."""
-    lengths = rollout.prompt_mask[idx].sum(-1) + rollout.valid_mask[idx].sum(-1)
-    return idx[torch.argsort(lengths, stable=True)]
-
-
-# ----------------------------------------------------------------------------------------------
-# update: step 6
-# ----------------------------------------------------------------------------------------------
-
-
-def micro_batch_size(cfg: TrainConfig, device: torch.device) -> int:
-    """Completions per forward/backward in the update.
-
-    With --gradient-accumulation-steps unset: 2 on CPU, where (SmolLM2-135M, 2 cores, measured
-    with benchmarks/ppo_step.py --memory) a mini-batch of 4 trains as fast in micro-batches of 2
-    and autograd keeps half the activations (199 MB against 407), and the whole mini-batch on an
-    accelerator, where bigger matmuls are faster and memory is budgeted by the batch sizes.
-    """
-    if cfg.gradient_accumulation_steps is None:
-        return min(2, cfg.mini_batch_size) if device.type == "cpu" else cfg.mini_batch_size
-    return cfg.mini_batch_size // cfg.gradient_accumulation_steps
-
-
-_SKIP_CAUSES = ("gradient", "loss", "ratio")  # why a mini-batch is skipped; 0 = no local cause
-
-
-def ppo_update(
-    policy: Policy,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any,
-    exp: Experience,
-    cfg: TrainConfig,
-    generator: torch.Generator,
-    skips: SkipCounter | None = None,
-) -> dict[str, float]:
-    """Epochs x shuffled mini-batches of clipped policy + value updates.
-
-    The loss of a mini-batch is a token mean over the whole mini-batch even when it is split
-    into micro-batches, so gradient accumulation gives the same gradient as one big batch.
-
-    Numeric guards: a mini-batch whose loss or gradient is not finite (NaN/inf logits end up in
-    both), or whose mean per-token ratio new/old is beyond `cfg.max_importance_ratio` either way
-    (above it or below its inverse), is skipped (no optimiser step) and counted; `skips` counts
-    them in a row across calls and raises TooManySkips at its limit.
-    """
-    n = len(exp.rollout)
-    micro = micro_batch_size(cfg, policy.device)
-    params = policy.trainable_parameters()
-    n_procs = distributed.world_size()
-    max_log_ratio = (
-        math.log(cfg.max_importance_ratio) if cfg.max_importance_ratio is not None else math.inf
-    )
-    sums = {
-        "policy_loss": 0.0,
-        "value_loss": 0.0,
-        "clipfrac": 0.0,
-        "approx_kl": 0.0,
-        "vf_clipfrac": 0.0,
-    }
-    n_minibatches, epochs_run, early_stopped = 0, 0, False
-    skipped = {"nonfinite": 0, "ratio": 0}
-    for _epoch in range(cfg.ppo_epochs):
-        epochs_run += 1
-        for mb_idx in torch.randperm(n, generator=generator).split(cfg.mini_batch_size):
-            mb = exp.select(mb_idx)
-            n_valid = mb.rollout.valid_mask.sum().clamp(min=1)
-            optimizer.zero_grad(set_to_none=True)
-            mb_stats = {k: 0.0 for k in sums}
-            bad = None  # why this mini-batch is skipped: "loss", "ratio" or "gradient"
-            # micro-batches of similar length pad less; the loss is a sum, so order is free
-            for micro_idx in _by_length(mb.rollout, torch.arange(len(mb_idx))).split(micro):
-                mu = mb.select(micro_idx)
-                valid = mu.rollout.valid_mask
-                out = policy(mu.rollout)
-                pg, pg_clipped, _ = ppo.policy_loss(
-                    out.logprobs, mu.old_logprobs, mu.advantages, valid, cfg.cliprange
-                )
-                vf, vf_clipped = ppo.value_loss(
-                    out.values, mu.old_values, mu.returns, valid, cfg.cliprange_value
-                )
-                # token mean over the whole mini-batch: sum over this micro-batch / mini-batch count
-                pg_loss = ppo.masked_sum(pg, valid) / n_valid
-                vf_loss = ppo.masked_sum(vf, valid) / n_valid
-                loss = pg_loss + cfg.vf_coef * vf_loss
-                with torch.no_grad():
-                    log_ratio = out.logprobs - mu.old_logprobs
-                    # E_old[r] = 1 for r = pi_new / pi_old on tokens sampled from pi_old: a mean
-                    # ratio far from 1 is a broken batch (one exploding token is enough), while
-                    # a few moderately large per-token ratios are PPO's clipping's business
-                    mean_ratio = ppo.masked_mean(torch.exp(log_ratio), valid).item()
-                if bad is None and not torch.isfinite(loss):
-                    bad = "loss"
-                elif bad is None and abs(math.log(max(mean_ratio, 1e-300))) > max_log_ratio:
-                    bad = "ratio"
-                if bad is not None:
-                    if n_procs == 1:
-                        break
-                    # the other processes wait for this one in the gradient all-reduce: go on,
-                    # with a NaN loss, so every process sees a non-finite gradient and skips too
-                    loss = loss * math.nan
-                loss.backward()
-                with torch.no_grad():
-                    mb_stats["policy_loss"] += pg_loss.item()
-                    mb_stats["value_loss"] += vf_loss.item()
-                    mb_stats["clipfrac"] += (
-                        ppo.masked_sum(pg_clipped.float(), valid) / n_valid
-                    ).item()
-                    mb_stats["vf_clipfrac"] += (
-                        ppo.masked_sum(vf_clipped.float(), valid) / n_valid
-                    ).item()
-                    # approx KL(old || new) ~ 1/2 (log r)^2, the k2 estimator
-                    mb_stats["approx_kl"] += (
-                        ppo.masked_sum(0.5 * log_ratio**2, valid) / n_valid
-                    ).item()
-            if bad is None or n_procs > 1:
-                # the norm is inf/NaN as soon as one gradient entry is (cheap: LoRA + value head);
-                # gradients are averaged over processes, so all of them decide alike here
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-                )
-                if not torch.isfinite(grad_norm):
-                    bad = bad or "gradient"
-            if bad is not None and n_procs > 1:
-                # every process got here (the gradients are averaged, NaN on all): name the
-                # cause the first process saw, so the counts agree on every rank
-                codes = distributed.gather_ints([_SKIP_CAUSES.index(bad)])
-                bad = _SKIP_CAUSES[next((c for c in codes if c != 0), 0)]
-            if bad is not None:
-                optimizer.zero_grad(set_to_none=True)
-                skipped["ratio" if bad == "ratio" else "nonfinite"] += 1
-                reason = (
-                    f"an importance ratio beyond {cfg.max_importance_ratio:g}"
-                    if bad == "ratio"
-                    else f"a non-finite {bad}"
-                )
-                warn(f"skipped a mini-batch with {reason}")
-                if skips is not None:
-                    skips.skipped(reason)
-                continue
-            optimizer.step()
-            scheduler.step()
-            if skips is not None:
-                skips.stepped()
-            n_minibatches += 1
-            for k in sums:
-                sums[k] += mb_stats[k]
-            if cfg.early_stop_kl is not None and mb_stats["approx_kl"] > cfg.early_stop_kl:
-                early_stopped = True
-                break
-        if early_stopped:
-            break
-    stats = {k: v / max(n_minibatches, 1) for k, v in sums.items()}
-    stats.update(
-        skipped_minibatches=skipped["nonfinite"] + skipped["ratio"],
-        skipped_nonfinite=skipped["nonfinite"],
-        skipped_ratio=skipped["ratio"],
-        ppo_epochs_run=epochs_run,
-        early_stopped=early_stopped,
-    )
-    return stats
 
 
 # ----------------------------------------------------------------------------------------------
@@ -597,89 +421,6 @@ def _probe_records(cfg: TrainConfig) -> list[PromptRecord]:
         ) from None
 
 
-def ppo_step(
-    policy: Policy,
-    reward: RewardModel,
-    state: TrainState,
-    records: list[PromptRecord],
-    sampling: SamplingParams,
-    cfg: TrainConfig,
-    step: int,
-    monitors: dict[str, Monitor] | None = None,
-) -> dict[str, Any]:
-    """One PPO step; returns its metrics row."""
-    t0 = time.perf_counter()
-    torch.manual_seed(step_seed(cfg.seed, step))
-    batch = [records[i] for i in batch_indices(len(records), cfg.batch_size, cfg.seed, step)]
-
-    # 1. rollout
-    rollout, rollout_out, n_truncated = policy.generate([r.prompt for r in batch], sampling)
-    release_freed_memory()
-    if n_truncated:
-        warn(
-            f"step {step}: {n_truncated} prompt(s) longer than max_prompt_tokens {cfg.max_prompt_tokens} were cut from the left"
-        )
-    t_gen = time.perf_counter()
-    # 2. score
-    scores = checked_scores(reward, rollout.prompts, rollout.completions)
-    t_score = time.perf_counter()
-    # 3. reference log-probs
-    ref_logprobs = reference_logprobs(policy, rollout, cfg)
-    release_freed_memory()
-    t_fwd = time.perf_counter()
-    # 4-5. KL-shaped rewards, advantages
-    kl_coef = state.kl_ctl.value
-    train_scores = state.score_moments.normalize(scores) if cfg.score_norm else scores
-    exp = make_experience(rollout, rollout_out, ref_logprobs, train_scores, kl_coef, cfg)
-    t_adv = time.perf_counter()
-    # 6. update
-    gen = torch.Generator().manual_seed(step_seed(cfg.seed, step))
-    stats = ppo_update(policy, state.optimizer, state.scheduler, exp, cfg, gen, state.skips)
-    release_freed_memory()
-    t_update = time.perf_counter()
-    # 7. KL control, on the mean per-sequence KL of this batch
-    valid = rollout.valid_mask
-    seq_kl = ppo.masked_sum(exp.kl, valid, dim=1)
-    state.kl_ctl.update(seq_kl.mean().item(), cfg.batch_size)
-
-    # 8. metrics (on the raw scores, whatever the update saw)
-    score_t = torch.tensor(scores)
-    monitored = {
-        name: float(sum(vals) / len(vals))
-        for name, fn in (monitors or {}).items()
-        if (vals := fn(rollout.prompts, rollout.completions))
-    }
-    return {
-        "step": step,
-        "reward_mean": score_t.mean().item(),
-        "reward_std": score_t.std().item() if len(score_t) > 1 else 0.0,
-        "kl_mean": seq_kl.mean().item(),
-        "kl_coef": kl_coef,
-        "policy_loss": stats["policy_loss"],
-        "value_loss": stats["value_loss"],
-        "clipfrac": stats["clipfrac"],
-        "vf_clipfrac": stats["vf_clipfrac"],
-        "approx_kl": stats["approx_kl"],
-        "entropy": ppo.masked_mean(rollout_out.entropy, valid).item(),
-        "explained_variance": ppo.explained_variance(exp.old_values, exp.returns, valid).item(),
-        "non_score_reward_mean": ppo.masked_sum(-kl_coef * exp.kl, valid, dim=1).mean().item(),
-        "response_len_mean": valid.sum(-1).float().mean().item(),
-        "skipped_minibatches": stats["skipped_minibatches"],
-        "skipped_nonfinite": stats["skipped_nonfinite"],
-        "skipped_ratio": stats["skipped_ratio"],
-        "ppo_epochs_run": stats["ppo_epochs_run"],
-        "lr": state.scheduler.get_last_lr()[0],
-        "truncated_prompts": n_truncated,
-        "step_seconds": time.perf_counter() - t0,
-        "gen_seconds": t_gen - t0,
-        "score_seconds": t_score - t_gen,
-        "forward_seconds": t_fwd - t_score,
-        "advantages_seconds": t_adv - t_fwd,
-        "update_seconds": t_update - t_adv,
-        **monitored,
-    }
-
-
 def _weights_finite(policy: Policy) -> bool:
     """No NaN/inf in the adapter or value head (cheap: only the trainable parameters)."""
     return all(bool(torch.isfinite(p).all()) for p in policy.trainable_parameters())
@@ -719,3 +460,456 @@ def _restore(run: RunDir, policy: Policy, state: TrainState) -> int:
         shutil.rmtree(run.root / BEST, ignore_errors=True)
     tqdm.write(f"resumed from {ckpt} (step {saved['step']})", file=sys.stderr)
     return saved["step"] + 1
+
+
+# ----------------------------------------------------------------------------------------------
+# one step: 1-2 and 7-8 here, 3-5 and 6 below
+# ----------------------------------------------------------------------------------------------
+
+
+def ppo_step(
+    policy: Policy,
+    reward: RewardModel,
+    state: TrainState,
+    records: list[PromptRecord],
+    sampling: SamplingParams,
+    cfg: TrainConfig,
+    step: int,
+    monitors: dict[str, Monitor] | None = None,
+) -> dict[str, Any]:
+    """One step of the configured estimator; returns its metrics row."""
+    t0 = time.perf_counter()
+    torch.manual_seed(step_seed(cfg.seed, step))
+    n_prompts = cfg.batch_size // cfg.group_size
+    batch = [records[i] for i in batch_indices(len(records), n_prompts, cfg.seed, step)]
+    # a group's G completions are consecutive rows: [p0] * G + [p1] * G + ...
+    prompts = [r.prompt for r in batch for _ in range(cfg.group_size)]
+
+    # 1. rollout
+    rollout, rollout_out, n_truncated = policy.generate(prompts, sampling)
+    release_freed_memory()
+    if n_truncated:
+        warn(
+            f"step {step}: {n_truncated} prompt(s) longer than max_prompt_tokens {cfg.max_prompt_tokens} were cut from the left"
+        )
+    t_gen = time.perf_counter()
+    # 2. score
+    scores = checked_scores(reward, rollout.prompts, rollout.completions)
+    t_score = time.perf_counter()
+    # 3. reference log-probs (and the exact KL over the vocabulary for `full`)
+    ref_logprobs, full_kl = reference_pass(policy, rollout, cfg)
+    release_freed_memory()
+    t_fwd = time.perf_counter()
+    # 4-5. rewards, advantages
+    kl_coef = state.kl_ctl.value
+    train_scores = train_scores_of(scores, rollout, state, cfg)
+    exp = make_experience(rollout, rollout_out, ref_logprobs, train_scores, kl_coef, cfg, full_kl)
+    valid = rollout.valid_mask
+    seq_kl = ppo.masked_sum(exp.kl, valid, dim=1)
+    state.check_reward_scale(exp.scores, seq_kl, kl_coef, cfg)
+    t_adv = time.perf_counter()
+    # 6. update
+    gen = torch.Generator().manual_seed(step_seed(cfg.seed, step))
+    stats = ppo_update(
+        policy, state.optimizer, state.scheduler, exp, cfg, gen, state.skips, kl_coef
+    )
+    release_freed_memory()
+    t_update = time.perf_counter()
+    # 7. KL control, on the mean per-sequence KL of this batch
+    state.kl_ctl.update(seq_kl.mean().item(), cfg.batch_size)
+
+    # 8. metrics (on the raw scores, whatever the update saw)
+    score_t = torch.tensor(scores)
+    monitored = {
+        name: float(sum(vals) / len(vals))
+        for name, fn in (monitors or {}).items()
+        if (vals := fn(rollout.prompts, rollout.completions))
+    }
+    critic, explained = {}, {}  # the critic's diagnostics, where there is one
+    if cfg.has_critic:
+        critic = {"value_loss": stats.get("value_loss", 0.0)}
+        explained = {
+            "explained_variance": ppo.explained_variance(exp.old_values, exp.returns, valid).item()
+        }
+    kl_in_loss = {"kl_loss": stats.get("kl_loss", 0.0)} if cfg.kl_penalty == "loss" else {}
+    return {
+        "step": step,
+        "advantage": cfg.advantage,
+        "reward_mean": score_t.mean().item(),
+        "reward_std": score_t.std().item() if len(score_t) > 1 else 0.0,
+        "kl_mean": seq_kl.mean().item(),
+        "kl_coef": kl_coef,
+        "policy_loss": stats["policy_loss"],
+        **critic,
+        **kl_in_loss,
+        "clipfrac": stats["clipfrac"],
+        **({"vf_clipfrac": stats.get("vf_clipfrac", 0.0)} if cfg.has_critic else {}),
+        "approx_kl": stats["approx_kl"],
+        "entropy": ppo.masked_mean(rollout_out.entropy, valid).item(),
+        **explained,
+        "non_score_reward_mean": ppo.masked_sum(-kl_coef * exp.kl, valid, dim=1).mean().item(),
+        "response_len_mean": valid.sum(-1).float().mean().item(),
+        "truncated_completions": int((~rollout.finished).sum()),
+        "skipped_minibatches": stats["skipped_minibatches"],
+        "skipped_nonfinite": stats["skipped_nonfinite"],
+        "skipped_ratio": stats["skipped_ratio"],
+        "ppo_epochs_run": stats["ppo_epochs_run"],
+        "lr": state.scheduler.get_last_lr()[0],
+        "truncated_prompts": n_truncated,
+        "step_seconds": time.perf_counter() - t0,
+        "gen_seconds": t_gen - t0,
+        "score_seconds": t_score - t_gen,
+        "forward_seconds": t_fwd - t_score,
+        "advantages_seconds": t_adv - t_fwd,
+        "update_seconds": t_update - t_adv,
+        **monitored,
+    }
+
+
+def train_scores_of(
+    scores: list[float], rollout: Rollout, state: TrainState, cfg: TrainConfig
+) -> list[float]:
+    """The scores the update sees: normalised by the running statistics with --score-norm,
+    less --missing-eos-penalty for a completion cut at max_new_tokens."""
+    out = state.score_moments.normalize(scores) if cfg.score_norm else list(scores)
+    if cfg.missing_eos_penalty is not None:
+        finished = rollout.finished.tolist()
+        out = [
+            s if done else s - cfg.missing_eos_penalty
+            for s, done in zip(out, finished, strict=True)
+        ]
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# experience: steps 3-5
+# ----------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def reference_logprobs(policy: Policy, rollout: Rollout, cfg: TrainConfig) -> torch.Tensor:
+    """(b, t) log-probs of the response under the reference: one pass, adapter disabled, in
+    chunks of similar length (select() trims the padding no row in a chunk needs)."""
+    ref_lp = torch.zeros(rollout.response_ids.shape, device=rollout.response_ids.device)
+    with policy.reference():
+        for idx in _by_length(rollout, torch.arange(len(rollout))).split(cfg.forward_batch_size):
+            lp = policy(rollout.select(idx), with_values=False).logprobs
+            ref_lp[idx, : lp.shape[1]] = lp
+    return ref_lp
+
+
+@torch.no_grad()
+def full_kl_pass(
+    policy: Policy, rollout: Rollout, cfg: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reference_logprobs`, and the exact per-token KL(rollout policy || reference) over the
+    whole vocabulary (`--kl-estimator full`): each chunk is passed twice, adapter on and off, and
+    only that chunk's (rows, t, v) logits of the two live at once."""
+    shape = rollout.response_ids.shape
+    ref_lp = torch.zeros(shape, device=rollout.response_ids.device)
+    kl = torch.zeros(shape, device=rollout.response_ids.device)
+    for idx in _by_length(rollout, torch.arange(len(rollout))).split(cfg.forward_batch_size):
+        chunk = rollout.select(idx)
+        logits = policy(chunk, with_values=False, with_logits=True).logits
+        with policy.reference():
+            ref = policy(chunk, with_values=False, with_logits=True)
+        t = ref.logprobs.shape[1]
+        ref_lp[idx, :t] = ref.logprobs
+        kl[idx, :t] = ppo.full_kl(logits, ref.logits, cfg.kl_chunk_size)
+    return ref_lp, kl
+
+
+def reference_pass(
+    policy: Policy, rollout: Rollout, cfg: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reference's log-probs, and the exact KL where `--kl-estimator full` asks for it."""
+    if cfg.kl_estimator == "full":
+        return full_kl_pass(policy, rollout, cfg)
+    return reference_logprobs(policy, rollout, cfg), None
+
+
+@torch.no_grad()
+def make_experience(
+    rollout: Rollout,
+    rollout_out: PolicyOutput,
+    ref_logprobs: torch.Tensor,
+    scores: list[float],
+    kl_coef: float,
+    cfg: TrainConfig,
+    kl: torch.Tensor | None = None,
+) -> Experience:
+    """Rewards and advantages of the configured estimator.
+
+    `rollout_out` holds the rollout policy's log-probs (and values, with a critic), taken from
+    the sampling pass; `ref_logprobs` come from `reference_logprobs`; `kl` is the exact KL of
+    `full_kl_pass`, else the configured estimator is applied to the two log-probs.
+    """
+    valid = rollout.valid_mask
+    old_logprobs, old_values = rollout_out.logprobs, rollout_out.values
+    score_t = torch.tensor(scores, dtype=torch.float32, device=old_logprobs.device)
+    if kl is None:
+        if cfg.kl_estimator == "full":
+            raise ValueError("kl_estimator full: pass the exact KL that reference_pass returns")
+        kl = ppo.kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator)
+    kl = torch.where(valid.bool(), kl, torch.zeros_like(kl))
+    # 4. rewards: the score on the last token, - beta * KL_t on every token when it goes there
+    penalty_coef = kl_coef if cfg.kl_penalty == "reward" else 0.0
+    rewards = ppo.shaped_rewards(score_t, kl, penalty_coef, valid)
+    # 5. advantages
+    advantages, returns = estimate_advantages(rewards, old_values, valid, cfg)
+    loss_mask = valid
+    if cfg.mask_truncated_completions:
+        loss_mask = valid * rollout.finished.unsqueeze(1).to(valid.dtype)
+    return Experience(
+        rollout,
+        old_logprobs,
+        ref_logprobs,
+        old_values,
+        score_t,
+        kl,
+        rewards,
+        advantages,
+        returns,
+        loss_mask,
+    )
+
+
+def estimate_advantages(
+    rewards: torch.Tensor, values: torch.Tensor | None, valid: torch.Tensor, cfg: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(b, t) advantages of `cfg.advantage`, and the critic's targets (None without a critic)."""
+    if cfg.advantage == "gae":
+        advantages, returns = ppo.gae_advantages(rewards, values, valid, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = ppo.masked_whiten(advantages, valid)
+        return advantages, returns
+    if cfg.advantage == "reinforce++":
+        return ppo.reinforce_pp_advantages(rewards, valid, cfg.gamma), None
+    # grpo / rloo: one reward per completion, score - beta * sum_t KL_t with the KL in the reward
+    seq_rewards = ppo.masked_sum(rewards, valid, dim=1)
+    if cfg.advantage == "grpo":
+        seq_adv = ppo.group_advantages(seq_rewards, cfg.group_size, scale=cfg.grpo_std)
+    else:
+        seq_adv = ppo.rloo_advantages(seq_rewards, cfg.group_size)
+    advantages = seq_adv.unsqueeze(1).expand_as(rewards)  # every token carries its completion's
+    return torch.where(valid.bool(), advantages, torch.zeros_like(advantages)), None
+
+
+def _by_length(rollout: Rollout, idx: torch.Tensor) -> torch.Tensor:
+    """`idx` ordered by real (unpadded) prompt + response length."""
+    lengths = rollout.prompt_mask[idx].sum(-1) + rollout.valid_mask[idx].sum(-1)
+    return idx[torch.argsort(lengths, stable=True)]
+
+
+# ----------------------------------------------------------------------------------------------
+# update: step 6
+# ----------------------------------------------------------------------------------------------
+
+
+def micro_batch_size(cfg: TrainConfig, device: torch.device) -> int:
+    """Completions per forward/backward in the update.
+
+    With --gradient-accumulation-steps unset: 2 on CPU, where a mini-batch of 4 trains as fast in
+    micro-batches of 2 and autograd keeps half the activations (`benchmarks/ppo_step.py --memory`
+    measures both), and the whole mini-batch on an accelerator, where bigger matmuls are faster
+    and memory is budgeted by the batch sizes.
+    """
+    if cfg.gradient_accumulation_steps is None:
+        return min(2, cfg.mini_batch_size) if device.type == "cpu" else cfg.mini_batch_size
+    return cfg.mini_batch_size // cfg.gradient_accumulation_steps
+
+
+def ppo_update(
+    policy: Policy,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    exp: Experience,
+    cfg: TrainConfig,
+    generator: torch.Generator,
+    skips: SkipCounter | None = None,
+    kl_coef: float | None = None,
+) -> dict[str, float]:
+    """Epochs x shuffled mini-batches of forward, loss, backward, step (CleanRL's shape), for
+    every estimator; `kl_coef` weighs the KL when it goes in the loss.
+
+    The loss of a mini-batch is normalised over the whole mini-batch even when it is split into
+    micro-batches, so gradient accumulation gives the same gradient as one big batch. The numeric
+    guards (`MiniBatchGuard`) may skip a mini-batch; `skips` counts skips in a row across calls.
+    """
+    micro = micro_batch_size(cfg, policy.device)
+    guard = MiniBatchGuard(cfg, policy.trainable_parameters(), skips)
+    stats = UpdateStats()
+    for _epoch in range(cfg.ppo_epochs):
+        stats.epochs_run += 1
+        for mb_idx in torch.randperm(len(exp), generator=generator).split(cfg.mini_batch_size):
+            mb = exp.select(mb_idx)
+            norm = {  # the mini-batch's normalisers, whatever micro-batch a token lands in
+                "n_tokens": mb.loss_mask.sum().clamp(min=1),
+                "n_sequences": len(mb),
+                "max_len": cfg.max_new_tokens,
+            }
+            optimizer.zero_grad(set_to_none=True)
+            guard.start()
+            mb_stats: dict[str, float] = {}
+            # micro-batches of similar length pad less; the loss is a sum, so order is free
+            for micro_idx in _by_length(mb.rollout, torch.arange(len(mb))).split(micro):
+                mu = mb.select(micro_idx)
+                out, kl = _policy_pass(policy, mu, cfg)
+                loss, terms = ppo.rl_loss(
+                    out.logprobs,
+                    mu.old_logprobs,
+                    mu.advantages,
+                    mu.loss_mask,
+                    cfg.cliprange,
+                    cfg.loss_aggregation,
+                    kl=kl,
+                    kl_coef=cfg.kl_coef if kl_coef is None else kl_coef,
+                    values=out.values,
+                    old_values=mu.old_values,
+                    returns=mu.returns,
+                    cliprange_value=cfg.cliprange_value,
+                    vf_coef=cfg.vf_coef,
+                    **norm,
+                )
+                loss = guard.check(loss, out.logprobs, mu)
+                if loss is None:
+                    break
+                loss.backward()
+                for k, v in terms.items():
+                    mb_stats[k] = mb_stats.get(k, 0.0) + v.item()
+            if not guard.allows_step():
+                continue
+            optimizer.step()
+            scheduler.step()
+            stats.add(mb_stats)
+            if cfg.early_stop_kl is not None and mb_stats["approx_kl"] > cfg.early_stop_kl:
+                stats.early_stopped = True
+                break
+        if stats.early_stopped:
+            break
+    return stats.summary(guard.skipped)
+
+
+def _policy_pass(
+    policy: Policy, mu: Experience, cfg: TrainConfig
+) -> tuple[PolicyOutput, torch.Tensor | None]:
+    """The policy's forward for the loss, and the KL to the reference when it goes in the loss
+    (the full KL runs the reference on the same micro-batch, adapter off, without grad)."""
+    full = cfg.kl_penalty == "loss" and cfg.kl_estimator == "full"
+    out = policy(mu.rollout, with_values=cfg.has_critic, with_logits=full)
+    if cfg.kl_penalty != "loss":
+        return out, None
+    if not full:
+        return out, ppo.kl_estimate(out.logprobs, mu.ref_logprobs, cfg.kl_estimator)
+    with torch.no_grad(), policy.reference():
+        ref_logits = policy(mu.rollout, with_values=False, with_logits=True).logits
+    return out, ppo.full_kl(out.logits, ref_logits, cfg.kl_chunk_size)
+
+
+@dataclass
+class UpdateStats:
+    """Diagnostics of one update: the mean over the optimiser steps taken."""
+
+    sums: dict[str, float] = field(default_factory=dict)
+    steps: int = 0
+    epochs_run: int = 0
+    early_stopped: bool = False
+
+    def add(self, mb_stats: dict[str, float]) -> None:
+        self.steps += 1
+        for k, v in mb_stats.items():
+            self.sums[k] = self.sums.get(k, 0.0) + v
+
+    def summary(self, skipped: dict[str, int]) -> dict[str, float]:
+        keys = ("policy_loss", "clipfrac", "approx_kl", *self.sums)
+        out = {k: self.sums.get(k, 0.0) / max(self.steps, 1) for k in dict.fromkeys(keys)}
+        out.update(
+            skipped_minibatches=skipped["nonfinite"] + skipped["ratio"],
+            skipped_nonfinite=skipped["nonfinite"],
+            skipped_ratio=skipped["ratio"],
+            ppo_epochs_run=self.epochs_run,
+            early_stopped=self.early_stopped,
+        )
+        return out
+
+
+_SKIP_CAUSES = ("gradient", "loss", "ratio")  # why a mini-batch is skipped; 0 = no local cause
+
+
+class MiniBatchGuard:
+    """The numeric guards of a mini-batch, and the processes' agreement on them.
+
+    A mini-batch whose loss or gradient is not finite (NaN/inf logits end up in both), or whose
+    mean per-token ratio new/old is beyond `cfg.max_importance_ratio` either way (above it or
+    below its inverse), is skipped (no optimiser step) and counted; `skips` counts them in a row
+    across calls and raises TooManySkips at its limit. With several processes every one goes
+    through the same backward passes and decides alike (see `check`, `allows_step`).
+    """
+
+    def __init__(
+        self, cfg: TrainConfig, params: list[torch.nn.Parameter], skips: SkipCounter | None
+    ) -> None:
+        self.params = params
+        self.max_grad_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
+        self.max_ratio = cfg.max_importance_ratio
+        ratio = cfg.max_importance_ratio
+        self.max_log_ratio = math.log(ratio) if ratio is not None else math.inf
+        self.skips = skips
+        self.n_procs = distributed.world_size()
+        self.skipped = {"nonfinite": 0, "ratio": 0}
+        self.bad: str | None = None  # why this mini-batch is skipped: "loss", "ratio", "gradient"
+
+    def start(self) -> None:
+        self.bad = None
+
+    def check(
+        self, loss: torch.Tensor, logprobs: torch.Tensor, mu: Experience
+    ) -> torch.Tensor | None:
+        """The micro-batch's loss to backpropagate, or None: stop this mini-batch here."""
+        with torch.no_grad():
+            # E_old[r] = 1 for r = pi_new / pi_old on tokens sampled from pi_old: a mean ratio
+            # far from 1 is a broken batch (one exploding token is enough), while a few
+            # moderately large per-token ratios are PPO's clipping's business
+            ratio = torch.exp(logprobs - mu.old_logprobs)
+            mean_ratio = ppo.masked_mean(ratio, mu.rollout.valid_mask).item()
+        if self.bad is None and not torch.isfinite(loss):
+            self.bad = "loss"
+        elif self.bad is None and abs(math.log(max(mean_ratio, 1e-300))) > self.max_log_ratio:
+            self.bad = "ratio"
+        if self.bad is None:
+            return loss
+        if self.n_procs == 1:
+            return None
+        # the other processes wait for this one in the gradient all-reduce: go on, with a NaN
+        # loss, so every process sees a non-finite gradient and skips too
+        return loss * math.nan
+
+    def allows_step(self) -> bool:
+        """Clip the gradient and decide whether the optimiser may step (False: skipped)."""
+        if self.bad is None or self.n_procs > 1:
+            # the norm is inf/NaN as soon as one gradient entry is (cheap: LoRA + value head);
+            # gradients are averaged over processes, so all of them decide alike here
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+            if not torch.isfinite(grad_norm):
+                self.bad = self.bad or "gradient"
+        if self.bad is not None and self.n_procs > 1:
+            # every process got here (the gradients are averaged, NaN on all): name the cause
+            # the first process saw, so the counts agree on every rank
+            codes = distributed.gather_ints([_SKIP_CAUSES.index(self.bad)])
+            self.bad = _SKIP_CAUSES[next((c for c in codes if c != 0), 0)]
+        if self.bad is None:
+            if self.skips is not None:
+                self.skips.stepped()
+            return True
+        for p in self.params:  # optimizer.zero_grad(set_to_none=True), for these parameters
+            p.grad = None
+        self.skipped["ratio" if self.bad == "ratio" else "nonfinite"] += 1
+        reason = (
+            f"an importance ratio beyond {self.max_ratio:g}"
+            if self.bad == "ratio"
+            else f"a non-finite {self.bad}"
+        )
+        warn(f"skipped a mini-batch with {reason}")
+        if self.skips is not None:
+            self.skips.skipped(reason)
+        return False

@@ -205,6 +205,8 @@ def rl_config(cfg: CaiConfig, prompts_file: Path, run_dir: Path) -> TrainConfig:
         ppo_epochs=1,
         lr=cfg.rl_lr,
         kl_coef=cfg.rl_kl_coef,
+        advantage=cfg.rl_advantage,
+        group_size=cfg.rl_group_size,
         score_norm=True,  # PM scores are logits on no fixed scale
         max_new_tokens=cfg.max_new_tokens,
         lora_r=cfg.lora_r,
