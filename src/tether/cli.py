@@ -123,6 +123,17 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_options(stages.add_parser(name, help=text), CaiConfig)
     report = sub.add_parser("report", help="rebuild report.json and report.html from a run dir")
     report.add_argument("run_dir", help="a directory written by tether detox or hacking-demo")
+    compare = sub.add_parser(
+        "compare",
+        help="detox runs side by side (estimators, seeds): change with CI per metric, HTML page",
+    )
+    compare.add_argument("run_dirs", nargs="+", metavar="RUN", help="directories of tether detox")
+    compare.add_argument(
+        "--out",
+        default="compare.html",
+        metavar="PATH",
+        help="the self-contained HTML page (default: compare.html)",
+    )
     return parser
 
 
@@ -190,6 +201,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_compare(args: argparse.Namespace) -> int:
+    from tether.compare import compare_runs, summary_table, write_compare_html
+
+    rows = compare_runs(args.run_dirs)
+    out = write_compare_html(rows, args.out)
+    print(summary_table(rows))
+    print(f"report: {out}")
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from tether.distributed import is_main
     from tether.trainer import train
@@ -248,6 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             "eval": cmd_eval,
             "hacking-demo": cmd_hacking_demo,
             "report": cmd_report,
+            "compare": cmd_compare,
             "train-rm": cmd_train_rm,
             "cai": cmd_cai,
         }
