@@ -1,23 +1,32 @@
-"""tether's PPO step against TRL on the same model, prompts, batch, LoRA and token counts.
+"""tether's step against TRL's, estimator for estimator, on the same model, prompts, batch,
+LoRA, group size, KL coefficient and token counts.
 
     .venv/bin/python benchmarks/compare_trl.py              # make bench-trl
     .venv/bin/python benchmarks/compare_trl.py --smoke      # tiny shapes: does everything run?
-    .venv/bin/python benchmarks/compare_trl.py --only tether,trl011 --rounds 3
+    .venv/bin/python benchmarks/compare_trl.py --only tether-grpo,trl116-grpo --rounds 3
 
-Peers: TRL 0.11.4's PPOTrainer v1 (the step-wise PPO API that tether's loop mirrors) and
-TRL 1.16's RLOOTrainer (TRL 1.16 ships no PPO trainer, not even under trl.experimental; RLOO is
-its closest on-policy trainer). They need their own transformers/peft, so each lives in a
-virtual environment under .bench/, made on first use, and runs benchmarks/peers/*.py there.
-tether runs benchmarks/ppo_step.py with this interpreter (the project venv).
+Three like-for-like pairs, each tether row run by benchmarks/ppo_step.py with this interpreter
+(the project venv) and each peer by benchmarks/peers/*.py in its own virtual environment under
+.bench/ (made on first use: the peers need their own transformers/peft):
+
+    tether       (--advantage gae: PPO with a critic)  vs trl011       TRL 0.11.4's PPOTrainer v1
+    tether-rloo  (--advantage rloo)                    vs trl116       TRL 1.16's RLOOTrainer
+    tether-grpo  (--advantage grpo)                    vs trl116-grpo  TRL 1.16's GRPOTrainer
+
+TRL 0.11.4's PPOTrainer v1 is the step-wise PPO API that tether's loop mirrors (TRL 1.16 ships
+no PPO trainer, not even under trl.experimental). The critic-free pairs sample --group-size
+completions of each of batch_size / group_size prompts; every pair uses --kl-coef as beta, with
+the KL where each estimator puts it (PPO and RLOO: in the reward; GRPO: k3 in the loss).
 
 Shape: SmolLM2-135M-Instruct in fp32 on the CPU, the chat template around examples/prompts.jsonl,
 exactly --max-new-tokens per completion (min = max, pure sampling), LoRA r=16 alpha=32 on
-q_proj/v_proj, mini-batch 4, one epoch, a trivial reward. The peers cycle the prompts in file
-order and use lr 1e-5; ppo_step.py samples tether's seeded order and keeps tether's lr (neither
-changes what a step costs). Every run is its own process, so peak RSS is that tool's alone; the
-tools alternate within each round so that a slow spell of a shared machine does not land on one
-tool only. Figures are medians over rounds, each run's own figure being the median of its steps
-after one warm-up step. The machine's other load shows in every figure: run it on a quiet one.
+q_proj/v_proj, mini-batch 4, one epoch, a trivial reward, the reference = the policy with its
+adapter off. The peers cycle the prompts in file order and use lr 1e-5; ppo_step.py samples
+tether's seeded order and keeps tether's lr (neither changes what a step costs). Every run is
+its own process, so peak RSS is that tool's alone; the tools alternate within each round, each
+pair back to back, so that a slow spell of a shared machine does not land on one tool only.
+Figures are medians over rounds, each run's own figure being the median of its steps after one
+warm-up step. The machine's other load shows in every figure: run it on a quiet one.
 """
 
 from __future__ import annotations
@@ -41,37 +50,44 @@ PEERS_DIR = ROOT / "benchmarks" / "peers"
 @dataclass(frozen=True)
 class Peer:
     script: str
+    venv: str  # .bench/VENV
     packages: tuple[str, ...]  # exact pins, so a rerun measures the same code
 
 
 # torch is pinned in every venv: 2.13.0 is the CPU wheel this machine keeps on disk, and an
 # unpinned torch pulls a multi-GB CUDA build.
+# trl 0.11.4 imports rich without declaring it (tyro used to bring it in).
+TRL011 = (
+    "torch==2.13.0",
+    "trl==0.11.4",
+    "transformers==4.46.3",
+    "peft==0.13.2",
+    "accelerate==1.1.1",
+    "rich",
+)
+# transformers/peft/accelerate as TRL 1.16 resolves them, which are also tether's own.
+TRL116 = (
+    "torch==2.13.0",
+    "trl==1.16.0",
+    "transformers==5.23.0",
+    "peft==0.21.2",
+    "accelerate==1.15.0",
+)
 PEERS = {
-    # trl 0.11.4 imports rich without declaring it (tyro used to bring it in).
-    "trl011": Peer(
-        "trl011_ppo.py",
-        (
-            "torch==2.13.0",
-            "trl==0.11.4",
-            "transformers==4.46.3",
-            "peft==0.13.2",
-            "accelerate==1.1.1",
-            "rich",
-        ),
-    ),
-    # transformers/peft/accelerate as TRL 1.16 resolves them, which are also tether's own.
-    "trl116": Peer(
-        "trl116_rloo.py",
-        (
-            "torch==2.13.0",
-            "trl==1.16.0",
-            "transformers==5.23.0",
-            "peft==0.21.2",
-            "accelerate==1.15.0",
-        ),
-    ),
+    "trl011": Peer("trl011_ppo.py", "trl011", TRL011),
+    "trl116": Peer("trl116_rloo.py", "trl116", TRL116),
+    "trl116-grpo": Peer("trl116_grpo.py", "trl116", TRL116),
 }
-TOOLS = ("tether", *PEERS)
+# tether's rows: tool name -> ppo_step.py --advantage (None: tether's default, gae)
+TETHER = {"tether": None, "tether-rloo": "rloo", "tether-grpo": "grpo"}
+# the like-for-like pairs (tether row, peer row); also the order the tools run in
+PAIRS = (("tether", "trl011"), ("tether-rloo", "trl116"), ("tether-grpo", "trl116-grpo"))
+TOOLS = tuple(tool for pair in PAIRS for tool in pair)
+GROUPED = {"tether-rloo", "tether-grpo", "trl116", "trl116-grpo"}  # group_size completions a prompt
+# the issue's bar for a pair: tether at least this many times the peer's samples/s ...
+BAR_SPEED = 1.5
+# ... with a peak RSS at most this many times the peer's
+BAR_RSS = 1.0
 # Offline, CPU only, no trackers, no progress bars: the peers must not reach for a hub or a GPU.
 ENV = {
     **os.environ,
@@ -84,9 +100,9 @@ ENV = {
 }
 
 
-def ensure_venv(name: str, peer: Peer) -> Path:
-    """Create .bench/NAME with the peer's pinned packages unless its marker says it is done."""
-    venv = BENCH / name
+def ensure_venv(peer: Peer) -> Path:
+    """Create .bench/VENV with the peer's pinned packages unless its marker says it is done."""
+    venv = BENCH / peer.venv
     python = venv / "bin" / "python"
     marker = venv / ".bench-installed"
     wanted = "\n".join(peer.packages)
@@ -153,13 +169,18 @@ def run(argv: list[str], label: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def tether_argv(args: argparse.Namespace) -> list[str]:
+def tether_argv(args: argparse.Namespace, advantage: str | None) -> list[str]:
+    estimator = (
+        [] if advantage is None else [f"--advantage={advantage}", f"--group-size={args.group_size}"]
+    )
     return [
         sys.executable,
         str(ROOT / "benchmarks" / "ppo_step.py"),
         "--json",
         "--reference=shared",
         "--policy=smollm2",
+        *estimator,
+        f"--kl-coef={args.kl_coef}",
         f"--batch-size={args.batch_size}",
         f"--max-new-tokens={args.max_new_tokens}",
         f"--mini-batch-size={args.mini_batch_size}",
@@ -179,6 +200,8 @@ def peer_argv(python: Path, peer: Peer, model: Path, args: argparse.Namespace) -
         f"--batch-size={args.batch_size}",
         f"--max-new-tokens={args.max_new_tokens}",
         f"--mini-batch-size={args.mini_batch_size}",
+        f"--group-size={args.group_size}",
+        f"--kl-coef={args.kl_coef}",
         "--lora-r=16",
         "--lr=1e-5",
     ]
@@ -194,26 +217,31 @@ def summarize(runs: list[dict]) -> dict:
 
 def print_table(results: dict[str, list[dict]], versions: dict[str, str]) -> None:
     rows = {tool: summarize(runs) for tool, runs in results.items()}
-    base = rows.get("tether")
     print(
-        f"{'tool':<8} {'version':<36} {'s/step':>7} {'samples/s':>9} {'gen %':>6} "
-        f"{'peak RSS MB':>11} {'new tok':>7} {'tether speed x':>14} {'tether RSS x':>12}"
+        f"{'tool':<11} {'version':<36} {'s/step':>7} {'samples/s':>9} {'gen %':>6} "
+        f"{'peak RSS MB':>11} {'new tok':>7}"
     )
     for tool, r in rows.items():
-        speed = f"{base['samples_per_s'] / r['samples_per_s']:.2f}" if base else "-"
-        rss = f"{base['peak_rss_mb'] / r['peak_rss_mb']:.2f}" if base else "-"
         print(
-            f"{tool:<8} {versions[tool]:<36} {r['step_s']:>7.2f} {r['samples_per_s']:>9.2f} "
+            f"{tool:<11} {versions[tool]:<36} {r['step_s']:>7.2f} {r['samples_per_s']:>9.2f} "
             f"{100 * r['gen_s'] / r['step_s']:>5.0f}% {r['peak_rss_mb']:>11.0f} "
-            f"{r['response_len']:>7.1f} {speed:>14} {rss:>12}"
+            f"{r['response_len']:>7.1f}"
         )
     threads = sorted({r["threads"] for runs in results.values() for r in runs})
     print(f"torch threads per process: {', '.join(map(str, threads))}")
-    if base:
-        print(
-            "tether speed x = tether samples/s / tool samples/s; "
-            "tether RSS x = tether peak RSS / tool peak RSS (below 1: tether uses less)"
-        )
+    pairs = [(t, p) for t, p in PAIRS if t in rows and p in rows]
+    if not pairs:
+        return
+    print(
+        f"\nlike for like: speed x = tether samples/s / peer samples/s, RSS x = tether peak RSS / "
+        f"peer peak RSS; bar = speed x >= {BAR_SPEED} and RSS x <= {BAR_RSS}"
+    )
+    print(f"{'tether':<11} {'peer':<11} {'speed x':>7} {'RSS x':>6} {'bar':>4}")
+    for t, p in pairs:
+        speed = rows[t]["samples_per_s"] / rows[p]["samples_per_s"]
+        rss = rows[t]["peak_rss_mb"] / rows[p]["peak_rss_mb"]
+        met = "met" if speed >= BAR_SPEED and rss <= BAR_RSS else "no"
+        print(f"{t:<11} {p:<11} {speed:>7.2f} {rss:>6.2f} {met:>4}")
 
 
 def peer_version(v: dict[str, str]) -> str:
@@ -229,7 +257,20 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="completions per step")
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--mini-batch-size", type=int, default=4)
-    parser.add_argument("--only", default=",".join(TOOLS), help="comma-separated subset of tools")
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=4,
+        help="completions per prompt of the rloo and grpo rows (tether and TRL alike)",
+    )
+    parser.add_argument(
+        "--kl-coef", type=float, default=0.05, help="KL coefficient beta of every row"
+    )
+    parser.add_argument(
+        "--only",
+        default=",".join(TOOLS),
+        help=f"comma-separated subset of tools, run in the order given (all: {','.join(TOOLS)})",
+    )
     parser.add_argument(
         "--smoke", action="store_true", help="2 steps, batch 4, 8 tokens: check that all runs"
     )
@@ -242,37 +283,43 @@ def main() -> None:
         parser.error(f"unknown tool(s) {sorted(unknown)}; choose from {', '.join(TOOLS)}")
     if args.steps < 2:
         parser.error("--steps must be at least 2 (one warm-up, one timed)")
-    if args.batch_size % 2 or args.batch_size % args.mini_batch_size:
-        parser.error(
-            "--batch-size must be even (RLOO: 2 generations a prompt) and divisible by "
-            "--mini-batch-size"
-        )
+    if args.batch_size % args.mini_batch_size:
+        parser.error("--batch-size must be divisible by --mini-batch-size")
+    if GROUPED & set(tools):
+        if args.group_size < 2:
+            parser.error("--group-size must be at least 2 (RLOO and GRPO compare siblings)")
+        if args.batch_size % args.group_size:
+            parser.error(
+                f"--batch-size {args.batch_size} must be divisible by --group-size "
+                f"{args.group_size} (whole prompt groups a step)"
+            )
 
     model = smollm2_dir()
-    models = {"trl116": model}
+    models = {"trl116": model, "trl116-grpo": model}
     if "trl011" in tools:
         models["trl011"] = transformers4_copy(model)
-    pythons = {t: ensure_venv(t, PEERS[t]) for t in tools if t in PEERS}
-    versions = {
-        "tether": f"tether {version('tether')}, tf {version('transformers')}, "
-        f"peft {version('peft')}"
-    }
+    pythons = {t: ensure_venv(PEERS[t]) for t in tools if t in PEERS}
+    tether_version = (
+        f"tether {version('tether')}, tf {version('transformers')}, peft {version('peft')}"
+    )
+    versions = dict.fromkeys(TETHER, tether_version)
 
     print(
-        f"SmolLM2-135M-Instruct fp32 CPU  batch {args.batch_size}  new tokens "
-        f"{args.max_new_tokens}  mini-batch {args.mini_batch_size}  steps {args.steps} "
-        f"(median of {args.steps - 1} after 1 warm-up)  rounds {args.rounds}",
+        f"SmolLM2-135M-Instruct fp32 CPU  batch {args.batch_size}  group {args.group_size} "
+        f"(rloo, grpo)  kl_coef {args.kl_coef}  new tokens {args.max_new_tokens}  mini-batch "
+        f"{args.mini_batch_size}  steps {args.steps} (median of {args.steps - 1} after 1 "
+        f"warm-up)  rounds {args.rounds}",
         flush=True,
     )
     results: dict[str, list[dict]] = {t: [] for t in tools}
     for rnd in range(1, args.rounds + 1):
         for tool in tools:
-            if tool == "tether":
-                argv = tether_argv(args)
+            if tool in TETHER:
+                argv = tether_argv(args, TETHER[tool])
             else:
                 argv = peer_argv(pythons[tool], PEERS[tool], models[tool], args)
             r = run(argv, tool)
-            if tool != "tether":
+            if tool not in TETHER:
                 versions[tool] = peer_version(r["versions"])
             results[tool].append(r)
             print(f"round {rnd}/{args.rounds} {tool}: {r['step_s']:.2f} s/step", flush=True)

@@ -3,6 +3,7 @@
     python benchmarks/ppo_step.py                   # batch 16, 48 tokens: phases, FLOP/s, memory
     python benchmarks/ppo_step.py --scaling --plot benchmarks/results/scaling.png
     python benchmarks/ppo_step.py --memory          # what the peak RSS is made of
+    python benchmarks/ppo_step.py --advantage grpo --group-size 4   # a critic-free estimator
 
 The default run measures the shared reference (adapter disabled) and a full-copy reference
 side by side, each in its own process so peak RSS is that configuration's alone, and prints a
@@ -15,7 +16,9 @@ FLOPs it did and the FLOP/s achieved against this machine's measured fp32 matmul
 update micro-batch and what glibc's allocator holds on to, and measures two ways to lower it.
 
 Every completion is forced to exactly --max-new-tokens tokens (min = max) so runs compare. The
-reward is a trivial Python function: this measures the engine, not a reward model.
+reward is a trivial Python function: this measures the engine, not a reward model. --advantage,
+--group-size, --kl-coef, --kl-penalty and --kl-estimator go into the TrainConfig as they are; left out, tether's defaults
+apply (PPO with GAE and a critic, one completion a prompt, kl_coef 0.05).
 """
 
 from __future__ import annotations
@@ -148,6 +151,12 @@ def run_one(args: argparse.Namespace) -> dict:
             lora_alpha=2 * args.lora_r,
             reference=args.reference,
             progress=False,
+            # only what was asked for, so that without these flags the run is what it always was
+            **{
+                k: v
+                for k in ("advantage", "group_size", "kl_coef", "kl_penalty", "kl_estimator")
+                if (v := getattr(args, k)) is not None
+            },
         )
         torch.manual_seed(0)
         policy = build_policy(cfg)
@@ -169,10 +178,14 @@ def run_one(args: argparse.Namespace) -> dict:
 
         phases = {p: median(f"{p}_seconds") for p in PHASES[:5]}
         flops = FlopCounter(base)
+        # batch_size completions a step: batch_size / group_size prompts, each sampled
+        # group_size times (group_size is 1 for gae)
+        group = getattr(cfg, "group_size", None) or 1
         prompt_lens = [
             policy.encode_prompts([records[i].prompt])[1].sum().item()
             for step in range(1, args.steps)
-            for i in batch_indices(len(records), cfg.batch_size, cfg.seed, step)
+            for i in batch_indices(len(records), cfg.batch_size // group, cfg.seed, step)
+            for _ in range(group)
         ]
         fwd = statistics.mean(flops.forward(p, args.max_new_tokens) for p in prompt_lens)
         fwd *= cfg.batch_size
@@ -207,6 +220,8 @@ def run_one(args: argparse.Namespace) -> dict:
     return {
         "reference": args.reference,
         "policy": args.policy,
+        "advantage": getattr(cfg, "advantage", "gae"),
+        "group_size": group,
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
         "micro_batch_size": micro_batch_size(cfg, policy.device),
@@ -364,6 +379,25 @@ def main() -> None:
     )
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument(
+        "--advantage",
+        choices=["gae", "grpo", "rloo", "reinforce++"],
+        help="advantage estimator (default: tether's, gae)",
+    )
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        help="completions per prompt (default: tether's for the estimator)",
+    )
+    parser.add_argument("--kl-coef", type=float, help="KL coefficient beta (default: tether's)")
+    parser.add_argument(
+        "--kl-penalty", choices=["reward", "loss"], help="where the KL goes (default: tether's)"
+    )
+    parser.add_argument(
+        "--kl-estimator",
+        choices=["k1", "k2", "k3", "full"],
+        help="per-token KL (default: tether's); full = exact over the vocabulary",
+    )
     parser.add_argument("--steps", type=int, default=5, help="including one warm-up step")
     parser.add_argument("--judge-every", type=int, default=10, help="guard probe interval")
     parser.add_argument("--probe-prompts", type=int, default=32)
@@ -390,7 +424,8 @@ def main() -> None:
     results = [spawn(args, reference=mode) for mode in modes]
     r0 = results[0]
     print(
-        f"policy {r0['policy']}  batch {r0['batch_size']}  new tokens {r0['max_new_tokens']}  "
+        f"policy {r0['policy']}  advantage {r0['advantage']} (group {r0['group_size']})  "
+        f"batch {r0['batch_size']}  new tokens {r0['max_new_tokens']}  "
         f"threads {r0['threads']}  steps {args.steps} (median of {args.steps - 1} after 1 warm-up)"
     )
     print(f"{'reference':<10} {'s/step':>7} {'gen %':>6} {'samples/s':>9} {'peak RSS MB':>11}")

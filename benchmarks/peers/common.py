@@ -1,4 +1,4 @@
-"""What both peer scripts share: arguments, prompts, the reward, and the JSON line they print.
+"""What the peer scripts share: arguments, prompts, the reward, and the JSON line they print.
 
 The peers run in their own virtual environments (.bench/trl011, .bench/trl116), so this module
 imports nothing beyond the standard library and torch, and never imports tether.
@@ -26,6 +26,15 @@ def parse_args(doc: str) -> argparse.Namespace:
     parser.add_argument("--mini-batch-size", type=int, default=4)
     parser.add_argument("--lora-r", type=int, default=16, help="lora_alpha is 2 * r")
     parser.add_argument("--lr", type=float, default=1e-5)
+    parser.add_argument(
+        "--group-size",
+        type=int,
+        default=4,
+        help="completions per prompt (RLOO, GRPO: num_generations; PPO samples one a prompt)",
+    )
+    parser.add_argument(
+        "--kl-coef", type=float, default=0.05, help="KL coefficient beta (tether's default kl_coef)"
+    )
     return parser.parse_args()
 
 

@@ -28,7 +28,7 @@ def main() -> None:
         batch_size=args.batch_size,
         mini_batch_size=args.mini_batch_size,
         ppo_epochs=1,
-        init_kl_coef=0.05,  # tether's default beta
+        init_kl_coef=args.kl_coef,  # --group-size does not apply: PPO samples one a prompt
         seed=0,
         log_with=None,
     )
