@@ -44,7 +44,7 @@ demo: locale $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/ppo_step.py --policy smollm2 --batch-size 16 --max-new-tokens 48
 
-# tether vs TRL 0.11.4 PPO and TRL 1.16 RLOO on the same shape; the TRL venvs go to .bench/.
+# tether PPO / rloo / grpo vs TRL 0.11.4 PPO, TRL 1.16 RLOO / GRPO on the same shape; venvs in .bench/.
 bench-trl: $(STAMP)
 	$(PY) benchmarks/compare_trl.py
 

@@ -185,10 +185,16 @@ def test_compare_reports_improvement_direction():
     assert c["relative_change"] == 0.0 and not c["ci_excludes_zero"]
 
 
-def test_eval_command_compares_a_trained_adapter(tiny_llama, detox_inputs, tmp_path, capsys):
+@pytest.mark.parametrize("advantage", ["gae", "rloo"])  # rloo: an adapter without a value head
+def test_eval_command_compares_a_trained_adapter(
+    tiny_llama, detox_inputs, tmp_path, capsys, advantage
+):
     prompts, scorers = detox_inputs
     run = tmp_path / "run"
-    assert main(_argv(tiny_llama, prompts, scorers, run, "--no-similarity", "--lora-r", "4")) == 0
+    extra = ("--no-similarity", "--lora-r", "4", "--advantage", advantage)
+    assert main(_argv(tiny_llama, prompts, scorers, run, *extra)) == 0
+    assert json.loads((run / "report.json").read_text())["estimator"] == advantage
+    assert (run / "final" / "value_head.safetensors").is_file() == (advantage == "gae")
     trained_after = (run / "eval" / "aligned.jsonl").read_text().splitlines()
     capsys.readouterr()
     ev = ["eval", *_scored(tiny_llama, prompts, scorers), "--no-similarity"]
@@ -199,6 +205,7 @@ def test_eval_command_compares_a_trained_adapter(tiny_llama, detox_inputs, tmp_p
     assert main(ev + ["--out", str(tmp_path / "ev"), "--trained", str(run / "final")]) == 0
     assert "95% CI" in capsys.readouterr().out
     assert (tmp_path / "ev" / "eval" / "aligned.jsonl").read_text().splitlines() == trained_after
+    assert json.loads((tmp_path / "ev" / "report.json").read_text())["estimator"] == advantage
     # not an adapter dir, and an eval over a training run, are refused in one line
     assert main(ev + ["--out", str(tmp_path / "x"), "--trained", str(tmp_path)]) == 2
     assert "no readable adapter_config.json" in capsys.readouterr().err

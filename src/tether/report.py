@@ -68,9 +68,11 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     if "similarity" in quality:
         bars["similarity_down_at_most_5pct"] = quality["similarity"]["relative_change"] >= -0.05
     config_path = run_dir / "config.yaml"
+    config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else None
     guard = run_summary(run_dir)
     return {
         "run_dir": str(run_dir),
+        "estimator": _estimator(config),
         "n_eval_prompts": len(before),
         "reference": info.get("reference", "starting policy (adapter disabled)"),
         "evaluated_adapter": info.get("evaluated_adapter"),
@@ -81,8 +83,21 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         "bars": bars,
         "timing_seconds": info.get("timing_seconds", {}),
         "guard": guard,
-        "config": yaml.safe_load(config_path.read_text()) if config_path.is_file() else None,
+        "config": config,
     }
+
+
+def _estimator(config: dict[str, Any] | None) -> str | None:
+    """The RL estimator that trained the evaluated adapter: the run's own (a run from before
+    --advantage was PPO-GAE), or for `tether eval --trained DIR` the one DIR's config.yaml names
+    (None when it has none)."""
+    config = config or {}
+    if trained := config.get("trained"):
+        try:
+            config = yaml.safe_load((Path(trained) / "config.yaml").read_text()) or {}
+        except (OSError, yaml.YAMLError):
+            return None
+    return config.get("advantage", "gae")
 
 
 def write_report(run_dir: str | Path) -> dict[str, Any]:
@@ -205,7 +220,7 @@ td,th{{border:1px solid #ccc;padding:4px 6px;vertical-align:top}} td.p{{white-sp
 img{{max-width:100%}}</style></head><body>
 <h1>tether: before vs after alignment</h1>
 <p>Held-out prompts: {report["n_eval_prompts"]}; the same prompts, decoding and seeds before and after.
-Reference for KL and perplexity: {esc(str(report["reference"]))}. Evaluated adapter: {esc(str(report["evaluated_adapter"]))}.
+Reference for KL and perplexity: {esc(str(report["reference"]))}. Evaluated adapter: {esc(str(report["evaluated_adapter"]))}, trained with the {esc(str(report.get("estimator", "gae")))} estimator.
 Run time: {esc(timing)}.</p>
 <h2>Summary</h2><pre>{esc(summary_table(report))}</pre>
 <ul>{bars}</ul>
