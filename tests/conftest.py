@@ -269,6 +269,22 @@ def reward_file(tmp_path) -> Path:
 
 
 @pytest.fixture
+def vowel_reward(tmp_path) -> Path:
+    """Toy rewards on the completion: the fraction of vowels, the same on a 0-0.05 scale, and
+    a constant."""
+    path = tmp_path / "vowel_reward.py"
+    path.write_text(
+        "def vowels(prompts, completions):\n"
+        "    return [sum(ch in 'aeiou' for ch in c) / max(len(c), 1) for c in completions]\n"
+        "def small(prompts, completions):\n"
+        "    return [0.05 * sum(ch in 'aeiou' for ch in c) / max(len(c), 1) for c in completions]\n"
+        "def constant(prompts, completions):\n"
+        "    return [0.0 for _ in completions]\n"
+    )
+    return path
+
+
+@pytest.fixture
 def train_args(tiny_llama, prompts_file, reward_file, tmp_path):
     """A quick `tether train` command line on the tiny Llama (1 step, batch 2)."""
     return [

@@ -25,18 +25,6 @@ from tether.trainer import (
 )
 
 
-@pytest.fixture
-def vowel_reward(tmp_path):
-    path = tmp_path / "vowel_reward.py"
-    path.write_text(
-        "def vowels(prompts, completions):\n"
-        "    return [sum(ch in 'aeiou' for ch in c) / max(len(c), 1) for c in completions]\n"
-        "def small(prompts, completions):\n"
-        "    return [0.05 * sum(ch in 'aeiou' for ch in c) / max(len(c), 1) for c in completions]\n"
-    )
-    return path
-
-
 def _argv(model, prompts, reward, out, *extra):
     return [
         "train",

@@ -27,18 +27,6 @@ def _cfg(model, prompts, reward_file, out, **kw):
     return tiny_run_config(model, prompts, out, **{"reward": reward, **shape, **kw})
 
 
-@pytest.fixture
-def vowel_reward(tmp_path):
-    path = tmp_path / "vowel_reward.py"
-    path.write_text(
-        "def vowels(prompts, completions):\n"
-        "    return [sum(ch in 'aeiou' for ch in c) / max(len(c), 1) for c in completions]\n"
-        "def constant(prompts, completions):\n"
-        "    return [0.0 for _ in completions]\n"
-    )
-    return path
-
-
 def test_ppo_raises_a_toy_reward(tiny_model, prompts_file, vowel_reward, tmp_path):
     """The fraction of vowels must rise clearly above its starting level, KL staying finite."""
     result = train(_cfg(tiny_model, prompts_file, vowel_reward, tmp_path / "run"))

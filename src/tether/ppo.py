@@ -362,12 +362,23 @@ def policy_loss(
         ratio (b, t).
     """
     ratio = torch.exp(logprobs - old_logprobs)
+    loss, clipped = clipped_surrogate(ratio, advantages, cliprange)
+    loss = torch.where(valid_mask.bool(), loss, torch.zeros_like(loss))
+    return loss, clipped & valid_mask.bool(), ratio
+
+
+def clipped_surrogate(
+    ratio: torch.Tensor, advantages: torch.Tensor, cliprange: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """PPO's clipped objective as a loss, elementwise (eq. 7), for any shape of ratio.
+
+    Returns:
+        loss, and where the clipped term won (bool), both shaped like `ratio`.
+    """
     # L^CLIP = -min(r A, clip(r, 1-eps, 1+eps) A) = max(-r A, -clip(r) A)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    loss = torch.maximum(unclipped, clipped)
-    loss = torch.where(valid_mask.bool(), loss, torch.zeros_like(loss))
-    return loss, (clipped > unclipped) & valid_mask.bool(), ratio
+    return torch.maximum(unclipped, clipped), clipped > unclipped
 
 
 def sequence_policy_loss(
@@ -390,11 +401,9 @@ def sequence_policy_loss(
     Returns:
         loss_per_sequence (b,); clipped (b,) bool; ratio (b,).
     """
-    log_ratio = masked_sum(logprobs - old_logprobs, valid_mask, dim=1)
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
-    return torch.maximum(unclipped, clipped), clipped > unclipped, ratio
+    ratio = torch.exp(masked_sum(logprobs - old_logprobs, valid_mask, dim=1))
+    loss, clipped = clipped_surrogate(ratio, advantages, cliprange)
+    return loss, clipped, ratio
 
 
 def aggregate_loss(
