@@ -160,6 +160,45 @@ def test_hacking_demo_runs_both_arms_side_by_side(tiny_llama, detox_inputs, tmp_
     assert "needs a --judge" in capsys.readouterr().err
 
 
+def test_hacking_demo_with_a_critic_free_estimator(tiny_llama, detox_inputs, tmp_path, capsys):
+    # both arms train grpo (the unleashed one with beta 0 in the loss): no value head anywhere,
+    # and the rows, the report and its summary name the estimator
+    prompts, scorers = detox_inputs
+    out = tmp_path / "demo"
+    argv = [
+        "hacking-demo",
+        *_scored(tiny_llama, prompts, scorers)[:-5],
+        "--no-progress",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        "4",
+        "--mini-batch-size",
+        "4",
+        "--judge-every",
+        "2",
+        "--probe-prompts",
+        "4",
+        "--advantage",
+        "grpo",
+        "--group-size",
+        "2",
+    ]
+    assert main(argv) == 0
+    stdout = capsys.readouterr().out
+    assert "no-leash: grpo, kl_coef 0.0" in stdout and "leash: grpo, kl_coef 0.1" in stdout
+    report = json.loads((out / "hacking_report.json").read_text())
+    for name in ("no-leash", "leash"):
+        assert report["arms"][name]["advantage"] == "grpo"
+        rows = [json.loads(x) for x in (out / name / "metrics.jsonl").read_text().splitlines()]
+        assert [r["advantage"] for r in rows] == ["grpo", "grpo"]
+        assert "value_loss" not in rows[0] and "kl_loss" in rows[0]
+        assert (out / name / "final" / "adapter_model.safetensors").is_file()
+        assert not (out / name / "final" / "value_head.safetensors").exists()
+
+
 def test_report_on_a_non_run_dir(tmp_path, capsys):
     assert main(["report", str(tmp_path)]) == 2
     assert "not a detox/eval run directory" in capsys.readouterr().err

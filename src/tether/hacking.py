@@ -74,6 +74,7 @@ def build_demo_report(root: Path) -> dict[str, Any]:
         arm_cfg = yaml.safe_load((root / name / "config.yaml").read_text())
         reference, last = summary["probes"][0], summary["probes"][-1]
         arms[name] = {
+            "advantage": arm_cfg.get("advantage", "gae"),  # runs before the estimators: PPO
             "kl_coef": arm_cfg["kl_coef"],
             "target_kl": arm_cfg["target_kl"],
             "lr": arm_cfg["lr"],
@@ -121,7 +122,8 @@ def summary_table(report: dict[str, Any]) -> str:
         flags = ", ".join(f"{k} x{v}" for k, v in arm["flag_counts"].items()) or "none"
         top = ", ".join(n["ngram"] for n in arm["guard"]["rising_ngrams"][:5]) or "-"
         lines.append(
-            f"{name}: kl_coef {arm['kl_coef']}, lr {arm['lr']}; guard flags: {flags}; top rising n-grams: {top}"
+            f"{name}: {arm['advantage']}, kl_coef {arm['kl_coef']}, lr {arm['lr']}; "
+            f"guard flags: {flags}; top rising n-grams: {top}"
         )
     return "\n".join(lines)
 
@@ -159,7 +161,8 @@ def _plot(report: dict[str, Any]) -> str:
 def _html(report: dict[str, Any]) -> str:
     esc = html.escape
     sections = "".join(
-        f"<h2>Arm: {esc(name)} (kl_coef {report['arms'][name]['kl_coef']}, "
+        f"<h2>Arm: {esc(name)} ({esc(report['arms'][name]['advantage'])}, "
+        f"kl_coef {report['arms'][name]['kl_coef']}, "
         f"lr {report['arms'][name]['lr']})</h2>{guard_html(report['arms'][name]['guard'])}"
         for name in ARMS
     )
