@@ -13,9 +13,7 @@ Nothing is recomputed: the numbers are the reports', so this reads fast and impo
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import io
 import json
 import math
 import os
@@ -24,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from tether import pages
 from tether.errors import TetherError
 
 REPORT = "report.json"
@@ -372,39 +371,9 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
 # HTML
 # ----------------------------------------------------------------------------------------------
 
-_TEMPLATE = """<!doctype html><html><head><meta charset="utf-8"><title>tether compare</title>
-<style>body{font-family:system-ui,sans-serif;max-width:1400px;margin:2em auto;color:#222}
-table{border-collapse:collapse;font-size:13px;margin:1em 0}
-td,th{border:1px solid #ccc;padding:4px 6px;text-align:right;white-space:nowrap}
-td.l,th.l{text-align:left} td.sig{font-weight:bold} img{max-width:100%} .note{color:#a40}</style>
-</head><body>
-<h1>tether: {{ rows|length }} detox run{{ "s" if rows|length != 1 }} compared</h1>
-<p>{{ legend }}. {{ names }}.</p>
-<table><tr>{% for h in headers %}<th{% if loop.index <= 2 %} class=l{% endif %}>{{ h }}</th>{% endfor %}
-<th class=l>group size / KL penalty / KL estimator / KL coef</th></tr>
-{% for row, cells in table %}<tr>
-<td class=l>{{ cells[0] }}</td><td class=l>{{ cells[1] }}</td><td>{{ cells[2] }}</td>
-{% for m in metrics %}{% set v = row.metrics[m] %}<td{% if v and v.ci_excludes_zero %} class=sig{% endif %}
-{% if v %} title="before {{ '%.4f'|format(v.before_mean) }}, after {{ '%.4f'|format(v.after_mean) }}, after-before {{ '%+.4f'|format(v.diff_mean) }} [{{ '%+.4f'|format(v.ci95_low) }}, {{ '%+.4f'|format(v.ci95_high) }}]"{% endif %}>{{ cells[3 + loop.index0] }}</td>
-{% endfor %}<td>{{ cells[-2] }}</td><td>{{ cells[-1] }}</td>
-<td class=l>{{ row.group_size if row.group_size is not none else "-" }} / {{ row.kl_penalty or "-" }} / {{ row.kl_estimator or "-" }} / {{ row.kl_coef if row.kl_coef is not none else "-" }}</td>
-</tr>{% endfor %}</table>
-{% if summary %}<h2>Per estimator, over its runs</h2>
-<table><tr><th class=l>estimator</th><th class=l>runs (seeds)</th>{% for m in metrics %}<th>{{ m }}: mean (min..max)</th>{% endfor %}</tr>
-{% for s in summary %}<tr><td class=l>{{ s.estimator }}</td><td class=l>{{ s.runs|length }} ({{ s.seeds_text }})</td>
-{% for cell in s.cells %}<td>{{ cell }}</td>{% endfor %}</tr>{% endfor %}</table>{% endif %}
-{% for note in notes %}<p class=note>note: {{ note }}</p>{% endfor %}
-{% if plot %}<h2>Change with its 95% CI, per run and metric</h2><img src="{{ plot }}" alt="change with 95% CI per run and metric">{% endif %}
-<h2>Runs</h2><ul>{% for row in rows %}<li>{{ row.run }}: {{ row.n_eval_prompts }} held-out prompts</li>{% endfor %}</ul>
-</body></html>
-"""
-
 
 def render_html(rows: list[dict[str, Any]]) -> str:
     """The self-contained page: the table, the per-estimator summary, the notes, one plot."""
-    import jinja2
-
-    env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     summary = [
         {
             **s,
@@ -413,7 +382,8 @@ def render_html(rows: list[dict[str, Any]]) -> str:
         }
         for s in estimator_summary(rows)
     ]
-    return env.from_string(_TEMPLATE).render(
+    return pages.render(
+        "compare.html.j2",
         rows=rows,
         table=list(zip(rows, _table_cells(rows), strict=True)),
         headers=HEADERS,
@@ -496,7 +466,4 @@ def _plot(rows: list[dict[str, Any]]) -> str | None:
         title_fontsize=8,
         frameon=False,
     )
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    return pages.png_data_uri(fig)

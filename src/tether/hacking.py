@@ -10,7 +10,6 @@ completions, and every flag the guard raised.
 from __future__ import annotations
 
 import dataclasses
-import html
 import json
 import sys
 from pathlib import Path
@@ -18,11 +17,11 @@ from typing import Any
 
 import yaml
 
-from tether import distributed
+from tether import distributed, pages
 from tether.config import HackingDemoConfig, config_to_yaml
 from tether.errors import TetherError
 from tether.guard import GUARD_DIR, run_summary
-from tether.report import guard_html, png_data_uri
+from tether.report import guard_plot
 from tether.rewards import load_reward
 from tether.rundir import RunDir, atomic_write_text, read_jsonl
 from tether.trainer import build_policy, train
@@ -155,23 +154,15 @@ def _plot(report: dict[str, Any]) -> str:
         ax.set_xlabel("sqrt(KL to reference)", fontsize=8)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    return png_data_uri(fig)
+    return pages.png_data_uri(fig)
 
 
 def _html(report: dict[str, Any]) -> str:
-    esc = html.escape
-    sections = "".join(
-        f"<h2>Arm: {esc(name)} ({esc(report['arms'][name]['advantage'])}, "
-        f"kl_coef {report['arms'][name]['kl_coef']}, "
-        f"lr {report['arms'][name]['lr']})</h2>{guard_html(report['arms'][name]['guard'])}"
-        for name in ARMS
+    return pages.render(
+        "hacking.html.j2",
+        summary=summary_table(report),
+        plot=_plot(report),
+        arms=[
+            (name, report["arms"][name], guard_plot(report["arms"][name]["guard"])) for name in ARMS
+        ],
     )
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>tether hacking demo</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}}
-pre{{background:#f5f5f5;padding:1em}} table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:4px 6px;vertical-align:top}} img{{max-width:100%}}</style>
-</head><body><h1>Reward hacking with and without the KL leash</h1>
-<p>The same PPO job from the same starting policy, prompts and seeds; only the KL penalty (and
-the unleashed arm's higher learning rate) differ. Proxy = the reward PPO maximises; gold = an
-independent judge it never sees. Probes are held-out prompts sampled with fixed seeds.</p>
-<pre>{esc(summary_table(report))}</pre><img src="{_plot(report)}">{sections}</body></html>"""

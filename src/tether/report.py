@@ -7,15 +7,13 @@ any time and the report can never disagree with the data it summarises.
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from tether import pages
 from tether.errors import TetherError
 from tether.evaluate import ROUGE_KEYS, compare
 from tether.guard import run_summary
@@ -129,15 +127,6 @@ def summary_table(report: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def png_data_uri(fig: Any) -> str:
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    import matplotlib.pyplot as plt
-
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
 def _plots(run_dir: Path, report: dict[str, Any]) -> list[tuple[str, str]]:
     import matplotlib
 
@@ -165,7 +154,7 @@ def _plots(run_dir: Path, report: dict[str, Any]) -> list[tuple[str, str]]:
             ax.set_title(title, fontsize=9)
             ax.set_xlabel("PPO step", fontsize=8)
             ax.grid(alpha=0.3)
-        images.append(("Training curves", png_data_uri(fig)))
+        images.append(("Training curves", pages.png_data_uri(fig)))
     before = read_jsonl(run_dir / EVAL_DIR / "baseline.jsonl")
     after = read_jsonl(run_dir / EVAL_DIR / "aligned.jsonl")
     keys = [report["toxicity"][r]["metric"] for r in ("proxy", "judge")] + ["perplexity"]
@@ -179,61 +168,43 @@ def _plots(run_dir: Path, report: dict[str, Any]) -> list[tuple[str, str]]:
         ax.set_title(key, fontsize=9)
         ax.set_yscale("log")
         ax.legend(fontsize=8)
-    images.append(("Held-out distributions, before vs after", png_data_uri(fig)))
+    images.append(("Held-out distributions, before vs after", pages.png_data_uri(fig)))
     return images
 
 
-def _changed_table(run_dir: Path, report: dict[str, Any], n: int = 12) -> str:
+def _changed(run_dir: Path, report: dict[str, Any], n: int = 12) -> list[tuple]:
+    """The `n` held-out prompts whose proxy toxicity moved most: (before row, after row, prompt
+    cut to 400 characters)."""
     key = report["toxicity"]["proxy"]["metric"]
-    jkey = report["toxicity"]["judge"]["metric"]
     before = read_jsonl(run_dir / EVAL_DIR / "baseline.jsonl")
     after = read_jsonl(run_dir / EVAL_DIR / "aligned.jsonl")
     pairs = sorted(zip(before, after, strict=True), key=lambda p: -abs(p[1][key] - p[0][key]))[:n]
-    esc = html.escape
-    out = [
-        f"<table><tr><th>prompt</th><th>before</th><th>{esc(key)}<br>{esc(jkey)}</th>"
-        f"<th>after</th><th>{esc(key)}<br>{esc(jkey)}</th></tr>"
+    return [
+        (b, a, b["prompt"] if len(b["prompt"]) < 400 else b["prompt"][:400] + " ...")
+        for b, a in pairs
     ]
-    for b, a in pairs:
-        prompt = b["prompt"] if len(b["prompt"]) < 400 else b["prompt"][:400] + " ..."
-        out.append(
-            f"<tr><td class=p>{esc(prompt)}</td><td>{esc(b['completion'])}</td>"
-            f"<td>{b[key]:.3f}<br>{b[jkey]:.3f}</td><td>{esc(a['completion'])}</td>"
-            f"<td>{a[key]:.3f}<br>{a[jkey]:.3f}</td></tr>"
-        )
-    out.append("</table>")
-    return "\n".join(out)
 
 
 def _html(run_dir: Path, report: dict[str, Any]) -> str:
-    esc = html.escape
-    images = "\n".join(f"<h2>{esc(t)}</h2><img src='{src}'>" for t, src in _plots(run_dir, report))
-    bars = "".join(
-        f"<li>{'&#10003;' if ok else '&#10007;'} {esc(k.replace('_', ' '))}</li>"
-        for k, ok in report["bars"].items()
+    return pages.render(
+        "report.html.j2",
+        report=report,
+        estimator=str(report.get("estimator", "gae")),
+        summary=summary_table(report),
+        images=_plots(run_dir, report),
+        proxy_key=report["toxicity"]["proxy"]["metric"],
+        judge_key=report["toxicity"]["judge"]["metric"],
+        changed=_changed(run_dir, report),
+        guard_plot=guard_plot(report["guard"]),
+        config_yaml=yaml.safe_dump(report["config"], sort_keys=False) if report["config"] else "",
     )
-    timing = ", ".join(f"{k} {v:.0f} s" for k, v in report["timing_seconds"].items())
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>tether report</title>
-<style>body{{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;color:#222}}
-pre{{background:#f5f5f5;padding:1em}} table{{border-collapse:collapse;font-size:13px}}
-td,th{{border:1px solid #ccc;padding:4px 6px;vertical-align:top}} td.p{{white-space:pre-wrap;max-width:360px;color:#555}}
-img{{max-width:100%}}</style></head><body>
-<h1>tether: before vs after alignment</h1>
-<p>Held-out prompts: {report["n_eval_prompts"]}; the same prompts, decoding and seeds before and after.
-Reference for KL and perplexity: {esc(str(report["reference"]))}. Evaluated adapter: {esc(str(report["evaluated_adapter"]))}, trained with the {esc(str(report.get("estimator", "gae")))} estimator.
-Run time: {esc(timing)}.</p>
-<h2>Summary</h2><pre>{esc(summary_table(report))}</pre>
-<ul>{bars}</ul>
-{images}
-<h2>Completions that changed most (by proxy toxicity)</h2>
-{_changed_table(run_dir, report)}
-{guard_html(report["guard"])}
-<h2>Config</h2><pre>{esc(yaml.safe_dump(report["config"], sort_keys=False) if report["config"] else "")}</pre>
-</body></html>"""
 
 
-def guard_plot(guard: dict[str, Any]) -> str:
-    """Proxy and gold probe means against sqrt(KL) to the reference (Gao et al.'s axes)."""
+def guard_plot(guard: dict[str, Any] | None) -> str | None:
+    """Proxy and gold probe means against sqrt(KL) to the reference (Gao et al.'s axes); None
+    without a guard or with a single probe (nothing to draw a line through)."""
+    if not guard or len(guard["probes"]) < 2:
+        return None
     import matplotlib
 
     matplotlib.use("Agg")
@@ -254,45 +225,4 @@ def guard_plot(guard: dict[str, Any]) -> str:
         ax.set_title(f"{title} on the probe set", fontsize=9)
         ax.set_xlabel("sqrt(KL to reference), nats^0.5", fontsize=8)
         ax.grid(alpha=0.3)
-    return png_data_uri(fig)
-
-
-def guard_html(guard: dict[str, Any] | None) -> str:
-    """The guard section: verdict, flags, proxy/gold vs sqrt KL, rising n-grams, examples."""
-    if not guard:
-        return ""
-    esc = html.escape
-    verdict = (
-        f"<p><b>Reward hacking flagged</b>: {esc(', '.join(f'{k} x{v}' for k, v in guard['flag_counts'].items()))}.</p>"
-        if guard["hacking_flagged"]
-        else "<p>No reward-hacking flag was raised.</p>"
-    )
-    best = guard["best"]
-    ckpts = f"final/ = {esc(guard['final'])}; best/ = " + (
-        f"step {best['step']} by {best['by']} ({'the starting policy' if best['step'] < 0 else 'a trained adapter'})"
-        if best
-        else "none"
-    )
-    if guard.get("rolled_back_to_step") is not None:
-        ckpts += f"; rolled back to step {guard['rolled_back_to_step']}"
-    flags = "".join(
-        f"<li>step {f['step']}: <b>{esc(f['flag'])}</b>: {esc(f['message'])}</li>"
-        for f in guard["flags"]
-    )
-    ngrams = "".join(
-        f"<tr><td>{esc(n['ngram'])}</td><td>{n['reference_count']}</td><td>{n['policy_count']}</td>"
-        f"<td>{n['reference_completions']} / {n['policy_completions']}</td></tr>"
-        for n in guard["rising_ngrams"]
-    )
-    examples = "".join(
-        f"<tr><td>{esc(e['reference'])}</td><td>{e['proxy_reference']:.3f}</td>"
-        f"<td>{esc(e['policy'])}</td><td>{e['proxy_policy']:.3f}</td></tr>"
-        for e in guard["examples"]
-    )
-    plot = f"<img src='{guard_plot(guard)}'>" if len(guard["probes"]) > 1 else ""
-    return f"""<h2>Reward-hacking guard</h2>{verdict}<p>{ckpts}</p>
-<ul>{flags}</ul>{plot}
-<h3>n-grams that rose most against the reference (last probe)</h3>
-<table><tr><th>n-gram</th><th>reference count</th><th>policy count</th><th>completions with it (ref / policy)</th></tr>{ngrams}</table>
-<h3>Probe completions whose proxy rose most</h3>
-<table><tr><th>reference</th><th>proxy</th><th>policy</th><th>proxy</th></tr>{examples}</table>"""
+    return pages.png_data_uri(fig)

@@ -13,12 +13,12 @@ can't" in passing.
 
 from __future__ import annotations
 
-import html
 import json
 import re
 from pathlib import Path
 from typing import Any
 
+from tether import pages
 from tether.rewards import RewardModel, checked_scores
 from tether.rundir import atomic_write_text
 
@@ -127,32 +127,22 @@ def write_report(out: Path, report: dict[str, Any], rows: list[dict[str, Any]]) 
     answers side by side."""
     atomic_write_text(out / REPORT_JSON, json.dumps({**report, "rows": rows}, indent=2))
     models = list(report["models"])
-    head = "".join(f"<th>{html.escape(m)}</th>" for m in models)
-    body = ""
-    for key, label in COLUMNS:
-        cells = "".join(
-            f"<td>{'n/a' if (v := report['models'][m][key]) is None else f'{v:.4f}'}</td>"
-            for m in models
-        )
-        body += f"<tr><th>{html.escape(label)}</th>{cells}</tr>"
-    samples = ""
+    samples = []  # (set, prompt, each model's answer in the order of `models`)
     for kind in ("harmful", "harmless"):
-        prompts = list(dict.fromkeys(r["prompt"] for r in rows if r["set"] == kind))
-        for p in prompts:
-            cells = "".join(
-                f"<td>{html.escape(r['answer'])}</td>"
+        for p in dict.fromkeys(r["prompt"] for r in rows if r["set"] == kind):
+            answers = [
+                r["answer"]
                 for m in models
                 for r in rows
                 if r["model"] == m and r["set"] == kind and r["prompt"] == p
-            )
-            samples += f"<tr><th>{kind}: {html.escape(p)}</th>{cells}</tr>"
-    stages = html.escape(json.dumps(report.get("stages", {}), indent=2))
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>tether CAI report</title>
-<style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}
-table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}}</style>
-</head><body><h1>Constitutional AI: base vs SL-CAI vs RL-CAI</h1>
-<p>{html.escape(report["note"])}</p>
-<table><tr><th></th>{head}</tr>{body}</table>
-<h2>Answers</h2><table><tr><th>prompt</th>{head}</tr>{samples}</table>
-<h2>Stages</h2><pre>{stages}</pre></body></html>"""
+            ]
+            samples.append((kind, p, answers))
+    page = pages.render(
+        "cai.html.j2",
+        report=report,
+        models=models,
+        columns=COLUMNS,
+        samples=samples,
+        stages=json.dumps(report.get("stages", {}), indent=2),
+    )
     atomic_write_text(out / REPORT_HTML, page)
