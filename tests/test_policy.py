@@ -278,3 +278,20 @@ def test_policy_routes_its_plain_lm_head_through_head_linear(tiny_llama):
         assert head.forward.func is head_linear
         x = torch.randn(2, 3, head.in_features)
         torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight))
+
+
+def test_peft_all_linear_passes_through(tiny_model, tmp_path):
+    # `--lora-target-modules all-linear` is PEFT's special value, not a module named so: every
+    # linear layer but the output head gets an adapter (q/v only by default)
+    from tether.policy import LoraSettings
+
+    default = _policy(tiny_model)
+    every = _policy(tiny_model, lora=LoraSettings(target_modules=["all-linear"]))
+
+    def adapted(policy):
+        return {n.split(".")[-1] for n, m in policy.model.named_modules() if hasattr(m, "lora_A")}
+
+    assert adapted(default) < adapted(every)
+    assert len(adapted(every)) >= 4 and "lm_head" not in adapted(every)
+    every.save(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").is_file()

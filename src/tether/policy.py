@@ -212,7 +212,7 @@ class Policy(torch.nn.Module):
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=lora.target_modules or _default_targets(base),
+            target_modules=peft_targets(lora.target_modules) or _default_targets(base),
         )
         try:
             with warnings.catch_warnings():  # peft 0.21 calls a transformers 5 deprecated alias
@@ -538,6 +538,14 @@ class Policy(torch.nn.Module):
             self.value_head.load_state_dict(
                 load_file(directory / VALUE_HEAD_FILE, device=str(self.device))
             )
+
+
+def peft_targets(names: list[str] | None) -> list[str] | str | None:
+    """Module names as PEFT takes them: PEFT's one special value (`all-linear`: every linear
+    layer but the output head) is a string, not a module named "all-linear"."""
+    if names is not None and len(names) == 1 and names[0].lower() == "all-linear":
+        return "all-linear"
+    return names
 
 
 def _default_targets(model: torch.nn.Module) -> list[str] | str:
