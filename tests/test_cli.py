@@ -145,6 +145,34 @@ def test_bad_reward_callables(train_args, tmp_path, capsys, body, message):
     )
 
 
+def test_a_failing_reward_names_the_users_own_frames(train_args, tmp_path, capsys, monkeypatch):
+    path = tmp_path / "bad_reward.py"
+    path.write_text(
+        "def f(p, c):\n    return [share(x) for x in c]\n\n\ndef share(x):\n    return 1 / 0\n"
+    )
+    argv = with_option(train_args, "--reward", f"python:{path}:f")
+    # without --debug: still one line, but it says where the user's code broke
+    msg = one_line_error(argv, capsys)
+    assert msg.endswith(
+        "raised ZeroDivisionError: division by zero (at bad_reward.py:6 in share: return 1 / 0; "
+        "called from bad_reward.py:2 in <listcomp>; called from bad_reward.py:2 in f)"
+    ) or msg.endswith(  # Python 3.12+ inlines list comprehensions: no frame of their own
+        "raised ZeroDivisionError: division by zero (at bad_reward.py:6 in share: return 1 / 0; "
+        "called from bad_reward.py:2 in f)"
+    ), msg
+    # --debug, anywhere on the line (or TETHER_DEBUG=1): the same line, then the whole traceback
+    # with the cause that the one-line error wraps
+    for extra, env in ((["--debug"], None), ([], "1")):
+        if env:
+            monkeypatch.setenv("TETHER_DEBUG", env)
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err
+        first, *rest = err.splitlines()
+        assert first == msg and "Traceback (most recent call last)" in err
+        assert f'File "{path}", line 6, in share' in err and "ZeroDivisionError" in err
+        assert "tether.errors.TetherError: reward python:" in rest[-1]
+
+
 def test_missing_reward_function_and_file(train_args, reward_file, capsys):
     assert "has no callable 'nope'" in one_line_error(
         with_option(train_args, "--reward", f"python:{reward_file}:nope"), capsys

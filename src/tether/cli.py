@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +23,7 @@ from tether.config import (
     closest_key,
     field_type,
 )
-from tether.errors import WRITE_ERRNOS, TetherError
+from tether.errors import WRITE_ERRNOS, TetherError, format_cause_chain
 
 
 class _Parser(argparse.ArgumentParser):
@@ -82,6 +83,12 @@ def _or_off(typ: type) -> Callable[[str], Any]:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="tether", description="PPO with a leash: RLHF for causal and seq2seq LMs."
+    )
+    parser.add_argument(
+        "--debug",
+        action="store_true",
+        help="on an error, print its full traceback with every cause after the one-line message "
+        "(may stand anywhere on the command line; or set TETHER_DEBUG=1)",
     )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     train = sub.add_parser(
@@ -261,7 +268,9 @@ def cmd_cai(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("TETHER_DEBUG", "") not in ("", "0")
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
     try:
         commands = {
             "train": cmd_train,
@@ -276,6 +285,8 @@ def main(argv: list[str] | None = None) -> int:
         return commands[args.command](args)
     except TetherError as e:
         print(f"error: {e}", file=sys.stderr)
+        if debug:
+            print(format_cause_chain(e), file=sys.stderr, end="")
         return 2
     except OSError as e:
         # a full disk or a read-only directory met outside the run directory's own writers
@@ -283,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
         if e.errno not in WRITE_ERRNOS:
             raise
         print(f"error: cannot write {e.filename or 'a file'}: {e.strerror}", file=sys.stderr)
+        if debug:
+            print(format_cause_chain(e), file=sys.stderr, end="")
         return 2
     except KeyboardInterrupt:
         print("interrupted: the run directory keeps its last complete checkpoint", file=sys.stderr)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 from typing import Protocol, runtime_checkable
 
-from tether.errors import TetherError
+from tether.errors import TetherError, user_frames
 
 
 @runtime_checkable
@@ -88,8 +88,12 @@ def checked_scores(reward: RewardModel, prompts: list[str], completions: list[st
         scores = reward.score(prompts, completions)
     except TetherError:
         raise
-    except Exception as e:  # the user's code: report it in one line, not a traceback
-        raise TetherError(f"reward {reward.name} raised {type(e).__name__}: {e}") from None
+    except Exception as e:  # the user's code: one line that says where it broke (--debug: all)
+        where = user_frames(e)
+        raise TetherError(
+            f"reward {reward.name} raised {type(e).__name__}: {e}"
+            + (f" ({where})" if where else "")
+        ) from e
     try:
         scores = list(scores)
     except TypeError:
