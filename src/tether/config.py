@@ -154,7 +154,8 @@ class TrainConfig:
     )
     lora_target_modules: list[str] | None = _opt(
         None,
-        "modules that get LoRA (default: PEFT's per-architecture choice, else all linear layers)",
+        "modules that get LoRA (default: PEFT's per-architecture choice, else all linear layers; "
+        "all-linear: every linear layer but the output head)",
     )
 
     # --- run ---
