@@ -27,7 +27,7 @@ from tether.data import PromptRecord
 from tether.errors import TetherError
 from tether.policy import Policy
 from tether.rewards import RewardModel, checked_scores
-from tether.rollout import Rollout, SamplingParams
+from tether.rollout import Rollout, SamplingParams, step_seed
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def evaluate(
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     rows: list[dict[str, Any]] = [{} for _ in records]
     for i, chunk in enumerate(tqdm(chunks, desc=desc, unit="batch", disable=not progress)):
-        torch.manual_seed(seed * 1_000_003 + i)
+        torch.manual_seed(step_seed(seed, i))
         prompts = [records[k].prompt for k in chunk]
         ctx = policy.reference() if as_reference else contextlib.nullcontext()
         with ctx:

@@ -13,6 +13,13 @@ from dataclasses import dataclass, fields, replace
 import torch
 
 
+def step_seed(seed: int, step: int) -> int:
+    """The torch seed of sampling batch `step` (a PPO step, an evaluation or generation batch):
+    derived from (seed, step) alone, so a resumed run samples exactly what an uninterrupted one
+    would have, and two policies evaluated on the same prompts draw the same random stream."""
+    return (seed * 1_000_003 + step) % (2**63)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Decoding for rollouts. PPO's ratios assume samples come from softmax(logits / temperature);

@@ -33,7 +33,7 @@ from tether.kl import KLController, make_kl_controller
 from tether.models import load_model, resolve_device
 from tether.policy import LoraSettings, Policy, PolicyOutput
 from tether.rewards import RewardModel, checked_scores, load_reward
-from tether.rollout import Experience, Rollout, SamplingParams
+from tether.rollout import Experience, Rollout, SamplingParams, step_seed
 from tether.rundir import (
     RunDir,
     atomic_dir,
@@ -241,12 +241,6 @@ def sampling_params(cfg: TrainConfig) -> SamplingParams:
     return SamplingParams(
         cfg.max_new_tokens, cfg.min_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p
     )
-
-
-def step_seed(seed: int, step: int) -> int:
-    """Each step reseeds from (seed, step), so a resumed run samples exactly what an
-    uninterrupted one would have, whatever happened to the RNG in between."""
-    return (seed * 1_000_003 + step) % (2**63)
 
 
 def batch_indices(n_prompts: int, batch_size: int, seed: int, step: int) -> list[int]:

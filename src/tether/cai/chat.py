@@ -19,7 +19,7 @@ from transformers import LogitsProcessorList
 from tether.errors import TetherError
 from tether.models import LoadedModel
 from tether.policy import StepSampler, use_head_linear
-from tether.rollout import SamplingParams
+from tether.rollout import SamplingParams, step_seed
 
 Message = dict[str, str]  # {"role": "user" | "assistant", "content": ...}
 
@@ -81,7 +81,7 @@ class ChatModel:
         for i, chunk in enumerate(
             tqdm(chunks, desc=desc, unit="batch", disable=not progress, file=sys.stderr)
         ):
-            torch.manual_seed(seed * 1_000_003 + i)
+            torch.manual_seed(step_seed(seed, i))
             enc = self._encode(chunk)
             # tether's own sampler (inverse CDF, one uniform per row) and, on CPU, a static
             # cache: what makes the policy's rollouts fast (see policy.StepSampler)
