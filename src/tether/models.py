@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -242,3 +243,23 @@ def _load_error(spec: str, config: Any, is_enc_dec: bool, e: Exception) -> Excep
             )
         return TetherError(f"cannot load model {spec!r}: {first}")
     return e
+
+
+def merge_adapter(base: torch.nn.Module, adapter: str | Path, what: str = "--adapter") -> Any:
+    """`base` with the PEFT LoRA adapter in `adapter` folded into its weights (plain layers
+    again, no LoRA matmuls beside them): a starting SFT adapter, a pipeline stage's adapter, a
+    preference model's. Errors name `what` and the directory."""
+    from peft import PeftModel
+
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise TetherError(
+            f"{what} {adapter}: no adapter_config.json there (expected a PEFT adapter dir)"
+        )
+    try:
+        with warnings.catch_warnings():  # peft 0.21 calls a transformers 5 deprecated alias
+            warnings.filterwarnings("ignore", category=FutureWarning)
+            return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+    except (ValueError, RuntimeError, KeyError) as e:
+        raise TetherError(
+            f"{what} {adapter} does not fit this model: {str(e).splitlines()[0]}"
+        ) from None

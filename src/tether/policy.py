@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, TaskType, get_peft_model, set_peft_model_state_dict
+from peft import LoraConfig, TaskType, get_peft_model, set_peft_model_state_dict
 from peft.tuners.lora import Linear as LoraLinear
 from peft.utils import load_peft_weights
 from safetensors.torch import load_file, save_file
@@ -34,7 +34,7 @@ from transformers import (
 
 from tether import ppo
 from tether.errors import TetherError
-from tether.models import LoadedModel
+from tether.models import LoadedModel, merge_adapter
 from tether.rollout import Rollout, SamplingParams, response_valid_mask
 
 VALUE_HEAD_FILE = "value_head.safetensors"
@@ -194,7 +194,7 @@ class Policy(torch.nn.Module):
             raise TetherError("--chat-template on, but the tokenizer has no chat template")
 
         if adapter is not None:
-            base = _merge_adapter(base, adapter)
+            base = merge_adapter(base, adapter)
         for p in base.parameters():
             p.requires_grad_(False)
         self._ref_model = None
@@ -554,18 +554,3 @@ def _default_targets(model: torch.nn.Module) -> list[str] | str:
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping
 
     return mapping.get(model.config.model_type, "all-linear")
-
-
-def _merge_adapter(base: torch.nn.Module, adapter: str) -> torch.nn.Module:
-    """Fold an existing (SFT) LoRA adapter into the base weights: it becomes the starting policy,
-    and therefore also the reference."""
-    if not (Path(adapter) / "adapter_config.json").is_file():
-        raise TetherError(
-            f"--adapter {adapter}: no adapter_config.json there (expected a PEFT adapter dir)"
-        )
-    try:
-        return PeftModel.from_pretrained(base, adapter).merge_and_unload()
-    except (ValueError, RuntimeError, KeyError) as e:
-        raise TetherError(
-            f"--adapter {adapter} does not fit this model: {str(e).splitlines()[0]}"
-        ) from None

@@ -19,13 +19,11 @@ import random
 import shutil
 import sys
 import time
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from peft import PeftModel
 
 from tether.cai import evaluate as cai_eval
 from tether.cai.chat import ChatModel
@@ -36,7 +34,7 @@ from tether.cai.revise import revise
 from tether.cai.sft import train_sl_cai
 from tether.config import CaiConfig, RewardModelConfig, TrainConfig, config_to_yaml
 from tether.errors import TetherError
-from tether.models import load_model, resolve_device
+from tether.models import load_model, merge_adapter, resolve_device
 from tether.rewards import load_reward
 from tether.rundir import RunDir, atomic_dir, atomic_write_text, read_jsonl, write_jsonl
 
@@ -79,10 +77,7 @@ def _chat(cfg: CaiConfig, spec: str, adapters: list[Path] = ()) -> ChatModel:
     torch.manual_seed(cfg.seed)
     loaded = load_model(spec, device=resolve_device(cfg.device))
     for adapter in adapters:
-        with warnings.catch_warnings():  # peft 0.21 calls a transformers 5 deprecated alias
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            peft_model = PeftModel.from_pretrained(loaded.model, str(adapter))
-        loaded.model = peft_model.merge_and_unload()
+        loaded.model = merge_adapter(loaded.model, adapter, what="stage adapter")
     return ChatModel(loaded)
 
 

@@ -12,7 +12,6 @@ or harmful depends on what was asked.
 from __future__ import annotations
 
 import json
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
 from tether.errors import TetherError
-from tether.models import load_config, resolve_device, resolve_model_path
+from tether.models import load_config, merge_adapter, resolve_device, resolve_model_path
 
 PM_INFO = "tether_pm.json"
 DEFAULT_MAX_LENGTH = 256
@@ -84,7 +83,6 @@ class PreferenceModelReward:
     def __init__(
         self, directory: str, device: str | torch.device = "cpu", batch_size: int = 16
     ) -> None:
-        from peft import PeftModel
 
         info_path = Path(directory) / PM_INFO
         if not info_path.is_file():
@@ -98,10 +96,8 @@ class PreferenceModelReward:
         self.max_length = int(info.get("max_length", DEFAULT_MAX_LENGTH))
         self.device = resolve_device(device) if isinstance(device, str) else device
         base, self.tokenizer = load_scorer(info["base"], self.device)
-        with warnings.catch_warnings():  # peft 0.21 calls a transformers 5 deprecated alias
-            warnings.filterwarnings("ignore", category=FutureWarning)
-            # merged: scoring runs plain layers, no LoRA matmuls beside them
-            self.model = PeftModel.from_pretrained(base, directory).merge_and_unload()
+        # merged: scoring runs plain layers, no LoRA matmuls beside them
+        self.model = merge_adapter(base, directory, what="preference model")
         self.model.eval()
 
     @torch.no_grad()
