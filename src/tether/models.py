@@ -8,7 +8,6 @@ take well under a second instead of ~30 s of dequantisation.
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import shutil
 import sys
@@ -29,10 +28,10 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from tether.errors import TetherError
+from tether.rundir import atomic_dir, marker_problem, write_marker
 
 SMOLLM2 = "smollm2"
 _SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_COMPLETE_MARKER = "tether-complete.json"
 
 hf_logging.disable_progress_bar()  # per-tensor "Loading weights" bars drown our own progress
 
@@ -89,29 +88,20 @@ def smollm2_dir() -> Path:
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**cfg), dtype=torch.float32)
     model.load_state_dict(gguf_model.state_dict())
     model.tie_weights()
-    # atomic: build beside the target, then rename; a crash leaves only a .tmp dir to delete
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
-    sizes = {p.name: p.stat().st_size for p in tmp.iterdir()}
-    (tmp / _COMPLETE_MARKER).write_text(
-        json.dumps({"source": str(gguf_dir / _SMOLLM2_GGUF), "files": sizes})
-    )
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
+    # built beside the target and renamed; the marker, written last, lists every file and size
+
+    def fill(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        write_marker(tmp)
+
+    atomic_dir(target, fill)
     return target
 
 
 def _cache_is_complete(path: Path) -> bool:
     """A cache dir counts only if its marker lists every file at its recorded size."""
-    marker = path / _COMPLETE_MARKER
-    try:
-        files = json.loads(marker.read_text())["files"]
-        return all((path / name).stat().st_size == size for name, size in files.items())
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
+    return marker_problem(path) is None
 
 
 def resolve_model_path(spec: str) -> str:

@@ -307,24 +307,35 @@ def write_marker(directory: Path) -> None:
     (directory / COMPLETE).write_text(json.dumps({"files": files}), encoding="utf-8")
 
 
-def checkpoint_problem(directory: Path) -> str | None:
-    """Why `directory` is not a complete checkpoint, or None when it is."""
+def marker_problem(
+    directory: Path, required: str | None = None, what: str = "directory"
+) -> str | None:
+    """Why `directory` (a checkpoint, the converted model cache: `what`) is not complete by its
+    marker (`write_marker`: every file at its size, `required` among them), or None when it is."""
     try:
         files = json.loads((directory / COMPLETE).read_text(encoding="utf-8"))["files"]
     except FileNotFoundError:
-        return f"no {COMPLETE} (an unfinished checkpoint)"
+        return f"no {COMPLETE} (an unfinished {what})"
     except (OSError, ValueError, KeyError, TypeError):
         return f"unreadable {COMPLETE}"
-    if TRAINER_STATE not in files:
-        return f"{TRAINER_STATE} is not listed in {COMPLETE}"
-    for name, size in files.items():
-        try:
-            actual = (directory / name).stat().st_size
-        except OSError:
-            return f"{name} is missing"
-        if actual != size:
-            return f"{name} has {actual} bytes, {COMPLETE} says {size}"
+    if required is not None and required not in files:
+        return f"{required} is not listed in {COMPLETE}"
+    try:
+        for name, size in files.items():
+            try:
+                actual = (directory / name).stat().st_size
+            except OSError:
+                return f"{name} is missing"
+            if actual != size:
+                return f"{name} has {actual} bytes, {COMPLETE} says {size}"
+    except (AttributeError, TypeError):
+        return f"unreadable {COMPLETE}"
     return None
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why `directory` is not a complete checkpoint, or None when it is."""
+    return marker_problem(directory, required=TRAINER_STATE, what="checkpoint")
 
 
 def load_trainer_state(checkpoint: Path) -> dict[str, Any]:
