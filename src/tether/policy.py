@@ -212,7 +212,7 @@ class Policy(torch.nn.Module):
             r=lora.r,
             lora_alpha=lora.alpha,
             lora_dropout=lora.dropout,
-            target_modules=peft_targets(lora.target_modules) or _default_targets(base),
+            target_modules=peft_targets(lora.target_modules) or default_lora_targets(base),
         )
         try:
             with warnings.catch_warnings():  # peft 0.21 calls a transformers 5 deprecated alias
@@ -548,7 +548,7 @@ def peft_targets(names: list[str] | None) -> list[str] | str | None:
     return names
 
 
-def _default_targets(model: torch.nn.Module) -> list[str] | str:
+def default_lora_targets(model: torch.nn.Module) -> list[str] | str:
     """PEFT's per-architecture default (q/v attention projections for Llama, T5, ...), else all
     linear layers, so an architecture PEFT has not heard of still gets an adapter."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as mapping

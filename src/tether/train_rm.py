@@ -30,7 +30,7 @@ from tether.config import RewardModelConfig, config_to_yaml
 from tether.data import jsonl_objects, text_bucket
 from tether.errors import TetherError
 from tether.models import resolve_device
-from tether.policy import _default_targets
+from tether.policy import default_lora_targets
 from tether.rewards.pm import PM_INFO, load_scorer, pm_text, score_texts
 from tether.rundir import atomic_dir
 
@@ -127,7 +127,7 @@ def train_reward_model(cfg: RewardModelConfig) -> RewardModelResult:
         task_type=TaskType.SEQ_CLS,  # PEFT then also trains and saves the score head
         r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
-        target_modules=_default_targets(base),
+        target_modules=default_lora_targets(base),
     )
     with warnings.catch_warnings():  # peft 0.21 calls a transformers 5 deprecated alias
         warnings.filterwarnings("ignore", category=FutureWarning)

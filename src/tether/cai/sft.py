@@ -19,7 +19,7 @@ from peft import LoraConfig, TaskType
 
 from tether.errors import TetherError
 from tether.models import LoadedModel
-from tether.policy import _default_targets
+from tether.policy import default_lora_targets
 
 
 def sft_example(tokenizer: Any, prompt: str, answer: str) -> dict[str, Any]:
@@ -89,7 +89,7 @@ def train_sl_cai(
             task_type=TaskType.CAUSAL_LM,
             r=lora_r,
             lora_alpha=lora_alpha,
-            target_modules=_default_targets(loaded.model),
+            target_modules=default_lora_targets(loaded.model),
         )
         trainer = SFTTrainer(
             model=loaded.model,
