@@ -374,7 +374,7 @@ class DetoxConfig(EmbeddedDefaultConfig):
     judge_every: int = _opt(
         9, "probe held-out prompts every N steps: proxy vs gold, phrases, fluency (0 = off)"
     )
-    # the recipe, measured on 2 cores (see README): ~19.5 min for 200 held-out prompts before/after
+    # the recipe sized for 2 CPU cores: README, "What the default run shows", has its wall time
     steps: int = _opt(18, "PPO steps (each = one batch of rollouts + its update)")
     ppo_epochs: int = _opt(1, "passes over each batch of rollouts")
     lr: float = _opt(6e-4, "AdamW learning rate for the LoRA adapter and value head")

@@ -77,8 +77,9 @@ class HateSonarJudge:
             raise TetherError(LOCALE_MISSING)
         options = ort.SessionOptions()
         options.log_severity_level = 4  # failures surface as exceptions; no coloured stderr dump
-        # The graph is a handful of tiny sparse ops: one thread scores ~2x faster than a pool
-        # here (measured, 2 cores), and leaves the cores to the policy's torch threads.
+        # The graph is a handful of tiny sparse ops: one thread scores about as fast as a pool
+        # (benchmarks/cpu_choices.py --only judge) and leaves the cores to the policy's torch
+        # threads, which score and train beside it.
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
         try:

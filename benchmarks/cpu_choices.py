@@ -1,0 +1,152 @@
+"""The measurements behind tether's CPU-specific choices, each against the plain alternative,
+side by side in one process on the embedded SmolLM2-135M (fp32):
+
+    python benchmarks/cpu_choices.py            # all of them (a few minutes on 2 cores)
+    python benchmarks/cpu_choices.py --only head,sampler
+
+- `head`: the vocabulary-wide lm_head through oneDNN's linear (`policy.head_linear`) against
+  torch's `F.linear`, at 16 rows (a decoding step of batch 16) and 196 rows (an update
+  micro-batch of 2 x 98 positions), forward only.
+- `sampler`: one sampling step of 16 x vocabulary rows by inverse CDF (`policy.StepSampler`: one
+  uniform per row) against `torch.multinomial` on the softmax (what `generate(do_sample=True)`
+  does), plus the log-prob and entropy StepSampler records.
+- `cache`: a 16 x 48-token rollout (`Policy.generate`) with the static KV cache tether uses on
+  CPU against the dynamic cache that grows by concatenation.
+- `judge`: HateSonar's ONNX session scoring 200 texts with one thread against onnxruntime's
+  default pool.
+
+The update's micro-batch size and glibc's `malloc_trim` between phases are measured on whole
+PPO steps by `benchmarks/ppo_step.py --memory`. Every figure is the median of repeated runs; the
+machine's other load shows in all of them, so read the ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+
+def median_seconds(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def bench_head(policy, repeat: int) -> list[tuple[str, float, float]]:
+    from tether.policy import head_linear
+
+    head = policy.model.get_base_model().get_output_embeddings()
+    rows = []
+    for n, what in ((16, "a decoding step"), (196, "an update micro-batch")):
+        x = torch.randn(n, head.in_features)
+        plain = median_seconds(lambda x=x: torch.nn.functional.linear(x, head.weight), repeat)
+        onednn = median_seconds(lambda x=x: head_linear(head, x), repeat)
+        rows.append((f"lm_head, {n} rows ({what}): F.linear vs oneDNN", plain, onednn))
+    return rows
+
+
+def bench_sampler(policy, repeat: int) -> list[tuple[str, float, float]]:
+    from tether.policy import StepSampler
+    from tether.rollout import SamplingParams
+
+    vocab = policy.model.get_base_model().config.vocab_size
+    scores = torch.randn(16, vocab) * 3
+    ids = torch.zeros(16, 1, dtype=torch.long)
+
+    def multinomial() -> None:
+        logits = scores.float()
+        torch.multinomial(torch.softmax(logits, -1), 1)
+
+    def inverse_cdf() -> None:
+        StepSampler(SamplingParams(max_new_tokens=48), 1.0, [0])(ids, scores)
+
+    label = f"sampling step, 16 x {vocab}: multinomial vs inverse CDF (+ log-prob, entropy)"
+    return [(label, median_seconds(multinomial, repeat), median_seconds(inverse_cdf, repeat))]
+
+
+def bench_cache(policy, repeat: int) -> list[tuple[str, float, float]]:
+    import tether.policy
+    from tether.data import load_prompts
+    from tether.rollout import SamplingParams
+
+    prompts = [r.prompt for r in load_prompts("jsonl:examples/prompts.jsonl")[:16]]
+    sampling = SamplingParams(max_new_tokens=48, min_new_tokens=48)
+    static_config = tether.policy.GenerationConfig
+
+    def dynamic_config(**kwargs):  # what Policy.generate asks for, but the dynamic cache
+        return static_config(**{**kwargs, "cache_implementation": None})
+
+    def rollout(config) -> Callable[[], object]:
+        def run() -> None:
+            tether.policy.GenerationConfig = config
+            try:
+                torch.manual_seed(0)
+                policy.generate(prompts, sampling)
+            finally:
+                tether.policy.GenerationConfig = static_config
+
+        return run
+
+    reps = max(1, repeat // 10)
+    dynamic = median_seconds(rollout(dynamic_config), reps, warmup=1)
+    static = median_seconds(rollout(static_config), reps, warmup=1)
+    return [("rollout 16 x 48 tokens: dynamic vs static KV cache", dynamic, static)]
+
+
+def bench_judge(repeat: int) -> list[tuple[str, float, float]]:
+    import onnxruntime as ort
+    from hatesonar.api import DEFAULT_MODEL_FILE
+
+    from tether.rewards.hatesonar import HateSonarJudge
+
+    judge = HateSonarJudge()
+    texts = [f"summary number {i}: they talked about the weather and the game" for i in range(200)]
+    one = median_seconds(lambda: judge.score([""] * len(texts), texts), max(1, repeat // 5))
+    pooled = ort.SessionOptions()
+    pooled.log_severity_level = 4
+    judge._session = ort.InferenceSession(
+        str(DEFAULT_MODEL_FILE), pooled, providers=["CPUExecutionProvider"]
+    )
+    pool = median_seconds(lambda: judge.score([""] * len(texts), texts), max(1, repeat // 5))
+    return [("HateSonar, 200 texts: default thread pool vs one thread", pool, one)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", default="head,sampler,cache,judge")
+    parser.add_argument("--repeat", type=int, default=20)
+    args = parser.parse_args()
+    wanted = set(args.only.split(","))
+    rows: list[tuple[str, float, float]] = []
+    policy = None
+    if wanted & {"head", "sampler", "cache"}:
+        from tether.models import load_model
+        from tether.policy import Policy
+
+        policy = Policy(load_model("smollm2"), value_head=False)
+    with torch.no_grad():
+        if "head" in wanted:
+            rows += bench_head(policy, args.repeat)
+        if "sampler" in wanted:
+            rows += bench_sampler(policy, args.repeat)
+    if "cache" in wanted:
+        rows += bench_cache(policy, args.repeat)
+    if "judge" in wanted:
+        rows += bench_judge(args.repeat)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of repeats")
+    print(f"{'choice: plain vs tether':<82} {'plain ms':>9} {'tether ms':>10} {'speed-up':>9}")
+    for label, plain, ours in rows:
+        print(f"{label:<82} {1e3 * plain:>9.1f} {1e3 * ours:>10.1f} {plain / ours:>8.2f}x")
+
+
+if __name__ == "__main__":
+    main()
