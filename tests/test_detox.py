@@ -57,6 +57,27 @@ def _argv(tiny_llama, prompts, scorers, out, *extra):
     ]
 
 
+def _demo_argv(tiny_llama, prompts, scorers, out, batch, judge_every, probes):
+    """A 2-step `tether hacking-demo` (mini-batch 4); the probe count comes last."""
+    return [
+        "hacking-demo",
+        *_scored(tiny_llama, prompts, scorers)[:-5],  # no eval options: the demo has none
+        "--no-progress",
+        "--out",
+        str(out),
+        "--steps",
+        "2",
+        "--batch-size",
+        str(batch),
+        "--mini-batch-size",
+        "4",
+        "--judge-every",
+        str(judge_every),
+        "--probe-prompts",
+        str(probes),
+    ]
+
+
 def test_detox_end_to_end_and_report_rebuild(tiny_llama, detox_inputs, tmp_path, capsys):
     prompts, scorers = detox_inputs
     out = tmp_path / "run"
@@ -125,23 +146,7 @@ def test_detox_refuses_judge_equal_to_reward(tiny_llama, detox_inputs, tmp_path,
 def test_hacking_demo_runs_both_arms_side_by_side(tiny_llama, detox_inputs, tmp_path, capsys):
     prompts, scorers = detox_inputs
     out = tmp_path / "demo"
-    argv = [
-        "hacking-demo",
-        *_scored(tiny_llama, prompts, scorers)[:-5],  # no eval options: the demo has none
-        "--no-progress",
-        "--out",
-        str(out),
-        "--steps",
-        "2",
-        "--batch-size",
-        "8",
-        "--mini-batch-size",
-        "4",
-        "--judge-every",
-        "1",
-        "--probe-prompts",
-        "6",
-    ]
+    argv = _demo_argv(tiny_llama, prompts, scorers, out, batch=8, judge_every=1, probes=6)
     assert main(argv) == 0
     stdout = capsys.readouterr().out
     assert "no leash" in stdout and "guard flags" in stdout
@@ -165,28 +170,8 @@ def test_hacking_demo_with_a_critic_free_estimator(tiny_llama, detox_inputs, tmp
     # and the rows, the report and its summary name the estimator
     prompts, scorers = detox_inputs
     out = tmp_path / "demo"
-    argv = [
-        "hacking-demo",
-        *_scored(tiny_llama, prompts, scorers)[:-5],
-        "--no-progress",
-        "--out",
-        str(out),
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-        "--mini-batch-size",
-        "4",
-        "--judge-every",
-        "2",
-        "--probe-prompts",
-        "4",
-        "--advantage",
-        "grpo",
-        "--group-size",
-        "2",
-    ]
-    assert main(argv) == 0
+    argv = _demo_argv(tiny_llama, prompts, scorers, out, batch=4, judge_every=2, probes=4)
+    assert main([*argv, "--advantage", "grpo", "--group-size", "2"]) == 0
     stdout = capsys.readouterr().out
     assert "no-leash: grpo, kl_coef 0.0" in stdout and "leash: grpo, kl_coef 0.1" in stdout
     report = json.loads((out / "hacking_report.json").read_text())
