@@ -110,7 +110,7 @@ def detox(
 ) -> DetoxResult:
     t_start = time.perf_counter()
     check_tracker(cfg.report_to)
-    distributed.check_supported(cfg)
+    distributed.check_supported()
     reward = reward or load_reward(cfg.reward, cfg.device, **cfg.load_safety())
     judge = judge or load_reward(cfg.judge, cfg.device, **cfg.load_safety())
     train_records = load_prompts(cfg.prompts, "train", cfg.heldout_fraction)
@@ -123,9 +123,9 @@ def detox(
     # 1. baseline: the starting policy (adapter disabled), unless a resumed run already has it
     t0 = time.perf_counter()
     baseline_path = setup.run.root / EVAL_DIR / "baseline.jsonl"
-    if cfg.resume and baseline_path.is_file():
-        baseline = [json.loads(line) for line in baseline_path.read_text().splitlines()]
-    else:
+    # rank 0's run directory decides: with several processes every one evaluates, or none
+    baseline = distributed.on_main(lambda: _saved_rows(baseline_path)) if cfg.resume else None
+    if baseline is None:
         baseline = _run_eval(policy, setup, cfg, as_reference=True, name="baseline")
     timing["baseline"] = time.perf_counter() - t0
 
@@ -208,6 +208,13 @@ def _check_same_start(cfg: EvalConfig, trained: Path) -> None:
             f"--trained {trained} was trained from starting adapter {started_from} (its "
             f"{CONFIG}), but this eval starts from {cfg.adapter}: {fix}"
         )
+
+
+def _saved_rows(path: Path) -> list[dict[str, Any]] | None:
+    """The rows of an evaluation a resumed run already wrote, None when there are none."""
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def _monitor_name(role: str, metric: Metric) -> str:

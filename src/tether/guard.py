@@ -33,6 +33,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from tether import distributed
 from tether.data import PromptRecord
 from tether.evaluate import Metric, evaluate, paired_bootstrap
 from tether.policy import Policy
@@ -379,7 +380,7 @@ class Guard:
             metrics.append(
                 Metric("gold", lambda p, c: checked_scores(judge, p, c), lower_is_better=False)
             )
-        return evaluate(
+        rows = evaluate(
             self.policy,
             self.records,
             self.sampling,
@@ -391,23 +392,23 @@ class Guard:
             desc="guard probe",
             progress=False,  # a probe runs inside the PPO progress bar
         )
+        # every process probes (sharded, generation is a collective), and float noise can tell
+        # their numbers apart (measured: the 8th digit of the probe KL); everything decided from
+        # them (flags, best/, the verdict) must be one decision: rank 0's rows on every process
+        return distributed.from_main(rows)
 
     def start(self, resumed_step: int | None = None) -> None:
         """Probe the starting policy once (or reload that probe and the history on resume)."""
         if not self.probing:
             return
         ref_path = self.dir / "reference.jsonl"
-        if resumed_step is not None and ref_path.is_file():
-            self.reference_rows = read_jsonl(ref_path)
-            self.history = [self._summary(-1, self.reference_rows)]
-            for step in range(resumed_step + 1):
-                if (path := probe_path(self.run.root, step)).is_file():
-                    self.history.append(self._summary(step, read_jsonl(path)))
-            best_info = self.run.root / BEST / BEST_INFO
-            if best_info.is_file():
-                best = json.loads(best_info.read_text())
-                self.best = best if best["step"] <= resumed_step else None
-            return
+        if resumed_step is not None:
+            # rank 0's run directory holds the probes so far; the other processes take them
+            saved = distributed.on_main(lambda: self._saved_probes(resumed_step))
+            if saved is not None:
+                self.reference_rows, self.history, self.best = saved
+                self.dir.mkdir(parents=True, exist_ok=True)
+                return
         if self.reference_rows is None:
             self.reference_rows = self._probe(as_reference=True)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -415,6 +416,24 @@ class Guard:
         summary = self._summary(-1, self.reference_rows)
         self.history = [summary]
         self._maybe_best(summary)  # the starting policy is the first candidate
+
+    def _saved_probes(self, resumed_step: int) -> tuple[list, list, dict | None] | None:
+        """The reference rows, probe history and best checkpoint up to `resumed_step` from this
+        run directory, or None when the run had not probed the reference yet."""
+        ref_path = self.dir / "reference.jsonl"
+        if not ref_path.is_file():
+            return None
+        reference_rows = read_jsonl(ref_path)
+        history = [self._summary(-1, reference_rows)]
+        for step in range(resumed_step + 1):
+            if (path := probe_path(self.run.root, step)).is_file():
+                history.append(self._summary(step, read_jsonl(path)))
+        best = None
+        best_info = self.run.root / BEST / BEST_INFO
+        if best_info.is_file():
+            best = json.loads(best_info.read_text())
+            best = best if best["step"] <= resumed_step else None
+        return reference_rows, history, best
 
     def _summary(self, step: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
         kl = float(np.mean([r["kl"] for r in rows]))

@@ -4,7 +4,8 @@ The reference is the same base weights with the adapter disabled (`with policy.r
 so only one model sits in memory. A starting SFT adapter is merged into the base first, which
 makes the reference the *starting policy*, not the raw base.
 
-Everything causal-vs-seq2seq lives here; the trainer never asks which kind it has.
+Everything causal-vs-seq2seq lives here, and so does the multi-process engine the policy runs on
+(`distribute`: DDP or FSDP2, see tether.distributed); the trainer never asks which kind it has.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from peft import LoraConfig, TaskType, get_peft_model, set_peft_model_state_dict
 from peft.tuners.lora import Linear as LoraLinear
 from peft.utils import load_peft_weights
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import (
     GenerationConfig,
     LogitsProcessor,
@@ -32,7 +34,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from tether import ppo
+from tether import distributed, ppo
 from tether.errors import TetherError
 from tether.models import LoadedModel, merge_adapter
 from tether.rollout import Rollout, SamplingParams, response_valid_mask
@@ -246,6 +248,10 @@ class Policy(torch.nn.Module):
         # function, so the first PPO ratio is exactly 1 and KL is not dropout noise.
         self.eval()
 
+        # the multi-process engine (`distribute`); "none": plain modules in one process
+        self.engine: distributed.Engine = "none"
+        self._replica: torch.nn.Module | None = None  # the DDP-wrapped trainable pass
+
         gen = base.generation_config
         eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
         self.eos_token_ids: list[int] = [eos] if isinstance(eos, int) else list(eos)
@@ -275,6 +281,54 @@ class Policy(torch.nn.Module):
         """LoRA matrices and the value head (if any): nothing else ever gets a gradient."""
         return [p for p in self.parameters() if p.requires_grad]
 
+    def distribute(self, engine: distributed.Engine) -> None:
+        """Put the policy on a multi-process engine, once, before an optimiser takes its
+        parameters (FSDP2 replaces them with sharded ones); `none` leaves it as it is.
+
+        - `ddp`: `forward` runs through torch's DDP around the trainable pass (the adapted model
+          and the value head), whose hooks average the gradients over processes;
+        - `fsdp2`: every transformer block (`_no_split_modules`: Llama's decoder layers, T5's
+          encoder and decoder blocks), the model's root, a full-copy reference and the value head
+          are `fully_shard`ed; `generate`, `forward` and `reference()` keep working on the
+          shards, and `save` / `load_trainable` read and write full (gathered) tensors.
+        """
+        if engine == self.engine or engine == "none":
+            return
+        if self.engine != "none":
+            raise RuntimeError(f"the policy already runs on {self.engine}, not {engine}")
+        if engine == "ddp":
+            # not a registered submodule: its parameters are the policy's own, listed once
+            object.__setattr__(self, "_replica", distributed.replicate(_TrainablePass(self)))
+        elif engine == "fsdp2":
+            base = self.model.get_base_model()
+            blocks = list(getattr(base, "_no_split_modules", None) or [])
+            distributed.shard(self.model, blocks)
+            if self._ref_model is not None:
+                distributed.shard(self._ref_model, blocks)
+            if self.value_head is not None:
+                distributed.shard(self.value_head)
+        else:
+            raise ValueError(f"unknown engine {engine!r}")
+        self.engine = engine
+
+    @contextlib.contextmanager
+    def accumulating(self, last: bool) -> Iterator[None]:
+        """Around one micro-batch's forward and backward: the gradients add up in this process,
+        and are reduced over processes only on the `last` micro-batch of a mini-batch (DDP's
+        `no_sync`, FSDP2's `set_requires_gradient_sync`). Nothing to do in one process."""
+        if self.engine == "ddp" and not last:
+            with self._replica.no_sync():
+                yield
+            return
+        if self.engine == "fsdp2":
+            for module in self._sharded_roots():
+                module.set_requires_gradient_sync(last)
+        yield
+
+    def _sharded_roots(self) -> list[torch.nn.Module]:
+        """The FSDP2 roots whose parameters train: the adapted model and the value head."""
+        return [self.model] + ([self.value_head] if self.value_head is not None else [])
+
     @contextlib.contextmanager
     def reference(self) -> Iterator[None]:
         """Inside this block, `forward` and `generate` are the starting policy."""
@@ -299,10 +353,12 @@ class Policy(torch.nn.Module):
 
         Decoding is one matmul per layer per token, and the two small LoRA matmuls beside each
         one cost about a tenth of a rollout on CPU; folding them costs one copy of the adapted
-        weights. Restoring from the copy (not subtracting) keeps the reference exact forever."""
+        weights. Restoring from the copy (not subtracting) keeps the reference exact forever.
+        Not under FSDP2: between forwards a process holds only shards of the weights."""
         layers = [m for m in self.model.modules() if isinstance(m, LoraLinear)]
         dora = any(any(layer.use_dora.values()) for layer in layers)  # its delta is not B A
-        if self._adapter_off or self._use_copy or not layers or dora:
+        sharded = self.engine == "fsdp2"
+        if self._adapter_off or self._use_copy or not layers or dora or sharded:
             yield
             return
         saved = []
@@ -398,6 +454,9 @@ class Policy(torch.nn.Module):
                     attention_mask=prompt_mask,
                     generation_config=gen_cfg,
                     logits_processor=LogitsProcessorList([sampler]),
+                    # sharded: a process whose completions all ended keeps running forward passes
+                    # (without sampling) until every process's have, so the all-gathers pair up
+                    synced_gpus=self.engine == "fsdp2",
                 )
         finally:
             hidden_steps, self._gen_hidden = self._gen_hidden, None
@@ -414,8 +473,10 @@ class Policy(torch.nn.Module):
 
         logprobs, entropy = torch.cat(sampler.logprobs, 1), torch.cat(sampler.entropy, 1)
         values = None
-        if self.value_head is not None and len(hidden_steps) == response_ids.shape[1]:
-            values = self.value_head(torch.cat(hidden_steps, dim=1).float()).squeeze(-1)
+        t = response_ids.shape[1]
+        # (synced_gpus' extra passes append states past the end: only the first t are steps)
+        if self.value_head is not None and len(hidden_steps) >= t:
+            values = self.value_head(torch.cat(hidden_steps[:t], dim=1).float()).squeeze(-1)
         zero = torch.zeros_like(logprobs)
         keep = valid_mask.bool()
         output = PolicyOutput(
@@ -450,8 +511,20 @@ class Policy(torch.nn.Module):
         Gradients flow when called under grad mode; entropy never carries one, and is off by
         default: PPO logs the rollout's entropy from the sampling pass, and another softmax over
         (b, t, V) logits per pass costs time for nothing. `temperature` overrides the sampling
-        temperature (perplexity is measured at 1).
+        temperature (perplexity is measured at 1). Under DDP the pass runs through the DDP
+        wrapper, whose hooks then reduce the gradients of its backward.
         """
+        run = self._replica if self._replica is not None else self._forward
+        return run(rollout, with_values, temperature, with_entropy, with_logits)
+
+    def _forward(
+        self,
+        rollout: Rollout,
+        with_values: bool,
+        temperature: float | None,
+        with_entropy: bool,
+        with_logits: bool,
+    ) -> PolicyOutput:
         model = self._active_model
         self._hidden = None
         t = rollout.response_ids.shape[1]
@@ -505,11 +578,21 @@ class Policy(torch.nn.Module):
     # ------------------------------------------------------------------------------------------
 
     def save(self, directory: str | Path) -> None:
+        """The adapter (PEFT's format) and the value head, as one process would write them:
+        under FSDP2 the shards are gathered first, so every process must call it."""
         directory = Path(directory)
-        self.model.save_pretrained(directory, safe_serialization=True)
-        if self.value_head is not None:
+        adapter = None  # None: PEFT takes the model's own state dict
+        head = self.value_head.state_dict() if self.value_head is not None else None
+        if self.engine == "fsdp2":
+            # the trainable tensors only: the frozen base is never gathered
+            full = StateDictOptions(full_state_dict=True, ignore_frozen_params=True)
+            adapter = get_model_state_dict(self.model, options=full)
+            if head is not None:
+                head = get_model_state_dict(self.value_head, options=full)
+        self.model.save_pretrained(directory, safe_serialization=True, state_dict=adapter)
+        if head is not None:
             save_file(
-                {k: v.detach().contiguous().cpu() for k, v in self.value_head.state_dict().items()},
+                {k: v.detach().contiguous().cpu() for k, v in head.items()},
                 directory / VALUE_HEAD_FILE,
             )
 
@@ -527,7 +610,7 @@ class Policy(torch.nn.Module):
     def load_trainable(self, directory: str | Path) -> None:
         """Restore adapter and value head (a policy without one reads only the adapter) saved by
         `save` (resume, evaluation); safetensors only, as `save` writes them (never a pickled
-        adapter_model.bin)."""
+        adapter_model.bin). Under FSDP2 each process keeps its shard of the full tensors read."""
         directory = Path(directory)
         if not (directory / "adapter_model.safetensors").is_file():
             raise TetherError(f"{directory} holds no adapter_model.safetensors (tether's format)")
@@ -538,6 +621,21 @@ class Policy(torch.nn.Module):
             self.value_head.load_state_dict(
                 load_file(directory / VALUE_HEAD_FILE, device=str(self.device))
             )
+
+
+class _TrainablePass(torch.nn.Module):
+    """What DDP wraps: the adapted model and the value head, i.e. every parameter that trains,
+    with the policy's own pass as its forward (DDP hooks the parameters of the module it wraps,
+    and only sees a backward when the forward ran through it)."""
+
+    def __init__(self, policy: Policy) -> None:
+        super().__init__()
+        self.model = policy.model
+        self.value_head = policy.value_head
+        self.run = policy._forward
+
+    def forward(self, *args, **kwargs) -> PolicyOutput:
+        return self.run(*args, **kwargs)
 
 
 def peft_targets(names: list[str] | None) -> list[str] | str | None:

@@ -10,6 +10,7 @@ and checkpoint. The file reads top-down in that order after the state it keeps.
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import math
 import shutil
@@ -21,6 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_optimizer_state_dict,
+    set_optimizer_state_dict,
+)
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 
@@ -131,6 +137,7 @@ class SkipCounter:
 class TrainState:
     """Everything besides the weights that a resumed run needs to continue bit for bit."""
 
+    policy: Policy  # the optimiser's parameters by name, for its state dict
     optimizer: torch.optim.Optimizer
     scheduler: Any
     kl_ctl: KLController
@@ -149,7 +156,12 @@ class TrainState:
         )
         kl_ctl = make_kl_controller(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
         return cls(
-            optimizer, scheduler, kl_ctl, RunningMoments(), SkipCounter(cfg.max_consecutive_skips)
+            policy,
+            optimizer,
+            scheduler,
+            kl_ctl,
+            RunningMoments(),
+            SkipCounter(cfg.max_consecutive_skips),
         )
 
     def check_reward_scale(
@@ -178,7 +190,7 @@ class TrainState:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": get_optimizer_state_dict(self.policy, self.optimizer, options=_FULL),
             "scheduler": self.scheduler.state_dict(),
             "kl_controller": self.kl_ctl.state_dict(),
             "score_moments": self.score_moments.state_dict(),
@@ -186,11 +198,34 @@ class TrainState:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state["optimizer"])
+        optimizer = _keyed_by_name(state["optimizer"], self.policy, self.optimizer)
+        set_optimizer_state_dict(self.policy, self.optimizer, optimizer, options=_FULL)
         self.scheduler.load_state_dict(state["scheduler"])
         self.kl_ctl.load_state_dict(state["kl_controller"])
         self.score_moments.load_state_dict(state["score_moments"])
         self.skips.in_a_row = int(state.get("skips_in_a_row", 0))
+
+
+# The optimiser's state keyed by parameter name and whole (gathered where FSDP2 shards it): the
+# same file whatever the engine, so a checkpoint written by N processes resumes in one and back.
+_FULL = StateDictOptions(full_state_dict=True)
+
+
+def _keyed_by_name(
+    saved: dict[str, Any], policy: Policy, optimizer: torch.optim.Optimizer
+) -> dict[str, Any]:
+    """An optimiser state dict keyed by parameter name; one keyed by position (torch's own
+    `Optimizer.state_dict()`, as tether checkpoints had it before) is renamed."""
+    if all(isinstance(i, str) for g in saved["param_groups"] for i in g["params"]):
+        return saved
+    names = {id(p): n for n, p in policy.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    return {
+        "state": {order[i]: v for i, v in saved["state"].items()},
+        "param_groups": [
+            {**g, "params": [order[i] for i in g["params"]]} for g in saved["param_groups"]
+        ],
+    }
 
 
 @dataclass
@@ -225,7 +260,7 @@ def build_policy(cfg: TrainConfig, value_head: bool | None = None) -> Policy:
         cfg.policy, dtype=cfg.dtype, device=resolve_device(cfg.device), **cfg.load_safety()
     )
     lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
-    return Policy(
+    policy = Policy(
         loaded,
         lora=lora,
         adapter=cfg.adapter,
@@ -235,6 +270,8 @@ def build_policy(cfg: TrainConfig, value_head: bool | None = None) -> Policy:
         chat_template=cfg.chat_template,
         value_head=cfg.has_critic if value_head is None else value_head,
     )
+    policy.distribute(distributed.engine())  # DDP / FSDP2 under a multi-process launch
+    return policy
 
 
 def sampling_params(cfg: TrainConfig) -> SamplingParams:
@@ -284,7 +321,7 @@ def train(
     its held-out split.
     """
     check_tracker(cfg.report_to)
-    distributed.check_supported(cfg)
+    distributed.check_supported()
     run = RunDir(distributed.run_root(cfg.out))
     config_yaml = config_to_yaml(cfg)
     probing = cfg.judge_every > 0
@@ -298,6 +335,7 @@ def train(
     if not prepared:
         run.check(config_yaml, cfg.resume, cfg.force)  # before the model loads: fail fast
     policy = policy or build_policy(cfg)
+    policy.distribute(distributed.engine())  # (a policy from build_policy already is)
     if not prepared:  # ... and create the directory only once the model loaded
         run.prepare(config_yaml, cfg.resume, cfg.force)
     sampling = sampling_params(cfg)
@@ -306,9 +344,8 @@ def train(
     if distributed.world_size() > 1:  # processes share the leash and the score statistics
         state.kl_ctl = distributed.SyncedKLController(state.kl_ctl)
         state.score_moments = distributed.SyncedMoments(state.score_moments)
-    distributed.average_gradients(policy.trainable_parameters())
     start_step = _restore(run, policy, state) if cfg.resume else 0
-    metrics = [r for r in run.read_metrics() if r["step"] < start_step]
+    metrics = distributed.on_main(lambda: [r for r in run.read_metrics() if r["step"] < start_step])
     guard = Guard(
         GuardSettings(cfg.judge_every, cfg.kl_budget, cfg.on_hack, cfg.batch_size, cfg.seed + 4321),
         run,
@@ -343,12 +380,10 @@ def train(
                 f"{last or 'none (no checkpoint was written yet)'}; lower --lr or fix the input, "
                 "then --resume"
             ) from None
-        row = distributed.mean_row(row)
+        row = distributed.mean_over_processes(row)
         t_guard = time.perf_counter()
-        action = distributed.from_main(guard.after_step(step, row, last=step == cfg.steps - 1))
-        # every process probes on its own, and float noise (measured: the 8th digit of the probe
-        # KL) can tell them apart; rank 0's verdict and numbers are the run's, on every rank
-        row["guard"] = distributed.from_main(row["guard"])
+        # the same verdict on every process: the row is their mean, the probes rank 0's
+        action = guard.after_step(step, row, last=step == cfg.steps - 1)
         row["guard_seconds"] = time.perf_counter() - t_guard  # this process's own
         for flag in row["guard"]["flags"]:
             warn(f"step {step}: guard flag {flag['flag']}: {flag['message']}")
@@ -416,32 +451,28 @@ def _probe_records(cfg: TrainConfig) -> list[PromptRecord]:
 
 
 def _weights_finite(policy: Policy) -> bool:
-    """No NaN/inf in the adapter or value head (cheap: only the trainable parameters)."""
-    return all(bool(torch.isfinite(p).all()) for p in policy.trainable_parameters())
+    """No NaN/inf in the adapter or value head (cheap: only the trainable parameters), on any
+    process (each looks at its shards under FSDP2; all of them must agree to save)."""
+    params = policy.trainable_parameters()
+    return distributed.everywhere(
+        all(bool(torch.isfinite(distributed.local(p)).all()) for p in params)
+    )
 
 
 def _restore(run: RunDir, policy: Policy, state: TrainState) -> int:
-    """Load the last complete checkpoint; returns the step to continue from."""
-    if stale := run.remove_stale_temps():
-        warn(f"--resume: removed {len(stale)} unfinished temp file(s) of the interrupted run")
-    unreadable = []
-    for ckpt in run.complete_checkpoints():
-        try:  # the weights of an older checkpoint replace whatever a failed load left behind
-            saved = load_trainer_state(ckpt)
-            policy.load_trainable(ckpt)
-            break
-        except Exception as e:  # complete on disk yet unreadable (bit rot, a foreign write)
-            unreadable.append(ckpt)
-            warn(f"--resume: cannot load {ckpt} ({type(e).__name__}: {e}); trying an older one")
-    else:
-        if unreadable:  # the policy may hold half of one of them: do not train on from there
-            raise TetherError(
-                f"--resume: none of the {len(unreadable)} checkpoint(s) in {run.root} loads; "
-                "start over in a new --out"
-            )
-        warn(f"--resume: no complete checkpoint in {run.root}; starting from step 0")
+    """Load the last complete checkpoint; returns the step to continue from.
+
+    Rank 0 picks it in its run directory (`--out`) and loads it; every other process then loads
+    the same one from there (several processes share one filesystem, as on one machine).
+    """
+    picked = distributed.on_main(lambda: _load_latest_checkpoint(run, policy))
+    if picked is None:
         run.truncate_metrics(-1)
         return 0
+    ckpt = Path(picked)
+    saved = load_trainer_state(ckpt)
+    if not distributed.is_main():
+        policy.load_trainable(ckpt)
     state.load_state_dict(saved)
     set_rng_state(saved["rng"])
     run.truncate_metrics(saved["step"])
@@ -452,8 +483,32 @@ def _restore(run: RunDir, policy: Policy, state: TrainState) -> int:
         )
     else:
         shutil.rmtree(run.root / BEST, ignore_errors=True)
-    tqdm.write(f"resumed from {ckpt} (step {saved['step']})", file=sys.stderr)
+    if distributed.is_main():
+        tqdm.write(f"resumed from {ckpt} (step {saved['step']})", file=sys.stderr)
     return saved["step"] + 1
+
+
+def _load_latest_checkpoint(run: RunDir, policy: Policy) -> str | None:
+    """Load the weights of the newest checkpoint that loads into `policy`; returns its path, or
+    None when there is none (start from step 0)."""
+    if stale := run.remove_stale_temps():
+        warn(f"--resume: removed {len(stale)} unfinished temp file(s) of the interrupted run")
+    unreadable = []
+    for ckpt in run.complete_checkpoints():
+        try:  # the weights of an older checkpoint replace whatever a failed load left behind
+            load_trainer_state(ckpt)
+            policy.load_trainable(ckpt)
+            return str(ckpt)
+        except Exception as e:  # complete on disk yet unreadable (bit rot, a foreign write)
+            unreadable.append(ckpt)
+            warn(f"--resume: cannot load {ckpt} ({type(e).__name__}: {e}); trying an older one")
+    if unreadable:  # the policy may hold half of one of them: do not train on from there
+        raise TetherError(
+            f"--resume: none of the {len(unreadable)} checkpoint(s) in {run.root} loads; "
+            "start over in a new --out"
+        )
+    warn(f"--resume: no complete checkpoint in {run.root}; starting from step 0")
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -672,13 +727,16 @@ def estimate_advantages(
     rewards: torch.Tensor, values: torch.Tensor | None, valid: torch.Tensor, cfg: TrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(b, t) advantages of `cfg.advantage`, and the critic's targets (None without a critic)."""
+    # per-batch normalisations see the global batch (every process's rows) under a multi-process
+    # launch, as one process training on all of them would
     if cfg.advantage == "gae":
         advantages, returns = ppo.gae_advantages(rewards, values, valid, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            advantages = ppo.masked_whiten(advantages, valid)
+            advantages = distributed.on_global_batch(ppo.masked_whiten, advantages, valid)
         return advantages, returns
     if cfg.advantage == "reinforce++":
-        return ppo.reinforce_pp_advantages(rewards, valid, cfg.gamma), None
+        reinforce_pp = functools.partial(ppo.reinforce_pp_advantages, gamma=cfg.gamma)
+        return distributed.on_global_batch(reinforce_pp, rewards, valid), None
     # grpo / rloo: one reward per completion, score - beta * sum_t KL_t with the KL in the reward
     seq_rewards = ppo.masked_sum(rewards, valid, dim=1)
     if cfg.advantage == "grpo":
@@ -727,8 +785,10 @@ def ppo_update(
     every estimator; `kl_coef` weighs the KL when it goes in the loss.
 
     The loss of a mini-batch is normalised over the whole mini-batch even when it is split into
-    micro-batches, so gradient accumulation gives the same gradient as one big batch. The numeric
-    guards (`MiniBatchGuard`) may skip a mini-batch; `skips` counts skips in a row across calls.
+    micro-batches, so gradient accumulation gives the same gradient as one big batch; with several
+    processes the mini-batch is every process's share of it (`_normalisers`), whose gradient the
+    engine averages once, on the last micro-batch (`policy.accumulating`). The numeric guards
+    (`MiniBatchGuard`) may skip a mini-batch; `skips` counts skips in a row across calls.
     """
     micro = micro_batch_size(cfg, policy.device)
     guard = MiniBatchGuard(cfg, policy.trainable_parameters(), skips)
@@ -737,44 +797,43 @@ def ppo_update(
         stats.epochs_run += 1
         for mb_idx in torch.randperm(len(exp), generator=generator).split(cfg.mini_batch_size):
             mb = exp.select(mb_idx)
-            norm = {  # the mini-batch's normalisers, whatever micro-batch a token lands in
-                "n_tokens": mb.loss_mask.sum().clamp(min=1),
-                "n_sequences": len(mb),
-                "max_len": cfg.max_new_tokens,
-            }
+            norm = _normalisers(mb, cfg)
             optimizer.zero_grad(set_to_none=True)
             guard.start()
             mb_stats: dict[str, float] = {}
             # micro-batches of similar length pad less; the loss is a sum, so order is free
-            for micro_idx in _by_length(mb.rollout, torch.arange(len(mb))).split(micro):
+            micro_batches = _by_length(mb.rollout, torch.arange(len(mb))).split(micro)
+            for i, micro_idx in enumerate(micro_batches):
                 mu = mb.select(micro_idx)
-                out, kl = _policy_pass(policy, mu, cfg)
-                loss, terms = ppo.rl_loss(
-                    out.logprobs,
-                    mu.old_logprobs,
-                    mu.advantages,
-                    mu.loss_mask,
-                    cfg.cliprange,
-                    cfg.loss_aggregation,
-                    kl=kl,
-                    kl_coef=cfg.kl_coef if kl_coef is None else kl_coef,
-                    values=out.values,
-                    old_values=mu.old_values,
-                    returns=mu.returns,
-                    cliprange_value=cfg.cliprange_value,
-                    vf_coef=cfg.vf_coef,
-                    **norm,
-                )
-                loss = guard.check(loss, out.logprobs, mu)
-                if loss is None:
-                    break
-                loss.backward()
+                with policy.accumulating(last=i == len(micro_batches) - 1):
+                    out, kl = _policy_pass(policy, mu, cfg)
+                    loss, terms = ppo.rl_loss(
+                        out.logprobs,
+                        mu.old_logprobs,
+                        mu.advantages,
+                        mu.loss_mask,
+                        cfg.cliprange,
+                        cfg.loss_aggregation,
+                        kl=kl,
+                        kl_coef=cfg.kl_coef if kl_coef is None else kl_coef,
+                        values=out.values,
+                        old_values=mu.old_values,
+                        returns=mu.returns,
+                        cliprange_value=cfg.cliprange_value,
+                        vf_coef=cfg.vf_coef,
+                        **norm,
+                    )
+                    loss = guard.check(loss, out.logprobs, mu)
+                    if loss is None:
+                        break
+                    loss.backward()
                 for k, v in terms.items():
                     mb_stats[k] = mb_stats.get(k, 0.0) + v.item()
             if not guard.allows_step():
                 continue
             optimizer.step()
             scheduler.step()
+            mb_stats = distributed.mean_over_processes(mb_stats)  # the global mini-batch's
             stats.add(mb_stats)
             if cfg.early_stop_kl is not None and mb_stats["approx_kl"] > cfg.early_stop_kl:
                 stats.early_stopped = True
@@ -782,6 +841,22 @@ def ppo_update(
         if stats.early_stopped:
             break
     return stats.summary(guard.skipped)
+
+
+def _normalisers(mb: Experience, cfg: TrainConfig) -> dict[str, Any]:
+    """The loss normalisers of a mini-batch, whatever micro-batch a token lands in.
+
+    With N processes the mini-batch is all of theirs (N x len(mb) sequences), and the engine
+    averages the N gradients: each process divides by 1/N of the global counts, so the average
+    is the gradient of the global mini-batch's loss (the token count is the only one that
+    differs between processes).
+    """
+    n = distributed.world_size()
+    return {
+        "n_tokens": distributed.global_sum(mb.loss_mask.sum()).clamp(min=1) / n,
+        "n_sequences": len(mb),
+        "max_len": cfg.max_new_tokens,
+    }
 
 
 def _policy_pass(
@@ -827,7 +902,7 @@ class UpdateStats:
         return out
 
 
-_SKIP_CAUSES = ("gradient", "loss", "ratio")  # why a mini-batch is skipped; 0 = no local cause
+_SKIP_CAUSES = (None, "gradient", "loss", "ratio")  # why a mini-batch is skipped; None: it isn't
 
 
 class MiniBatchGuard:
@@ -837,7 +912,8 @@ class MiniBatchGuard:
     mean per-token ratio new/old is beyond `cfg.max_importance_ratio` either way (above it or
     below its inverse), is skipped (no optimiser step) and counted; `skips` counts them in a row
     across calls and raises TooManySkips at its limit. With several processes every one goes
-    through the same backward passes and decides alike (see `check`, `allows_step`).
+    through the same backward passes and they skip or step together (see `check`,
+    `allows_step`).
     """
 
     def __init__(
@@ -874,23 +950,27 @@ class MiniBatchGuard:
             return loss
         if self.n_procs == 1:
             return None
-        # the other processes wait for this one in the gradient all-reduce: go on, with a NaN
-        # loss, so every process sees a non-finite gradient and skips too
-        return loss * math.nan
+        # the other processes wait for this one in the gradient reduction (and, sharded, in every
+        # block's all-gather): go on through backward with the loss zeroed; allows_step then
+        # skips the mini-batch on every process. (A NaN loss does not make every gradient NaN:
+        # the backward of clamp and max routes NaN only into the branch taken.)
+        return loss * 0.0
 
     def allows_step(self) -> bool:
         """Clip the gradient and decide whether the optimiser may step (False: skipped)."""
         if self.bad is None or self.n_procs > 1:
             # the norm is inf/NaN as soon as one gradient entry is (cheap: LoRA + value head);
-            # gradients are averaged over processes, so all of them decide alike here
+            # gradients are averaged over processes, so all of them decide alike here (sharded,
+            # the norm is of the whole gradient: a DTensor, gathered to a number)
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
-            if not torch.isfinite(grad_norm):
+            if not torch.isfinite(distributed.full(grad_norm)):
                 self.bad = self.bad or "gradient"
-        if self.bad is not None and self.n_procs > 1:
-            # every process got here (the gradients are averaged, NaN on all): name the cause
-            # the first process saw, so the counts agree on every rank
-            codes = distributed.gather_ints([_SKIP_CAUSES.index(self.bad)])
-            self.bad = _SKIP_CAUSES[next((c for c in codes if c != 0), 0)]
+        if self.n_procs > 1:
+            # skip on every process if any saw a cause, named as the first process that saw one
+            # in its own micro-batches did (else a non-finite gradient), so the counts agree
+            codes = [int(c) for c in distributed.gather_floats([_SKIP_CAUSES.index(self.bad)])]
+            seen = [c for c in codes if c >= 2] or [c for c in codes if c == 1]
+            self.bad = _SKIP_CAUSES[seen[0]] if seen else None
         if self.bad is None:
             if self.skips is not None:
                 self.skips.stepped()
