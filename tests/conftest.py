@@ -3,10 +3,13 @@ tokenizer, saved to a temp dir once per session: real Hugging Face code paths, s
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
 import string
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -307,3 +310,47 @@ def train_args(tiny_llama, prompts_file, reward_file, tmp_path):
         "4",
         "--no-progress",
     ]
+
+
+# the config's own machinery reads every field (checks, YAML, equality): not a use
+_CONFIG_MACHINERY = {"config.py", "dataclasses.py"}
+_CONSUMER_METHODS = {"load_safety", "has_critic"}  # config methods that commands call
+
+
+@contextlib.contextmanager
+def option_reads() -> Iterator[set[str]]:
+    """The config fields that code outside tether.config reads while the block runs, by field
+    name, on any command's config (a nested group's fields by their own names)."""
+    from tether import config
+
+    seen: set[str] = set()
+
+    def recording(self, name):
+        value = object.__getattribute__(self, name)
+        if name in object.__getattribute__(self, "__dataclass_fields__"):
+            code = sys._getframe(1).f_code
+            if (
+                Path(code.co_filename).name not in _CONFIG_MACHINERY
+                or code.co_name in _CONSUMER_METHODS
+            ):
+                seen.add(name)
+        return value
+
+    config._Options.__getattribute__ = recording
+    try:
+        yield seen
+    finally:
+        del config._Options.__getattribute__
+
+
+def assert_every_option_read(command: str, seen: set[str], nested: bool = True) -> None:
+    """Each option of `command` was read by the command (a nested option `rl_steps` by the
+    run it configures: `steps`); `nested=False` leaves nested groups to another check."""
+    from tether.config import COMMANDS, options
+
+    unread = [
+        o.flag
+        for o in options(COMMANDS[command])
+        if o.path[-1] not in seen and (nested or len(o.path) == 1)
+    ]
+    assert not unread, f"tether {command} never reads {', '.join(unread)}"

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 import torch
+from conftest import assert_every_option_read, option_reads
 
 from tether.cai import pipeline
 from tether.cai.chat import ChatModel, option_letters
@@ -23,7 +24,7 @@ from tether.cai.redteam import (
 from tether.cai.revise import critique_messages, revision_messages
 from tether.cai.sft import sft_example
 from tether.cli import main
-from tether.config import CaiConfig
+from tether.config import CaiConfig, build_config, options
 from tether.errors import TetherError
 from tether.models import load_model
 
@@ -123,12 +124,17 @@ def _cfg(tmp_path, tiny_llama, reward_file, **kw):
         device="cpu",
         progress=False,
     )
-    return CaiConfig(**{**values, **kw})
+    return build_config(CaiConfig, None, {**values, **kw})  # option names, as on the CLI
 
 
 def test_cai_run_end_to_end_and_resumes(tmp_path, tiny_llama, reward_file, monkeypatch, capsys):
     cfg = _cfg(tmp_path, tiny_llama, reward_file)
-    report = pipeline.run_pipeline(cfg)
+    with option_reads() as seen:
+        report = pipeline.run_pipeline(cfg)
+    # each option of `tether cai` is used by a stage; the `--rl-` group goes whole to the RL
+    # run's TrainConfig (test_cai_rl_takes_the_estimator), whose every option train reads
+    # (test_options.py::test_train_reads_every_option)
+    assert_every_option_read("cai", seen, nested=False)
     assert list(report["models"]) == ["base", "SL-CAI", "RL-CAI"]
     assert report["models"]["base"]["harmless_pm_win_rate_vs_base"] == 0.5
     assert "harmful: PM score" in summary_table(report)
@@ -204,7 +210,8 @@ def test_smollm2_feedback_format():
 def test_cai_rl_takes_the_estimator(tmp_path, monkeypatch):
     """`cai rl --rl-advantage rloo --rl-group-size 2` reaches the RL stage's TrainConfig."""
     monkeypatch.setattr(pipeline, "_needs", lambda cfg, stage: tmp_path / stage)
-    cfg = CaiConfig(out=str(tmp_path / "cai"), rl_advantage="rloo", rl_group_size=2)
+    given = {"out": str(tmp_path / "cai"), "rl_advantage": "rloo", "rl_group_size": 2}
+    cfg = build_config(CaiConfig, None, given)
     rl = pipeline.rl_config(cfg, tmp_path / "prompts.jsonl", tmp_path / "run")
     assert (rl.advantage, rl.group_size, rl.kl_penalty, rl.has_critic) == (
         "rloo",
@@ -214,3 +221,18 @@ def test_cai_rl_takes_the_estimator(tmp_path, monkeypatch):
     )
     default = pipeline.rl_config(CaiConfig(out=str(tmp_path / "cai")), tmp_path / "p", tmp_path)
     assert (default.advantage, default.group_size) == ("gae", 1)
+    # every `--rl-` option reaches the RL run: each set to a value other than its default
+    changed = dict(advantage="grpo", group_size=2, grpo_std=False, missing_eos_penalty=0.5)
+    changed |= dict(loss_aggregation="seq-mean-token-mean", mask_truncated_completions=True)
+    changed |= dict(steps=3, batch_size=6, mini_batch_size=2, gradient_accumulation_steps=2)
+    changed |= dict(ppo_epochs=3, forward_batch_size=3, lr=3e-4, lr_scheduler="cosine")
+    changed |= dict(weight_decay=0.01, max_grad_norm=0.5, cliprange=0.3, cliprange_value=0.3)
+    changed |= dict(vf_coef=0.2, gamma=0.99, lam=0.9, whiten_advantages=False, score_norm=False)
+    changed |= dict(early_stop_kl=0.1, max_importance_ratio=5.0, max_consecutive_skips=3)
+    changed |= dict(kl_coef=0.3, target_kl=2.0, kl_horizon=500, kl_penalty="loss")
+    changed |= dict(kl_estimator="k2", kl_chunk_size=64)
+    assert {o.path[-1] for o in options(CaiConfig) if o.path[0] == "rl"} == set(changed)
+    given = {"out": str(tmp_path / "cai"), **{f"rl_{k}": v for k, v in changed.items()}}
+    rl = pipeline.rl_config(build_config(CaiConfig, None, given), tmp_path, tmp_path)
+    for leaf, value in changed.items():
+        assert getattr(rl, leaf) == value != getattr(CaiConfig(out="x").rl, leaf), leaf

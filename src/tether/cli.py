@@ -4,7 +4,6 @@ so the CLI, the YAML files and config.yaml can never disagree about a name."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 from collections.abc import Callable
@@ -12,22 +11,36 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from tether.config import (
-    OFF,
-    CaiConfig,
-    DetoxConfig,
-    EvalConfig,
-    HackingDemoConfig,
-    RewardModelConfig,
-    TrainConfig,
+    COMMANDS,
+    Option,
     build_config,
     closest_key,
+    commands_taking,
     field_type,
+    option_help,
+    options,
 )
 from tether.errors import WRITE_ERRNOS, TetherError, format_cause_chain
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage mistake is one line `error: ...` and exit 2, like our own errors."""
+    """argparse, but a usage mistake is one line `error: ...` and exit 2, like our own errors;
+    an option of another command is refused naming the commands that take it."""
+
+    command: str | None = None  # set on a command's parser: its name in COMMANDS
+
+    def parse_known_args(self, args=None, namespace=None):  # noqa: ANN001, ANN201 (argparse's)
+        namespace, extras = super().parse_known_args(args, namespace)
+        flags = [a.split("=")[0] for a in extras if a.startswith("--")]
+        if self.command and flags:
+            name = flags[0][2:].replace("-", "_")
+            takers = commands_taking(name)
+            if takers and self.command not in takers:
+                takers = ", ".join(takers)
+                self.error(f"{flags[0]} is not an option of {self.command} ({takers} take it)")
+            known = [a for action in self._actions for a in action.option_strings]
+            self.error(f"unrecognized arguments: {' '.join(extras)}{closest_key(flags[0], known)}")
+        return namespace, extras
 
     def error(self, message: str) -> NoReturn:
         if "unrecognized arguments" in message:
@@ -35,46 +48,57 @@ class _Parser(argparse.ArgumentParser):
                 a for action in self._actions for a in action.option_strings if a.startswith("--")
             ]
             bad = message.split(":", 1)[1].split()[0]
-            message += closest_key(bad.split("=")[0], known)
+            if "did you mean" not in message:
+                message += closest_key(bad.split("=")[0], known)
         print(f"error: {self.prog}: {message}", file=sys.stderr)
         sys.exit(2)
 
 
-def _add_config_options(parser: argparse.ArgumentParser, cls: type) -> None:
+def _add_config_options(parser: _Parser, command: str) -> None:
+    """The command's options, one argparse group per option group, from its config class.
+    default=SUPPRESS: an option not given is absent, so it never overrides a value from --config
+    (and `none` can mean None)."""
+    cls = COMMANDS[command]
+    parser.command = command
     parser.add_argument(
         "--config", metavar="FILE.yaml", help="read options from YAML; the command line wins"
     )
     parser.set_defaults(config_cls=cls)
-    for f in dataclasses.fields(cls):
-        flag = "--" + f.name.replace("_", "-")
-        typ, optional, choices, is_list = field_type(cls, f)
-        default = "" if f.metadata.get("required") else f" (default: {f.default})"
-        help_text = f.metadata["help"] + default
-        # default=None everywhere: "not given" must not override a value from --config
-        if typ is bool:
-            parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-        elif is_list:
-            parser.add_argument(
-                flag,
-                default=None,
-                metavar="A,B",
-                help=help_text,
-                type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
-            )
-        elif optional and f.default is not None and not choices:
-            # an option that is on by default: `none` turns it off (None means "not given")
-            if "none: off" not in help_text:
-                help_text += "; none: off"
-            parser.add_argument(flag, type=_or_off(typ), default=None, help=help_text)
-        else:
-            parser.add_argument(flag, type=typ, choices=choices, default=None, help=help_text)
+    groups: dict[str, argparse._ArgumentGroup] = {}
+    for opt in options(cls):
+        group = groups.get(opt.group) or groups.setdefault(
+            opt.group, parser.add_argument_group(opt.group)
+        )
+        _add_option(group, opt)
 
 
-def _or_off(typ: type) -> Callable[[str], Any]:
+def _add_option(group: argparse._ArgumentGroup, opt: Option) -> None:
+    typ, optional, choices, is_list = field_type(opt.owner, opt.spec)
+    required = opt.spec.metadata.get("required")
+    default = opt.spec.default
+    help_text = option_help(opt.owner, opt.spec.name)
+    help_text += "" if required else f" (default: {default})"
+    kw: dict[str, Any] = {"dest": opt.name, "default": argparse.SUPPRESS, "help": help_text}
+    if typ is bool:
+        group.add_argument(opt.flag, action=argparse.BooleanOptionalAction, **kw)
+    elif is_list:
+        group.add_argument(opt.flag, metavar="A,B", type=_comma_list, **kw)
+    elif optional and default is not None and not choices:
+        # an option that is on by default: `none` turns it off
+        if "none: off" not in help_text:
+            kw["help"] += "; none: off"
+        group.add_argument(opt.flag, type=_or_none(typ), **kw)
+    else:
+        group.add_argument(opt.flag, type=typ, choices=choices, **kw)
+
+
+def _comma_list(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _or_none(typ: type) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
-        return OFF if text.lower() == "none" else typ(text)
+        return None if text.lower() == "none" else typ(text)
 
     parse.__name__ = typ.__name__  # argparse names the type in its "invalid value" message
     return parse
@@ -94,26 +118,26 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train", help="PPO against a reward, LoRA policy, KL to the starting policy"
     )
-    _add_config_options(train, TrainConfig)
+    _add_config_options(train, "train")
     detox = sub.add_parser(
         "detox",
         help="baseline eval, PPO against a toxicity reward, aligned eval, report (embedded default)",
     )
-    _add_config_options(detox, DetoxConfig)
+    _add_config_options(detox, "detox")
     evaluate = sub.add_parser(
         "eval", help="evaluate the starting policy (and --trained ADAPTER) on held-out prompts"
     )
-    _add_config_options(evaluate, EvalConfig)
+    _add_config_options(evaluate, "eval")
     demo = sub.add_parser(
         "hacking-demo",
         help="the same PPO job without and with the KL leash, guard on both, side-by-side report",
     )
-    _add_config_options(demo, HackingDemoConfig)
+    _add_config_options(demo, "hacking-demo")
     train_rm = sub.add_parser(
         "train-rm",
         help="train a preference (reward) model from chosen/rejected pairs; use it as pm:DIR",
     )
-    _add_config_options(train_rm, RewardModelConfig)
+    _add_config_options(train_rm, "train-rm")
     cai = sub.add_parser(
         "cai", help="Constitutional AI (RLAIF): critique/revise, SL-CAI, AI feedback, PM, PPO"
     )
@@ -127,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("eval", "stage 6: base vs SL-CAI vs RL-CAI, report.json + report.html"),
         ("run", "every stage in order, skipping finished ones, then the comparison table"),
     ):
-        _add_config_options(stages.add_parser(name, help=text), CaiConfig)
+        _add_config_options(stages.add_parser(name, help=text), "cai")
     report = sub.add_parser("report", help="rebuild report.json and report.html from a run dir")
     report.add_argument("run_dir", help="a directory written by tether detox or hacking-demo")
     compare = sub.add_parser(
@@ -146,8 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(args: argparse.Namespace) -> Any:
     cls = args.config_cls
-    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
-    return build_config(cls, args.config, values)
+    given = {o.name: getattr(args, o.name) for o in options(cls) if hasattr(args, o.name)}
+    return build_config(cls, args.config, given)
 
 
 def cmd_detox(args: argparse.Namespace) -> int:

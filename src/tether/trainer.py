@@ -68,9 +68,9 @@ def release_freed_memory() -> None:
 
     Why: decoding, the reference pass and the update each allocate and free tensors of their own
     sizes, and glibc keeps freed memory for reuse, so the next phase's peak lands on top of the
-    last phase's leftovers. Measured on SmolLM2-135M at batch 16, three PPO steps with and
-    without it: peak RSS 1,488 -> 1,443 MB, step times within the noise. Trimming after every
-    micro-batch as well saved more (1,366 MB) but cost about 30% in page faults.
+    last phase's leftovers. Once per phase, not per micro-batch: trimming that often pays in page
+    faults. `benchmarks/ppo_step.py --memory` shows how much of the peak RSS the allocator holds
+    and what handing it all back costs in time.
     """
     if _MALLOC_TRIM is not None:
         _MALLOC_TRIM(0)
@@ -255,7 +255,9 @@ def build_policy(cfg: TrainConfig, value_head: bool | None = None) -> Policy:
             "safetensors only by default: pass --allow-bin-weights to read it with "
             "torch.load(weights_only=True)"
         )
-    torch.manual_seed(cfg.seed)
+    # LoRA's A matrices are drawn here. `tether eval` has no --seed: the adapter it scores is
+    # loaded over them (or disabled for the baseline)
+    torch.manual_seed(getattr(cfg, "seed", 0))
     loaded = load_model(
         cfg.policy, dtype=cfg.dtype, device=resolve_device(cfg.device), **cfg.load_safety()
     )

@@ -32,7 +32,7 @@ from tether.cai.feedback import ai_feedback
 from tether.cai.redteam import harmless_prompts, load_redteam, split_prompts
 from tether.cai.revise import revise
 from tether.cai.sft import train_sl_cai
-from tether.config import CaiConfig, RewardModelConfig, TrainConfig, config_to_yaml
+from tether.config import CaiConfig, RewardModelConfig, TrainConfig, config_dict, config_to_yaml
 from tether.errors import TetherError
 from tether.models import load_model, merge_adapter, resolve_device
 from tether.rewards import load_reward
@@ -192,17 +192,7 @@ def rl_config(cfg: CaiConfig, prompts_file: Path, run_dir: Path) -> TrainConfig:
         reward=f"pm:{_needs(cfg, 'train-pm') / 'model'}",
         prompts=f"jsonl:{prompts_file}",
         out=str(run_dir),
-        steps=cfg.rl_steps,
-        batch_size=cfg.rl_batch_size,
-        mini_batch_size=min(4, cfg.rl_batch_size)
-        if cfg.rl_batch_size % 4 == 0
-        else cfg.rl_batch_size,
-        ppo_epochs=1,
-        lr=cfg.rl_lr,
-        kl_coef=cfg.rl_kl_coef,
-        advantage=cfg.rl_advantage,
-        group_size=cfg.rl_group_size,
-        score_norm=True,  # PM scores are logits on no fixed scale
+        **config_dict(cfg.rl),  # the estimator and the KL leash, nested in the pipeline's config
         max_new_tokens=cfg.max_new_tokens,
         lora_r=cfg.lora_r,
         lora_alpha=cfg.lora_alpha,
@@ -210,7 +200,7 @@ def rl_config(cfg: CaiConfig, prompts_file: Path, run_dir: Path) -> TrainConfig:
         save_every=1,  # an adapter of a few MB: a killed `cai rl` loses at most one step
         judge=cfg.judge,
         # the guard probes the held-out red-team prompts once, after the last step
-        judge_every=cfg.rl_steps if cfg.judge else 0,
+        judge_every=cfg.rl.steps if cfg.judge else 0,
         probe_prompts=cfg.eval_prompts,
         heldout_fraction=cfg.heldout_fraction,
         device=cfg.device,
