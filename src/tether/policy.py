@@ -241,6 +241,23 @@ class Policy(torch.nn.Module):
             with self.model.disable_adapter():
                 yield
 
+    @torch.no_grad()
+    def reference_logprobs(
+        self, rollout: Rollout, temperature: float | None = None, batch_size: int | None = None
+    ) -> torch.Tensor:
+        """(b, t) log-probs of the response under the reference (the adapter disabled) at
+        `temperature` (None: the sampling temperature). `batch_size` None: one pass over the
+        rollout as it is; else chunks of that many rows of similar length, each trimmed of the
+        padding no row in it needs (`Rollout.select`)."""
+        with self.reference():
+            if batch_size is None:
+                return self(rollout, with_values=False, temperature=temperature).logprobs
+            ref_lp = torch.zeros(rollout.response_ids.shape, device=rollout.response_ids.device)
+            for idx in rollout.rows_by_length().split(batch_size):
+                lp = self(rollout.select(idx), with_values=False, temperature=temperature).logprobs
+                ref_lp[idx, : lp.shape[1]] = lp
+        return ref_lp
+
     # ------------------------------------------------------------------------------------------
     # prompts and generation
     # ------------------------------------------------------------------------------------------
