@@ -12,6 +12,9 @@ side by side in one process on the embedded SmolLM2-135M (fp32):
   does), plus the log-prob and entropy StepSampler records.
 - `cache`: a 16 x 48-token rollout (`Policy.generate`) with the static KV cache tether uses on
   CPU against the dynamic cache that grows by concatenation.
+- `fold`: the same rollout with the LoRA adapter (tether's default: r 16 on q/v) folded into the
+  base weights while decoding (`fastpath.folded_lora`) against LoRA's own layers, which run two
+  small matmuls beside each adapted one.
 - `judge`: HateSonar's ONNX session scoring 200 texts with one thread against onnxruntime's
   default pool.
 
@@ -23,6 +26,7 @@ machine's other load shows in all of them, so read the ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -109,6 +113,17 @@ def bench_cache(policy, repeat: int) -> list[tuple[str, float, float]]:
     return [("rollout 16 x 48 tokens: dynamic vs static KV cache", dynamic, static)]
 
 
+def bench_fold(policy, repeat: int) -> list[tuple[str, float, float]]:
+    @contextlib.contextmanager
+    def beside(model):  # LoRA's own layers: base matmul + the two adapter matmuls
+        yield
+
+    reps = max(1, repeat // 10)
+    unfolded = rollout_seconds(policy, reps, folded_lora=beside)
+    folded = rollout_seconds(policy, reps)
+    return [("rollout 16 x 48 tokens: LoRA beside each layer vs folded in", unfolded, folded)]
+
+
 def bench_judge(repeat: int) -> list[tuple[str, float, float]]:
     import onnxruntime as ort
     from hatesonar.api import DEFAULT_MODEL_FILE
@@ -129,13 +144,13 @@ def bench_judge(repeat: int) -> list[tuple[str, float, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="head,sampler,cache,judge")
+    parser.add_argument("--only", default="head,sampler,cache,fold,judge")
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
     wanted = set(args.only.split(","))
     rows: list[tuple[str, float, float]] = []
     policy = None
-    if wanted & {"head", "sampler", "cache"}:
+    if wanted & {"head", "sampler", "cache", "fold"}:
         from tether.models import load_model
         from tether.policy import Policy
 
@@ -147,6 +162,8 @@ def main() -> None:
             rows += bench_sampler(policy, args.repeat)
     if "cache" in wanted:
         rows += bench_cache(policy, args.repeat)
+    if "fold" in wanted:
+        rows += bench_fold(policy, args.repeat)
     if "judge" in wanted:
         rows += bench_judge(args.repeat)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of repeats")
