@@ -4,14 +4,17 @@ side by side in one process on the embedded SmolLM2-135M (fp32):
     python benchmarks/cpu_choices.py            # all of them (a few minutes on 2 cores)
     python benchmarks/cpu_choices.py --only head,sampler
 
-- `head`: the vocabulary-wide lm_head through oneDNN's linear (`policy.head_linear`) against
+- `head`: the vocabulary-wide lm_head through oneDNN's linear (`fastpath.head_linear`) against
   torch's `F.linear`, at 16 rows (a decoding step of batch 16) and 196 rows (an update
   micro-batch of 2 x 98 positions), forward only.
-- `sampler`: one sampling step of 16 x vocabulary rows by inverse CDF (`policy.StepSampler`: one
+- `sampler`: one sampling step of 16 x vocabulary rows by inverse CDF (`fastpath.StepSampler`: one
   uniform per row) against `torch.multinomial` on the softmax (what `generate(do_sample=True)`
   does), plus the log-prob and entropy StepSampler records.
 - `cache`: a 16 x 48-token rollout (`Policy.generate`) with the static KV cache tether uses on
   CPU against the dynamic cache that grows by concatenation.
+- `fold`: the same rollout with the LoRA adapter (tether's default: r 16 on q/v) folded into the
+  base weights while decoding (`fastpath.folded_lora`) against LoRA's own layers, which run two
+  small matmuls beside each adapted one.
 - `judge`: HateSonar's ONNX session scoring 200 texts with one thread against onnxruntime's
   default pool.
 
@@ -23,6 +26,7 @@ machine's other load shows in all of them, so read the ratios.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
@@ -42,7 +46,7 @@ def median_seconds(fn: Callable[[], object], repeat: int, warmup: int = 2) -> fl
 
 
 def bench_head(policy, repeat: int) -> list[tuple[str, float, float]]:
-    from tether.policy import head_linear
+    from tether.fastpath import head_linear
 
     head = policy.model.get_base_model().get_output_embeddings()
     rows = []
@@ -55,7 +59,7 @@ def bench_head(policy, repeat: int) -> list[tuple[str, float, float]]:
 
 
 def bench_sampler(policy, repeat: int) -> list[tuple[str, float, float]]:
-    from tether.policy import StepSampler
+    from tether.fastpath import StepSampler
     from tether.rollout import SamplingParams
 
     vocab = policy.model.get_base_model().config.vocab_size
@@ -73,33 +77,51 @@ def bench_sampler(policy, repeat: int) -> list[tuple[str, float, float]]:
     return [(label, median_seconds(multinomial, repeat), median_seconds(inverse_cdf, repeat))]
 
 
-def bench_cache(policy, repeat: int) -> list[tuple[str, float, float]]:
-    import tether.policy
+def rollout_seconds(policy, reps: int, **replaced: object) -> float:
+    """Median seconds of a 16 x 48-token rollout (`Policy.generate`, the fast path), with the
+    attributes `replaced` of tether.fastpath swapped in for the run."""
+    import tether.fastpath
     from tether.data import load_prompts
     from tether.rollout import SamplingParams
 
     prompts = [r.prompt for r in load_prompts("jsonl:examples/prompts.jsonl")[:16]]
     sampling = SamplingParams(max_new_tokens=48, min_new_tokens=48)
-    static_config = tether.policy.GenerationConfig
 
-    def dynamic_config(**kwargs):  # what Policy.generate asks for, but the dynamic cache
+    def run() -> None:
+        saved = {name: getattr(tether.fastpath, name) for name in replaced}
+        for name, value in replaced.items():
+            setattr(tether.fastpath, name, value)
+        try:
+            torch.manual_seed(0)
+            policy.generate(prompts, sampling)
+        finally:
+            for name, value in saved.items():
+                setattr(tether.fastpath, name, value)
+
+    return median_seconds(run, reps, warmup=1)
+
+
+def bench_cache(policy, repeat: int) -> list[tuple[str, float, float]]:
+    from tether.fastpath import GenerationConfig as static_config
+
+    def dynamic_config(**kwargs):  # what the fast path asks for, but the dynamic cache
         return static_config(**{**kwargs, "cache_implementation": None})
 
-    def rollout(config) -> Callable[[], object]:
-        def run() -> None:
-            tether.policy.GenerationConfig = config
-            try:
-                torch.manual_seed(0)
-                policy.generate(prompts, sampling)
-            finally:
-                tether.policy.GenerationConfig = static_config
+    reps = max(1, repeat // 10)
+    dynamic = rollout_seconds(policy, reps, GenerationConfig=dynamic_config)
+    static = rollout_seconds(policy, reps)
+    return [("rollout 16 x 48 tokens: dynamic vs static KV cache", dynamic, static)]
 
-        return run
+
+def bench_fold(policy, repeat: int) -> list[tuple[str, float, float]]:
+    @contextlib.contextmanager
+    def beside(model):  # LoRA's own layers: base matmul + the two adapter matmuls
+        yield
 
     reps = max(1, repeat // 10)
-    dynamic = median_seconds(rollout(dynamic_config), reps, warmup=1)
-    static = median_seconds(rollout(static_config), reps, warmup=1)
-    return [("rollout 16 x 48 tokens: dynamic vs static KV cache", dynamic, static)]
+    unfolded = rollout_seconds(policy, reps, folded_lora=beside)
+    folded = rollout_seconds(policy, reps)
+    return [("rollout 16 x 48 tokens: LoRA beside each layer vs folded in", unfolded, folded)]
 
 
 def bench_judge(repeat: int) -> list[tuple[str, float, float]]:
@@ -122,13 +144,13 @@ def bench_judge(repeat: int) -> list[tuple[str, float, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="head,sampler,cache,judge")
+    parser.add_argument("--only", default="head,sampler,cache,fold,judge")
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
     wanted = set(args.only.split(","))
     rows: list[tuple[str, float, float]] = []
     policy = None
-    if wanted & {"head", "sampler", "cache"}:
+    if wanted & {"head", "sampler", "cache", "fold"}:
         from tether.models import load_model
         from tether.policy import Policy
 
@@ -140,6 +162,8 @@ def main() -> None:
             rows += bench_sampler(policy, args.repeat)
     if "cache" in wanted:
         rows += bench_cache(policy, args.repeat)
+    if "fold" in wanted:
+        rows += bench_fold(policy, args.repeat)
     if "judge" in wanted:
         rows += bench_judge(args.repeat)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of repeats")

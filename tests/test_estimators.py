@@ -18,7 +18,6 @@ from tether.trainer import (
     build_policy,
     full_kl_pass,
     make_experience,
-    reference_logprobs,
     sampling_params,
     train,
     train_scores_of,
@@ -187,7 +186,9 @@ def test_full_kl_pass_equals_kl_div_of_the_two_distributions(tiny_model, tmp_pat
     ).sum(-1)
     valid = rollout.valid_mask.bool()
     torch.testing.assert_close(kl[valid], expected[valid], atol=1e-5, rtol=1e-4)
-    torch.testing.assert_close(ref_lp, reference_logprobs(policy, rollout, cfg))
+    torch.testing.assert_close(
+        ref_lp, policy.reference_logprobs(rollout, batch_size=cfg.forward_batch_size)
+    )
     assert kl[valid].min() >= 0 and kl[valid].max() > 1e-3
 
 
@@ -218,7 +219,12 @@ def test_length_guards_penalise_and_mask_truncated_completions(tiny_llama, tmp_p
     scores = train_scores_of([1.0] * 8, rollout, State(), cfg)
     assert scores == pytest.approx([1.0, 0.3] * 4)  # 1 - 0.7 for a completion without EOS
     exp = make_experience(
-        rollout, gen_out, reference_logprobs(policy, rollout, cfg), scores, 0.05, cfg
+        rollout,
+        gen_out,
+        policy.reference_logprobs(rollout, batch_size=cfg.forward_batch_size),
+        scores,
+        0.05,
+        cfg,
     )
     assert exp.loss_mask[~finished].sum() == 0  # out of the loss
     torch.testing.assert_close(exp.loss_mask[finished], rollout.valid_mask[finished])

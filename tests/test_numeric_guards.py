@@ -17,7 +17,6 @@ from tether.trainer import (
     build_policy,
     make_experience,
     ppo_update,
-    reference_logprobs,
     sampling_params,
     train,
 )
@@ -37,7 +36,12 @@ def setup(tiny_llama, prompts_file, reward_file, tmp_path):
     policy = build_policy(cfg)
     rollout, gen_out, _ = policy.generate(["hello", "the cat"] * 4, sampling_params(cfg))
     exp = make_experience(
-        rollout, gen_out, reference_logprobs(policy, rollout, cfg), [1.0, 0.0] * 4, 0.05, cfg
+        rollout,
+        gen_out,
+        policy.reference_logprobs(rollout, batch_size=cfg.forward_batch_size),
+        [1.0, 0.0] * 4,
+        0.05,
+        cfg,
     )
     opt = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-3)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)

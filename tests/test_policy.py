@@ -4,8 +4,9 @@ import pytest
 import torch
 from conftest import save_sft_adapter
 
+from tether.fastpath import head_linear
 from tether.models import load_model
-from tether.policy import Policy, head_linear
+from tether.policy import Policy
 from tether.rollout import SamplingParams, response_valid_mask
 
 PROMPTS = ["hello", "how are you doing today", "a cat"]
@@ -203,7 +204,7 @@ def test_model_cache_marker_detects_partial_or_corrupt_copies(tmp_path):
 def test_step_sampler_draws_from_the_softmax_and_records_raw_logprobs():
     """The sampler generate() runs with: inverse-CDF draws match softmax(logits / T); EOS is
     never drawn before min_new_tokens; top-k cuts; log-probs are the untruncated ones PPO uses."""
-    from tether.policy import StepSampler
+    from tether.fastpath import StepSampler
 
     torch.manual_seed(0)
     raw = torch.tensor([2.0, 1.0, 0.0, -1.0, 0.5]).repeat(40_000, 1)

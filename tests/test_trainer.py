@@ -14,7 +14,6 @@ from tether.trainer import (
     make_experience,
     micro_batch_size,
     ppo_update,
-    reference_logprobs,
     reference_pass,
     sampling_params,
     train,
@@ -213,7 +212,12 @@ def test_nan_loss_minibatch_is_skipped(tiny_llama, prompts_file, tmp_path, capsy
     policy = build_policy(cfg)
     rollout, gen_out, _ = policy.generate(["hello"] * 8, sampling_params(cfg))
     exp = make_experience(
-        rollout, gen_out, reference_logprobs(policy, rollout, cfg), [1.0] * 8, 0.05, cfg
+        rollout,
+        gen_out,
+        policy.reference_logprobs(rollout, batch_size=cfg.forward_batch_size),
+        [1.0] * 8,
+        0.05,
+        cfg,
     )
     exp.advantages[0, 0] = float("nan")  # poisons exactly one mini-batch (the one holding row 0)
     before = [p.detach().clone() for p in policy.trainable_parameters()]

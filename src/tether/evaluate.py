@@ -27,7 +27,7 @@ from tether.data import PromptRecord
 from tether.errors import TetherError
 from tether.policy import Policy
 from tether.rewards import RewardModel, checked_scores
-from tether.rollout import Rollout, SamplingParams, step_seed
+from tether.rollout import SamplingParams, step_seed
 
 
 @dataclass(frozen=True)
@@ -110,13 +110,13 @@ def evaluate(
             if policy.temperature == 1.0:
                 ref_lp = out.logprobs
             else:
-                ref_lp = _reference_logprobs(policy, rollout, 1.0)
+                ref_lp = policy.reference_logprobs(rollout, 1.0)
         else:
-            ref_lp = _reference_logprobs(policy, rollout, 1.0)
+            ref_lp = policy.reference_logprobs(rollout, 1.0)
             ref_at_t = (
                 ref_lp
                 if policy.temperature == 1.0
-                else _reference_logprobs(policy, rollout, policy.temperature)
+                else policy.reference_logprobs(rollout, policy.temperature)
             )
             kl = ppo.masked_sum(out.logprobs - ref_at_t, valid, dim=1)
         n_tokens = valid.sum(-1)
@@ -168,12 +168,6 @@ def rouge_f1(predictions: list[str], references: list[str]) -> list[dict[str, fl
             scorer.score(ref, pred) for pred, ref in zip(predictions, references, strict=True)
         )
     ]
-
-
-@torch.no_grad()
-def _reference_logprobs(policy: Policy, rollout: Rollout, temperature: float) -> torch.Tensor:
-    with policy.reference():
-        return policy(rollout, with_values=False, temperature=temperature).logprobs
 
 
 def paired_bootstrap(

@@ -6,15 +6,14 @@ makes the reference the *starting policy*, not the raw base.
 
 Everything causal-vs-seq2seq lives here, and so does the multi-process engine the policy runs on
 (`distribute`: DDP or FSDP2, see tether.distributed); the trainer never asks which kind it has.
+Sampling is tether.fastpath's `sample`, the one generation path, fast or plain (`fast_path`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import inspect
-import math
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,19 +21,11 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, TaskType, get_peft_model, set_peft_model_state_dict
-from peft.tuners.lora import Linear as LoraLinear
 from peft.utils import load_peft_weights
 from safetensors.torch import load_file, save_file
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-from transformers import (
-    GenerationConfig,
-    LogitsProcessor,
-    LogitsProcessorList,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-)
 
-from tether import distributed, ppo
+from tether import distributed, fastpath, ppo
 from tether.errors import TetherError
 from tether.models import LoadedModel, merge_adapter
 from tether.rollout import Rollout, SamplingParams, response_valid_mask
@@ -64,106 +55,12 @@ class PolicyOutput:
     logits: torch.Tensor | None = None
 
 
-# oneDNN's fp32 linear, where this torch build has it (a private op: probed, never required).
-_ONEDNN_LINEAR = (
-    getattr(torch.ops.mkldnn, "_linear_pointwise", None)
-    if torch.backends.mkldnn.is_available()
-    else None
-)
-
-
-class _OneDnnLinear(torch.autograd.Function):
-    """y = x W^T + b through oneDNN; the backward gives x its gradient only (W and b are frozen)."""
-
-    @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
-        ctx.save_for_backward(weight)
-        return _ONEDNN_LINEAR(x.contiguous(), weight, bias, "none", [], "")
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (weight,) = ctx.saved_tensors
-        return grad @ weight, None, None
-
-
-def head_linear(head: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The lm_head's forward: oneDNN's linear for a frozen fp32 head on CPU, else nn.Linear's.
-
-    Why: on CPU, torch's fp32 matmul (MKL) is slow for this one shape, a vocabulary-wide output
-    (49k x 576 for SmolLM2) from a few rows. Measured on the 2-core machine, per call: 42 ms
-    against 16-21 ms at 16 rows (a decoding step), 173-199 ms against 112-119 ms at 196 rows (an
-    update micro-batch); the other layers' shapes gain little. Results agree to float rounding.
-    """
-    weight, bias = head.weight, head.bias
-    if (
-        _ONEDNN_LINEAR is None
-        or x.device.type != "cpu"
-        or not x.dtype == weight.dtype == torch.float32
-        or weight.requires_grad
-        or (bias is not None and bias.requires_grad)
-    ):
-        return torch.nn.functional.linear(x, weight, bias)
-    return _OneDnnLinear.apply(x, weight, bias)
-
-
-def use_head_linear(model: torch.nn.Module) -> None:
-    """Run the model's lm_head through `head_linear`, unless the head is not a plain nn.Linear
-    (a LoRA adapter that wraps the head itself keeps its own forward)."""
-    head = model.get_output_embeddings()
-    if type(head) is torch.nn.Linear:
-        head.forward = functools.partial(head_linear, head)
-
-
-class StepSampler(LogitsProcessor):
-    """generate()'s last logits processor: it draws each next token itself and hands generate()
-    a one-hot score, so generate() runs greedy and keeps only the cache and the stopping rules.
-
-    Why not generate()'s own sampling: torch.multinomial draws one exponential per vocabulary
-    entry, ~19 ms a step for 16 x 49k on a 2-core CPU (a tenth of a rollout); the inverse CDF
-    needs one uniform per row. And the chosen token's log-prob and the entropy are taken here,
-    step by step, from the raw logits / temperature (what `Policy.forward` computes), so no
-    (b, t, V) logits are ever kept: ~150 MB at 16 x 48 x 49k in fp32, plus the copies that
-    turning them into log-probs used to make.
-    """
-
-    def __init__(self, sampling: SamplingParams, temperature: float, eos_ids: list[int]) -> None:
-        self.sampling = sampling
-        self.temperature = temperature
-        self.eos_ids = eos_ids
-        self.warpers: list[LogitsProcessor] = []
-        if sampling.top_k > 0:
-            self.warpers.append(TopKLogitsWarper(sampling.top_k))
-        if sampling.top_p < 1.0:
-            self.warpers.append(TopPLogitsWarper(sampling.top_p))
-        self.logprobs: list[torch.Tensor] = []  # per step, (b, 1)
-        self.entropy: list[torch.Tensor] = []
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        logits = scores.float() / self.temperature
-        if self.sampling.temperature == self.temperature:
-            draw_from = logits.clone()
-        else:
-            draw_from = scores.float() / self.sampling.temperature
-        if len(self.logprobs) < self.sampling.min_new_tokens:
-            draw_from[:, self.eos_ids] = -math.inf
-        for warp in self.warpers:
-            draw_from = warp(input_ids, draw_from)
-        if self.sampling.do_sample:
-            # float64 running sum: 49k fp32 probabilities would drift by ~1e-4 at the tail
-            cdf = torch.softmax(draw_from, -1, dtype=torch.float64).cumsum(-1)
-            u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
-            # right=True: a token with probability 0 owns an empty interval, never drawn
-            token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)
-        else:
-            token = draw_from.argmax(-1, keepdim=True)
-        self.logprobs.append(ppo.logprobs_from_logits(logits.unsqueeze(1), token))
-        self.entropy.append(ppo.entropy_from_logits(logits).unsqueeze(-1))
-        return torch.full_like(scores, -math.inf).scatter_(-1, token, 0.0)
-
-
 class Policy(torch.nn.Module):
     """A language model with a trainable LoRA adapter, a value head when the estimator has a
-    critic (`value_head=False`: none is built, trained or saved), and a free reference."""
+    critic (`value_head=False`: none is built, trained or saved), and a free reference.
+
+    `fast_path`: sample and run the lm_head through tether.fastpath's CPU fast path (True) or
+    plain Hugging Face generate() (False); None: on unless $TETHER_FAST_PATH is 0."""
 
     def __init__(
         self,
@@ -175,9 +72,11 @@ class Policy(torch.nn.Module):
         max_prompt_tokens: int = 512,
         chat_template: str = "auto",
         value_head: bool = True,
+        fast_path: bool | None = None,
     ) -> None:
         super().__init__()
         base = loaded.model
+        self.fast_path = fastpath.enabled(fast_path)
         self.tokenizer = loaded.tokenizer
         self.is_encoder_decoder = loaded.is_encoder_decoder
         self.temperature = temperature
@@ -201,7 +100,6 @@ class Policy(torch.nn.Module):
             p.requires_grad_(False)
         self._ref_model = None
         self._use_copy = False  # inside reference() with a full-copy reference
-        self._adapter_off = False  # inside reference() with the shared reference
         if reference == "full-copy":
             # A second frozen model, as TRL's old PPOTrainer did without PEFT: for benchmarks.
             self._ref_model = copy.deepcopy(base).eval()
@@ -236,9 +134,10 @@ class Policy(torch.nn.Module):
         self._hidden: torch.Tensor | None = None
         self._gen_hidden: list[torch.Tensor] | None = None
         base.get_output_embeddings().register_forward_pre_hook(self._capture_hidden)
-        use_head_linear(base)
-        if self._ref_model is not None:
-            use_head_linear(self._ref_model)
+        if self.fast_path:
+            fastpath.use_head_linear(base)
+            if self._ref_model is not None:
+                fastpath.use_head_linear(self._ref_model)
         # Causal LMs that accept logits_to_keep skip the (b, p, v) prompt logits entirely.
         self._keeps_logits = (
             not self.is_encoder_decoder
@@ -339,43 +238,25 @@ class Policy(torch.nn.Module):
             finally:
                 self._use_copy = False
         else:
-            self._adapter_off = True
-            try:
-                with self.model.disable_adapter():
-                    yield
-            finally:
-                self._adapter_off = False
-
-    @contextlib.contextmanager
-    def _adapter_folded(self) -> Iterator[None]:
-        """For sampling only: add each LoRA delta (B A * scale) into its base weight and run the
-        plain layers, then put the saved base weights back bit for bit.
-
-        Decoding is one matmul per layer per token, and the two small LoRA matmuls beside each
-        one cost about a tenth of a rollout on CPU; folding them costs one copy of the adapted
-        weights. Restoring from the copy (not subtracting) keeps the reference exact forever.
-        Not under FSDP2: between forwards a process holds only shards of the weights."""
-        layers = [m for m in self.model.modules() if isinstance(m, LoraLinear)]
-        dora = any(any(layer.use_dora.values()) for layer in layers)  # its delta is not B A
-        sharded = self.engine == "fsdp2"
-        if self._adapter_off or self._use_copy or not layers or dora or sharded:
-            yield
-            return
-        saved = []
-        with torch.no_grad():
-            for layer in layers:
-                weight = layer.get_base_layer().weight
-                saved.append((weight, weight.detach().clone()))
-                for name in layer.active_adapters:
-                    if name in layer.lora_A:
-                        weight.add_(layer.get_delta_weight(name).to(weight.dtype))
-        try:
             with self.model.disable_adapter():
                 yield
-        finally:
-            with torch.no_grad():
-                for weight, original in saved:
-                    weight.copy_(original)
+
+    @torch.no_grad()
+    def reference_logprobs(
+        self, rollout: Rollout, temperature: float | None = None, batch_size: int | None = None
+    ) -> torch.Tensor:
+        """(b, t) log-probs of the response under the reference (the adapter disabled) at
+        `temperature` (None: the sampling temperature). `batch_size` None: one pass over the
+        rollout as it is; else chunks of that many rows of similar length, each trimmed of the
+        padding no row in it needs (`Rollout.select`)."""
+        with self.reference():
+            if batch_size is None:
+                return self(rollout, with_values=False, temperature=temperature).logprobs
+            ref_lp = torch.zeros(rollout.response_ids.shape, device=rollout.response_ids.device)
+            for idx in rollout.rows_by_length().split(batch_size):
+                lp = self(rollout.select(idx), with_values=False, temperature=temperature).logprobs
+                ref_lp[idx, : lp.shape[1]] = lp
+        return ref_lp
 
     # ------------------------------------------------------------------------------------------
     # prompts and generation
@@ -431,47 +312,34 @@ class Policy(torch.nn.Module):
             full-copy reference), entropy; and the number of prompts truncated to max_prompt_tokens.
         """
         prompt_ids, prompt_mask, n_truncated = self.encode_prompts(prompts)
-        sampler = StepSampler(sampling, self.temperature, self.eos_token_ids)
-        gen_cfg = GenerationConfig(
-            do_sample=False,  # greedy over the sampler's one-hot scores = the sampler's draw
-            max_new_tokens=sampling.max_new_tokens,
-            pad_token_id=self.tokenizer.pad_token_id,
-            eos_token_id=self.eos_token_ids,
-            decoder_start_token_id=self.decoder_start_token_id,
-            use_cache=True,
-            # On CPU a preallocated cache beats growing it by torch.cat every token (measured
-            # ~1.5 s of a 9 s rollout at 16 x 48). No compile: prompt lengths change every step.
-            cache_implementation="static" if self.device.type == "cpu" else None,
-            disable_compile=True,
-            return_dict_in_generate=True,
-        )
-        model = self._active_model
         self._gen_hidden = []
         try:
-            with self._adapter_folded():
-                out = model.generate(
-                    input_ids=prompt_ids,
-                    attention_mask=prompt_mask,
-                    generation_config=gen_cfg,
-                    logits_processor=LogitsProcessorList([sampler]),
-                    # sharded: a process whose completions all ended keeps running forward passes
-                    # (without sampling) until every process's have, so the all-gathers pair up
-                    synced_gpus=self.engine == "fsdp2",
-                )
+            sampled = fastpath.sample(
+                self._active_model,
+                prompt_ids,
+                prompt_mask,
+                sampling,
+                self.temperature,
+                self.eos_token_ids,
+                self.tokenizer.pad_token_id,
+                self.decoder_start_token_id,
+                fast=self.fast_path,
+                sharded=self.engine == "fsdp2",
+            )
         finally:
             hidden_steps, self._gen_hidden = self._gen_hidden, None
-        # causal: [prompt | response]; seq2seq: [decoder_start | response]
-        seq = out.sequences
-        response_ids = seq[:, 1:] if self.is_encoder_decoder else seq[:, prompt_ids.shape[1] :]
+        response_ids = sampled.response_ids
         valid_mask = response_valid_mask(response_ids, self.eos_token_ids)
         completions = self.decode(response_ids, valid_mask)
         last_token = response_ids.gather(1, ppo.last_valid_index(valid_mask).unsqueeze(1))
-        finished = torch.isin(last_token.squeeze(1), torch.tensor(self.eos_token_ids).to(seq))
+        finished = torch.isin(
+            last_token.squeeze(1), torch.tensor(self.eos_token_ids).to(response_ids)
+        )
         rollout = Rollout(
             prompt_ids, prompt_mask, response_ids, valid_mask, list(prompts), completions, finished
         )
 
-        logprobs, entropy = torch.cat(sampler.logprobs, 1), torch.cat(sampler.entropy, 1)
+        logprobs, entropy = sampled.logprobs, sampled.entropy
         values = None
         t = response_ids.shape[1]
         # (synced_gpus' extra passes append states past the end: only the first t are steps)

@@ -58,6 +58,12 @@ class Rollout:
     def __len__(self) -> int:
         return self.response_ids.shape[0]
 
+    def rows_by_length(self) -> torch.Tensor:
+        """(b,) row indices ordered by real (unpadded) prompt + response length: chunks of
+        neighbours pad little."""
+        lengths = self.prompt_mask.sum(-1) + self.valid_mask.sum(-1)
+        return torch.argsort(lengths, stable=True)
+
     def select(self, idx: torch.Tensor) -> Rollout:
         """Rows `idx`, with padding columns that no selected row uses trimmed away."""
         idx_list = idx.tolist()

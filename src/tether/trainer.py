@@ -638,28 +638,16 @@ def train_scores_of(
 
 
 @torch.no_grad()
-def reference_logprobs(policy: Policy, rollout: Rollout, cfg: TrainConfig) -> torch.Tensor:
-    """(b, t) log-probs of the response under the reference: one pass, adapter disabled, in
-    chunks of similar length (select() trims the padding no row in a chunk needs)."""
-    ref_lp = torch.zeros(rollout.response_ids.shape, device=rollout.response_ids.device)
-    with policy.reference():
-        for idx in _by_length(rollout, torch.arange(len(rollout))).split(cfg.forward_batch_size):
-            lp = policy(rollout.select(idx), with_values=False).logprobs
-            ref_lp[idx, : lp.shape[1]] = lp
-    return ref_lp
-
-
-@torch.no_grad()
 def full_kl_pass(
     policy: Policy, rollout: Rollout, cfg: TrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """`reference_logprobs`, and the exact per-token KL(rollout policy || reference) over the
-    whole vocabulary (`--kl-estimator full`): each chunk is passed twice, adapter on and off, and
-    only that chunk's (rows, t, v) logits of the two live at once."""
+    """`Policy.reference_logprobs`, and the exact per-token KL(rollout policy || reference) over
+    the whole vocabulary (`--kl-estimator full`): each chunk is passed twice, adapter on and off,
+    and only that chunk's (rows, t, v) logits of the two live at once."""
     shape = rollout.response_ids.shape
     ref_lp = torch.zeros(shape, device=rollout.response_ids.device)
     kl = torch.zeros(shape, device=rollout.response_ids.device)
-    for idx in _by_length(rollout, torch.arange(len(rollout))).split(cfg.forward_batch_size):
+    for idx in rollout.rows_by_length().split(cfg.forward_batch_size):
         chunk = rollout.select(idx)
         logits = policy(chunk, with_values=False, with_logits=True).logits
         with policy.reference():
@@ -676,7 +664,7 @@ def reference_pass(
     """The reference's log-probs, and the exact KL where `--kl-estimator full` asks for it."""
     if cfg.kl_estimator == "full":
         return full_kl_pass(policy, rollout, cfg)
-    return reference_logprobs(policy, rollout, cfg), None
+    return policy.reference_logprobs(rollout, batch_size=cfg.forward_batch_size), None
 
 
 @torch.no_grad()
@@ -692,8 +680,8 @@ def make_experience(
     """Rewards and advantages of the configured estimator.
 
     `rollout_out` holds the rollout policy's log-probs (and values, with a critic), taken from
-    the sampling pass; `ref_logprobs` come from `reference_logprobs`; `kl` is the exact KL of
-    `full_kl_pass`, else the configured estimator is applied to the two log-probs.
+    the sampling pass; `ref_logprobs` come from `Policy.reference_logprobs`; `kl` is the exact KL
+    of `full_kl_pass`, else the configured estimator is applied to the two log-probs.
     """
     valid = rollout.valid_mask
     old_logprobs, old_values = rollout_out.logprobs, rollout_out.values
@@ -749,12 +737,6 @@ def estimate_advantages(
     return torch.where(valid.bool(), advantages, torch.zeros_like(advantages)), None
 
 
-def _by_length(rollout: Rollout, idx: torch.Tensor) -> torch.Tensor:
-    """`idx` ordered by real (unpadded) prompt + response length."""
-    lengths = rollout.prompt_mask[idx].sum(-1) + rollout.valid_mask[idx].sum(-1)
-    return idx[torch.argsort(lengths, stable=True)]
-
-
 # ----------------------------------------------------------------------------------------------
 # update: step 6
 # ----------------------------------------------------------------------------------------------
@@ -804,7 +786,7 @@ def ppo_update(
             guard.start()
             mb_stats: dict[str, float] = {}
             # micro-batches of similar length pad less; the loss is a sum, so order is free
-            micro_batches = _by_length(mb.rollout, torch.arange(len(mb))).split(micro)
+            micro_batches = mb.rollout.rows_by_length().split(micro)
             for i, micro_idx in enumerate(micro_batches):
                 mu = mb.select(micro_idx)
                 with policy.accumulating(last=i == len(micro_batches) - 1):

@@ -14,22 +14,25 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
-from transformers import LogitsProcessorList
 
+from tether import fastpath
 from tether.errors import TetherError
 from tether.models import LoadedModel
-from tether.policy import StepSampler, use_head_linear
 from tether.rollout import SamplingParams, step_seed
 
 Message = dict[str, str]  # {"role": "user" | "assistant", "content": ...}
 
 
 class ChatModel:
-    """A loaded LM that continues conversations and answers multiple-choice questions."""
+    """A loaded LM that continues conversations and answers multiple-choice questions.
 
-    def __init__(self, loaded: LoadedModel) -> None:
+    `fast_path`: as the policy's (tether.fastpath); None: on unless $TETHER_FAST_PATH is 0."""
+
+    def __init__(self, loaded: LoadedModel, fast_path: bool | None = None) -> None:
         self.model = loaded.model.eval()
-        use_head_linear(self.model)
+        self.fast_path = fastpath.enabled(fast_path)
+        if self.fast_path:
+            fastpath.use_head_linear(self.model)
         self.tokenizer = loaded.tokenizer
         self.is_encoder_decoder = loaded.is_encoder_decoder
         self.use_template = not self.is_encoder_decoder and bool(self.tokenizer.chat_template)
@@ -83,22 +86,18 @@ class ChatModel:
         ):
             torch.manual_seed(step_seed(seed, i))
             enc = self._encode(chunk)
-            # tether's own sampler (inverse CDF, one uniform per row) and, on CPU, a static
-            # cache: what makes the policy's rollouts fast (see policy.StepSampler)
-            sampler = StepSampler(
-                SamplingParams(max_new_tokens, 0, temperature), temperature, self.eos_token_ids
+            # the policy's own sampling path (tether.fastpath), so CAI samples as fast as PPO
+            sampled = fastpath.sample(
+                self.model,
+                enc["input_ids"],
+                enc["attention_mask"],
+                SamplingParams(max_new_tokens, 0, temperature),
+                temperature,
+                self.eos_token_ids,
+                self.tokenizer.pad_token_id,
+                fast=self.fast_path,
             )
-            seq = self.model.generate(
-                **enc,
-                do_sample=False,  # greedy over the sampler's one-hot scores = its draw
-                max_new_tokens=max_new_tokens,
-                pad_token_id=self.tokenizer.pad_token_id,
-                eos_token_id=self.eos_token_ids,
-                logits_processor=LogitsProcessorList([sampler]),
-                cache_implementation="static" if self.device.type == "cpu" else None,
-                disable_compile=True,
-            )
-            new = seq if self.is_encoder_decoder else seq[:, enc["input_ids"].shape[1] :]
+            new = sampled.response_ids
             out.extend(
                 t.strip() for t in self.tokenizer.batch_decode(new, skip_special_tokens=True)
             )

@@ -1,0 +1,193 @@
+"""The CPU fast path against plain Hugging Face sampling (tether.fastpath): the same log-probs
+and entropy for the same tokens, the same sampling distribution, LoRA folding exact."""
+
+import pytest
+import torch
+from transformers import (
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+)
+
+from tether import fastpath
+from tether.cai.chat import ChatModel
+from tether.errors import TetherError
+from tether.models import load_model
+from tether.policy import Policy
+from tether.rollout import SamplingParams
+
+PROMPTS = ["hello", "how are you doing today", "a cat"]
+
+
+def _nudged_policy(path, fast: bool) -> Policy:
+    """A policy whose adapter and value head are not zero (LoRA B is zero at init), the same
+    draw for both paths."""
+    torch.manual_seed(1)  # LoRA's A matrices are drawn from the global generator
+    policy = Policy(load_model(str(path)), temperature=0.7, fast_path=fast)
+    with torch.no_grad():
+        for p in policy.trainable_parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    return policy
+
+
+def test_both_paths_give_the_same_tokens_logprobs_entropy_and_values(tiny_model):
+    """Greedy decoding takes the argmax in both paths, so the tokens must be identical; then the
+    fast path's per-step log-probs and entropy (StepSampler, oneDNN head, LoRA folded, static
+    cache) must be the plain path's (taken from generate()'s output_logits afterwards), and both
+    must be what one forward pass over prompt + response computes, to 5e-5. The EOS ban of
+    min_new_tokens is on for the first 3 tokens."""
+    fast, plain = _nudged_policy(tiny_model, True), _nudged_policy(tiny_model, False)
+    sampling = SamplingParams(max_new_tokens=10, min_new_tokens=3, temperature=0.7, do_sample=False)
+    a, fast_out, _ = fast.generate(PROMPTS, sampling)
+    b, plain_out, _ = plain.generate(PROMPTS, sampling)
+    assert torch.equal(a.response_ids, b.response_ids)
+    assert torch.equal(a.valid_mask, b.valid_mask)
+    assert (a.valid_mask.sum(-1) >= 3).all()
+    valid = a.valid_mask.bool()
+    # measured: at most 7e-6 (Llama) and 2e-6 (T5) apart; 5e-5 leaves room for other BLAS builds
+    for name in ("logprobs", "entropy", "values"):
+        x, y = getattr(fast_out, name)[valid], getattr(plain_out, name)[valid]
+        torch.testing.assert_close(x, y, atol=5e-5, rtol=0, msg=name)
+    with torch.no_grad():
+        fwd = plain(a, with_entropy=True)
+    for name in ("logprobs", "entropy", "values"):  # measured: at most 1.1e-5 apart
+        x, y = getattr(fast_out, name)[valid], getattr(fwd, name)[valid]
+        torch.testing.assert_close(x, y, atol=5e-5, rtol=0, msg=name)
+    # sampled, truncated by top-k: the plain path's log-probs are still the untruncated ones
+    torch.manual_seed(0)
+    sampled = SamplingParams(max_new_tokens=10, temperature=0.7, top_k=5)
+    c, plain_out, _ = plain.generate(PROMPTS, sampled)
+    with torch.no_grad():
+        fwd = plain(c, with_entropy=True)
+    valid = c.valid_mask.bool()
+    for name in ("logprobs", "entropy", "values"):
+        x, y = getattr(plain_out, name)[valid], getattr(fwd, name)[valid]
+        torch.testing.assert_close(x, y, atol=5e-5, rtol=0, msg=name)
+
+
+def _exact_first_token_probs(model, enc, sampling: SamplingParams, eos: int) -> torch.Tensor:
+    """(v,) the first token's distribution as Hugging Face's own processors shape it, from one
+    plain forward: EOS banned under min_new_tokens, logits / temperature, top-k, top-p."""
+    with torch.no_grad():
+        if model.config.is_encoder_decoder:
+            ids = torch.full_like(enc["input_ids"][:, :1], model.config.decoder_start_token_id)
+            logits = model(**enc, decoder_input_ids=ids).logits[:, -1]
+        else:
+            ids = enc["input_ids"]
+            logits = model(**enc).logits[:, -1]
+    processors = LogitsProcessorList(
+        [TemperatureLogitsWarper(sampling.temperature)]
+        + ([TopKLogitsWarper(sampling.top_k)] if sampling.top_k else [])
+        + ([TopPLogitsWarper(sampling.top_p)] if sampling.top_p < 1 else [])
+    )
+    if sampling.min_new_tokens:
+        processors.insert(
+            0, MinNewTokensLengthLogitsProcessor(ids.shape[1], sampling.min_new_tokens, eos)
+        )
+    return torch.softmax(processors(ids, logits.float()), -1)[0]
+
+
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        SamplingParams(max_new_tokens=1, min_new_tokens=1, temperature=0.8),
+        SamplingParams(max_new_tokens=1, temperature=1.3, top_k=8, top_p=0.8),
+    ],
+    ids=["eos-banned", "top-k-top-p"],
+)
+def test_both_paths_draw_from_the_same_distribution(tiny_model, sampling):
+    """40,000 draws of one prompt's first token by each path: the empirical frequencies must
+    match the exact distribution (Hugging Face's processors on one forward's logits) to 0.01,
+    about 4 standard errors at p = 0.5; tokens cut by top-k/top-p or banned EOS never come.
+    The check can fail: the same frequencies miss the distribution at another temperature."""
+    loaded = load_model(str(tiny_model))
+    model, tok = loaded.model.eval(), loaded.tokenizer
+    tok.padding_side = "left"
+    n = 40_000
+    enc = tok(["how are you"] * n, return_tensors="pt")
+    eos = tok.eos_token_id
+    one = {k: v[:1] for k, v in enc.items()}
+    if sampling.min_new_tokens:
+        # make EOS as likely as the likeliest token (its lm_head row a copy of that token's),
+        # so that banning it is a real change to the distribution
+        unbanned = SamplingParams(max_new_tokens=1, temperature=sampling.temperature)
+        top = _exact_first_token_probs(model, one, unbanned, eos).argmax()
+        with torch.no_grad():
+            head = model.get_output_embeddings().weight
+            head[eos] = head[top]
+        assert _exact_first_token_probs(model, one, unbanned, eos)[eos] > 0.1
+    exact = _exact_first_token_probs(model, one, sampling, eos)
+    other = SamplingParams(**{**sampling.__dict__, "temperature": sampling.temperature + 0.5})
+    wrong = _exact_first_token_probs(model, one, other, eos)
+    assert (exact == 0).any()  # something is cut, so "never drawn" is tested
+    for fast in (True, False):
+        torch.manual_seed(0)
+        drawn = fastpath.sample(
+            model,
+            enc["input_ids"],
+            enc["attention_mask"],
+            sampling,
+            sampling.temperature,
+            [eos],
+            tok.pad_token_id,
+            getattr(model.config, "decoder_start_token_id", None),
+            fast=fast,
+        ).response_ids[:, 0]
+        freq = torch.bincount(drawn, minlength=exact.numel()).float() / n
+        assert freq[exact == 0].sum() == 0, fast
+        assert (freq - exact).abs().max() < 0.01, (fast, (freq - exact).abs().max())
+        assert (freq - wrong).abs().max() > 0.02, (fast, (freq - wrong).abs().max())
+
+
+def test_folded_lora_gives_the_adapters_logits_and_restores_the_base_bit_for_bit(tiny_model):
+    """Inside `folded_lora` the plain layers with B A * scale added compute what LoRA's own
+    layers did (to 1e-5); afterwards every base weight is bit-for-bit what it was. With the
+    adapter disabled (the reference) it folds nothing."""
+    policy = _nudged_policy(tiny_model, True)
+    model = policy.model
+    enc = policy.tokenizer(PROMPTS, return_tensors="pt", padding=True)
+    extra = {}
+    if policy.is_encoder_decoder:
+        extra["decoder_input_ids"] = torch.zeros_like(enc["input_ids"][:, :4])
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora" not in n}
+    with torch.no_grad():
+        adapted = model(**enc, **extra).logits
+        with model.disable_adapter():
+            reference = model(**enc, **extra).logits
+            with fastpath.folded_lora(model):
+                still_reference = model(**enc, **extra).logits
+        with fastpath.folded_lora(model):
+            changed = [n for n, p in model.named_parameters() if not torch.equal(p, base.get(n, p))]
+            folded = model(**enc, **extra).logits
+    assert changed  # it did fold, into the base weights
+    torch.testing.assert_close(folded, adapted, atol=1e-5, rtol=0)
+    assert (folded - reference).abs().max() > 1e-3  # the adapter matters
+    torch.testing.assert_close(still_reference, reference, atol=0, rtol=0)
+    for n, p in model.named_parameters():
+        if "lora" not in n:
+            assert torch.equal(p, base[n]), n
+
+
+def test_one_switch_selects_the_plain_path(tiny_llama, monkeypatch):
+    """TETHER_FAST_PATH=0 (or fast_path=False) gives the plain lm_head and plain generate();
+    an unreadable value is refused with the value; an explicit argument beats the variable."""
+    monkeypatch.delenv("TETHER_FAST_PATH", raising=False)
+    assert fastpath.enabled() is True
+    on = Policy(load_model(str(tiny_llama)))
+    assert on.fast_path and on.model.get_output_embeddings().forward.func is fastpath.head_linear
+    monkeypatch.setenv("TETHER_FAST_PATH", "0")
+    assert fastpath.enabled() is False and fastpath.enabled(True) is True
+    off = Policy(load_model(str(tiny_llama)))
+    chat = ChatModel(load_model(str(tiny_llama)))
+    assert not off.fast_path and not chat.fast_path
+    for head in (off.model.get_output_embeddings(), chat.model.get_output_embeddings()):
+        assert "forward" not in vars(head)  # nn.Linear's own forward
+    torch.manual_seed(0)
+    rollout, out, _ = off.generate(PROMPTS, SamplingParams(max_new_tokens=5))
+    assert rollout.response_ids.shape[0] == 3 and out.logprobs.shape == rollout.valid_mask.shape
+    assert len(chat.generate(PROMPTS, 5, 1.0, seed=0)) == 3
+    monkeypatch.setenv("TETHER_FAST_PATH", "maybe")
+    with pytest.raises(TetherError, match="'maybe'"):
+        fastpath.enabled()
