@@ -98,14 +98,14 @@ def _exact_first_token_probs(model, enc, sampling: SamplingParams, eos: int) -> 
     ids=["eos-banned", "top-k-top-p"],
 )
 def test_both_paths_draw_from_the_same_distribution(tiny_model, sampling):
-    """40,000 draws of one prompt's first token by each path: the empirical frequencies must
-    match the exact distribution (Hugging Face's processors on one forward's logits) to 0.01,
+    """20,000 draws of one prompt's first token by each path: the empirical frequencies must
+    match the exact distribution (Hugging Face's processors on one forward's logits) to 0.014,
     about 4 standard errors at p = 0.5; tokens cut by top-k/top-p or banned EOS never come.
     The check can fail: the same frequencies miss the distribution at another temperature."""
     loaded = load_model(str(tiny_model))
     model, tok = loaded.model.eval(), loaded.tokenizer
     tok.padding_side = "left"
-    n = 40_000
+    n = 20_000
     enc = tok(["how are you"] * n, return_tensors="pt")
     eos = tok.eos_token_id
     one = {k: v[:1] for k, v in enc.items()}
@@ -137,7 +137,7 @@ def test_both_paths_draw_from_the_same_distribution(tiny_model, sampling):
         ).response_ids[:, 0]
         freq = torch.bincount(drawn, minlength=exact.numel()).float() / n
         assert freq[exact == 0].sum() == 0, fast
-        assert (freq - exact).abs().max() < 0.01, (fast, (freq - exact).abs().max())
+        assert (freq - exact).abs().max() < 0.014, (fast, (freq - exact).abs().max())
         assert (freq - wrong).abs().max() > 0.02, (fast, (freq - wrong).abs().max())
 
 
