@@ -354,3 +354,26 @@ def assert_every_option_read(command: str, seen: set[str], nested: bool = True) 
         if o.path[-1] not in seen and (nested or len(o.path) == 1)
     ]
     assert not unread, f"tether {command} never reads {', '.join(unread)}"
+
+
+def resume_argv(model, prompts, reward, out, steps, **extra) -> list[str]:
+    """`tether train` options (no command) for a short run that checkpoints, probes and adapts
+    its KL coefficient: what a killed and resumed run must carry over; `extra` overrides."""
+    args = {
+        "policy": model,
+        "reward": f"python:{reward}:frac_a",
+        "prompts": f"jsonl:{prompts}",
+        "out": out,
+        "steps": steps,
+        "batch-size": 4,
+        "mini-batch-size": 2,
+        "max-new-tokens": 8,
+        "lr": 0.01,
+        "lora-r": 4,
+        "save-every": 2,
+        "judge-every": 3,
+        "probe-prompts": 2,
+        "target-kl": 0.5,  # adaptive: the controller's state must survive the kill too
+        **extra,
+    }
+    return [x for k, v in args.items() for x in (f"--{k}", str(v))]

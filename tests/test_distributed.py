@@ -15,7 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
-from conftest import assert_close_nested
+from conftest import assert_close_nested, resume_argv
 from safetensors.torch import load_file
 
 import tether
@@ -308,24 +308,8 @@ def test_two_processes_end_where_one_process_on_the_global_batch_ends(
 
 
 def _train_argv(model, prompts, reward, out, steps: int) -> list[str]:
-    args = {
-        "policy": model,
-        "reward": f"python:{reward}:frac_a",
-        "prompts": f"jsonl:{prompts}",
-        "out": out,
-        "steps": steps,
-        "batch-size": 4,
-        "mini-batch-size": 2,
-        "max-new-tokens": 6,
-        "lr": 0.01,
-        "lora-r": 4,
-        "save-every": 2,
-        "judge-every": 3,
-        "probe-prompts": 2,
-        "target-kl": 0.5,  # adaptive: the controller's state must survive the kill too
-        "early-stop-kl": 0.05,
-    }
-    return ["train", *(x for k, v in args.items() for x in (f"--{k}", str(v))), "--no-progress"]
+    extra = {"max-new-tokens": 6, "early-stop-kl": 0.05}
+    return ["train", *resume_argv(model, prompts, reward, out, steps, **extra), "--no-progress"]
 
 
 def _rows(out: Path) -> list[dict]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import assert_close_nested
+from conftest import resume_argv as _argv
 
 import tether
 from tether.cli import main
@@ -24,27 +25,6 @@ from tether.rundir import COMPLETE, RunDir, checkpoint_problem, load_trainer_sta
 from tether.trainer import build_policy, train
 
 SRC = str(Path(tether.__file__).resolve().parents[1])  # this checkout's src/, for subprocesses
-
-
-def _argv(model, prompts, reward, out, steps, **extra):
-    args = {
-        "policy": model,
-        "reward": f"python:{reward}:frac_a",
-        "prompts": f"jsonl:{prompts}",
-        "out": out,
-        "steps": steps,
-        "batch-size": 4,
-        "mini-batch-size": 2,
-        "max-new-tokens": 8,
-        "lr": 0.01,
-        "lora-r": 4,
-        "save-every": 2,
-        "judge-every": 3,
-        "probe-prompts": 2,
-        "target-kl": 0.5,  # adaptive: the controller's state must survive the kill too
-        **extra,
-    }
-    return [x for k, v in args.items() for x in (f"--{k}", str(v))]
 
 
 def _cfg(argv) -> TrainConfig:
