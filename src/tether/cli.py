@@ -38,8 +38,7 @@ class _Parser(argparse.ArgumentParser):
             if takers and self.command not in takers:
                 takers = ", ".join(takers)
                 self.error(f"{flags[0]} is not an option of {self.command} ({takers} take it)")
-            known = [a for action in self._actions for a in action.option_strings]
-            self.error(f"unrecognized arguments: {' '.join(extras)}{closest_key(flags[0], known)}")
+            self.error(f"unrecognized arguments: {' '.join(extras)}")  # with the closest match
         return namespace, extras
 
     def error(self, message: str) -> NoReturn:
@@ -48,8 +47,7 @@ class _Parser(argparse.ArgumentParser):
                 a for action in self._actions for a in action.option_strings if a.startswith("--")
             ]
             bad = message.split(":", 1)[1].split()[0]
-            if "did you mean" not in message:
-                message += closest_key(bad.split("=")[0], known)
+            message += closest_key(bad.split("=")[0], known)
         print(f"error: {self.prog}: {message}", file=sys.stderr)
         sys.exit(2)
 
@@ -66,10 +64,9 @@ def _add_config_options(parser: _Parser, command: str) -> None:
     parser.set_defaults(config_cls=cls)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for opt in options(cls):
-        group = groups.get(opt.group) or groups.setdefault(
-            opt.group, parser.add_argument_group(opt.group)
-        )
-        _add_option(group, opt)
+        if opt.group not in groups:
+            groups[opt.group] = parser.add_argument_group(opt.group)
+        _add_option(groups[opt.group], opt)
 
 
 def _add_option(group: argparse._ArgumentGroup, opt: Option) -> None:

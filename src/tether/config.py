@@ -843,13 +843,13 @@ def _coerce(opt: Option, value: Any, where: str) -> Any:
     return value
 
 
-def _flatten(raw: dict, path: str) -> dict[str, Any]:
+def _flatten(raw: dict) -> dict[str, Any]:
     """A YAML mapping with nested groups (`rl: {steps: 5}`) as flat keys (`rl_steps`)."""
     flat = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if isinstance(value, dict):
-            flat.update({f"{name}_{k}": v for k, v in _flatten(value, path).items()})
+            flat.update({f"{name}_{k}": v for k, v in _flatten(value).items()})
         else:
             flat[name] = value
     return flat
@@ -877,7 +877,7 @@ def load_yaml_config(path: str, cls: type = TrainConfig) -> dict[str, Any]:
         raise TetherError(f"{path}: expected a mapping of option: value, got {type(raw).__name__}")
     known = {o.name: o for o in options(cls)}
     values, skipped = {}, []
-    for name, value in _flatten(raw, path).items():
+    for name, value in _flatten(raw).items():
         if name in known:
             values[name] = _coerce(known[name], value, path)
         elif commands_taking(name):
