@@ -179,8 +179,9 @@ def folded_lora(model: torch.nn.Module) -> Iterator[None]:
     weight and run the plain layers, then put the saved base weights back bit for bit.
 
     Why: decoding is one matmul per layer per token, and the two small LoRA matmuls beside each
-    one cost time for nothing while the adapter stands still (`benchmarks/cpu_choices.py --only
-    fold`); folding costs one copy of the adapted weights. Restoring from the copy (not
+    one are extra work while the adapter stands still; folding costs one copy of the adapted
+    weights. Whether that pays on a given machine: `benchmarks/cpu_choices.py --only fold`
+    (README table). Restoring from the copy (not
     subtracting) keeps the reference exact forever. Does nothing for a model without LoRA layers,
     for DoRA (its delta is not B A) and while the adapter is disabled (the reference). Not for an
     FSDP2-sharded model: between forwards a process holds only shards of the weights.
@@ -296,8 +297,8 @@ def sample(
     sampler = StepSampler(sampling, temperature, eos_token_ids)
     config = GenerationConfig(
         do_sample=False,  # greedy over the sampler's one-hot scores = the sampler's draw
-        # on CPU a preallocated cache beats growing it by torch.cat every token
-        # (`benchmarks/cpu_choices.py --only cache`)
+        # on CPU a preallocated cache instead of growing it by torch.cat every token; whether
+        # that pays on a given machine: `benchmarks/cpu_choices.py --only cache` (README table)
         cache_implementation="static" if input_ids.device.type == "cpu" else None,
         **common,
     )
