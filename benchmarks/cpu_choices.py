@@ -2,11 +2,15 @@
 side by side in one process on the embedded SmolLM2-135M (fp32):
 
     python benchmarks/cpu_choices.py            # all of them (a few minutes on 2 cores)
-    python benchmarks/cpu_choices.py --only head,sampler
+    python benchmarks/cpu_choices.py --only linears,sampler
 
-- `head`: the vocabulary-wide lm_head through oneDNN's linear (`fastpath.head_linear`) against
-  torch's `F.linear`, at 16 rows (a decoding step of batch 16) and 196 rows (an update
-  micro-batch of 2 x 98 positions), forward only.
+- `linears`: every frozen linear layer of the model (the 210 of the 30 blocks, and the
+  vocabulary-wide lm_head) through oneDNN's linear (`fastpath.frozen_linear`) against torch's
+  `F.linear`, at 16 rows (a decoding step of batch 16), 196 rows (an update micro-batch of
+  2 x 98 positions) and 752 rows (a prefill of 16 x 47 prompt tokens), forward; and the
+  input's gradient at 196 rows (the update's backward).
+- `loop`: a 16 x 48-token rollout (`Policy.generate`) by tether's lean decode loop
+  (`fastpath.decode`) against generate() running greedy over the same sampler, same layers.
 - `sampler`: one sampling step of 16 x vocabulary rows by inverse CDF (`fastpath.StepSampler`: one
   uniform per row) against `torch.multinomial` on the softmax (what `generate(do_sample=True)`
   does), plus the log-prob and entropy StepSampler records.
@@ -45,17 +49,54 @@ def median_seconds(fn: Callable[[], object], repeat: int, warmup: int = 2) -> fl
     return statistics.median(times)
 
 
-def bench_head(policy, repeat: int) -> list[tuple[str, float, float]]:
-    from tether.fastpath import head_linear
+def bench_linears(policy, repeat: int) -> list[tuple[str, float, float]]:
+    from tether.fastpath import frozen_linear
 
-    head = policy.model.get_base_model().get_output_embeddings()
+    base = policy.model.get_base_model()
+    head = base.get_output_embeddings()
+    layers = [m for m in base.modules() if type(m) is torch.nn.Linear and m is not head]
+    layers = [m for m in layers if not m.weight.requires_grad]
     rows = []
-    for n, what in ((16, "a decoding step"), (196, "an update micro-batch")):
-        x = torch.randn(n, head.in_features)
-        plain = median_seconds(lambda x=x: torch.nn.functional.linear(x, head.weight), repeat)
-        onednn = median_seconds(lambda x=x: head_linear(head, x), repeat)
-        rows.append((f"lm_head, {n} rows ({what}): F.linear vs oneDNN", plain, onednn))
+    for group, modules in ((f"{len(layers)} block layers", layers), ("lm_head", [head])):
+        for n, what in (
+            (16, "a decoding step"),
+            (196, "an update micro-batch"),
+            (752, "a prefill"),
+        ):
+            xs = [torch.randn(n, m.in_features) for m in modules]
+
+            def plain(xs=xs, modules=modules) -> None:
+                for x, m in zip(xs, modules, strict=True):
+                    torch.nn.functional.linear(x, m.weight)
+
+            def onednn(xs=xs, modules=modules) -> None:
+                for x, m in zip(xs, modules, strict=True):
+                    frozen_linear(m, x)
+
+            label = f"{group}, {n} rows ({what}): F.linear vs oneDNN"
+            rows.append((label, median_seconds(plain, repeat), median_seconds(onednn, repeat)))
+    # the update's backward: the input's gradient, grad @ W against oneDNN's linear with W^T
+    grads = [torch.randn(196, m.out_features) for m in layers]
+
+    def grad_plain() -> None:
+        for g, m in zip(grads, layers, strict=True):
+            g @ m.weight
+
+    def grad_onednn() -> None:
+        for g, m in zip(grads, layers, strict=True):
+            frozen_linear(_transposed(m), g)
+
+    label = f"{len(layers)} block layers, 196 rows, input gradient: grad @ W vs oneDNN"
+    rows.append((label, median_seconds(grad_plain, repeat), median_seconds(grad_onednn, repeat)))
     return rows
+
+
+def _transposed(layer: torch.nn.Linear) -> torch.nn.Linear:
+    """A frozen layer whose weight is the transposed view of `layer`'s (what the backward of
+    `fastpath.frozen_linear` multiplies by)."""
+    out = torch.nn.Linear(1, 1, bias=False).requires_grad_(False)
+    out.weight = torch.nn.Parameter(layer.weight.t(), requires_grad=False)
+    return out
 
 
 def bench_sampler(policy, repeat: int) -> list[tuple[str, float, float]]:
@@ -102,13 +143,13 @@ def rollout_seconds(policy, reps: int, **replaced: object) -> float:
 
 
 def bench_cache(policy, repeat: int) -> list[tuple[str, float, float]]:
-    from tether.fastpath import GenerationConfig as static_config
+    from transformers import DynamicCache
 
-    def dynamic_config(**kwargs):  # what the fast path asks for, but the dynamic cache
-        return static_config(**{**kwargs, "cache_implementation": None})
+    def dynamic_cache(config, max_cache_len: int):  # the lean loop's cache, but growing
+        return DynamicCache(config=config)
 
     reps = max(1, repeat // 10)
-    dynamic = rollout_seconds(policy, reps, GenerationConfig=dynamic_config)
+    dynamic = rollout_seconds(policy, reps, StaticCache=dynamic_cache)
     static = rollout_seconds(policy, reps)
     return [("rollout 16 x 48 tokens: dynamic vs static KV cache", dynamic, static)]
 
@@ -122,6 +163,39 @@ def bench_fold(policy, repeat: int) -> list[tuple[str, float, float]]:
     unfolded = rollout_seconds(policy, reps, folded_lora=beside)
     folded = rollout_seconds(policy, reps)
     return [("rollout 16 x 48 tokens: LoRA beside each layer vs folded in", unfolded, folded)]
+
+
+def bench_loop(policy, repeat: int) -> list[tuple[str, float, float]]:
+    from transformers import GenerationConfig, LogitsProcessorList
+
+    from tether.fastpath import Sampled
+
+    def by_generate(model, input_ids, attention_mask, sampler, max_new_tokens, eos, pad, start, _):
+        # what tether's fast path did before the lean loop: generate() greedy over the sampler
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            generation_config=GenerationConfig(
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                eos_token_id=eos,
+                decoder_start_token_id=start,
+                cache_implementation="static",
+                disable_compile=True,
+                return_dict_in_generate=True,
+            ),
+            logits_processor=LogitsProcessorList([sampler]),
+        )
+        lp, ent = torch.cat(sampler.logprobs, 1), torch.cat(sampler.entropy, 1)
+        return Sampled(out.sequences, lp, ent)
+
+    reps = max(1, repeat // 10)
+    generate = rollout_seconds(policy, reps, decode=by_generate)
+    lean = rollout_seconds(policy, reps)
+    return [
+        ("rollout 16 x 48 tokens: generate() over the sampler vs the lean loop", generate, lean)
+    ]
 
 
 def bench_judge(repeat: int) -> list[tuple[str, float, float]]:
@@ -144,22 +218,24 @@ def bench_judge(repeat: int) -> list[tuple[str, float, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="head,sampler,cache,fold,judge")
+    parser.add_argument("--only", default="linears,sampler,loop,cache,fold,judge")
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
     wanted = set(args.only.split(","))
     rows: list[tuple[str, float, float]] = []
     policy = None
-    if wanted & {"head", "sampler", "cache", "fold"}:
+    if wanted & {"linears", "sampler", "loop", "cache", "fold"}:
         from tether.models import load_model
         from tether.policy import Policy
 
         policy = Policy(load_model("smollm2"), value_head=False)
     with torch.no_grad():
-        if "head" in wanted:
-            rows += bench_head(policy, args.repeat)
+        if "linears" in wanted:
+            rows += bench_linears(policy, args.repeat)
         if "sampler" in wanted:
             rows += bench_sampler(policy, args.repeat)
+    if "loop" in wanted:
+        rows += bench_loop(policy, args.repeat)
     if "cache" in wanted:
         rows += bench_cache(policy, args.repeat)
     if "fold" in wanted:

@@ -4,6 +4,7 @@ and entropy for the same tokens, the same sampling distribution, LoRA folding ex
 import pytest
 import torch
 from transformers import (
+    GenerationConfig,
     LogitsProcessorList,
     MinNewTokensLengthLogitsProcessor,
     TemperatureLogitsWarper,
@@ -65,6 +66,61 @@ def test_both_paths_give_the_same_tokens_logprobs_entropy_and_values(tiny_model)
     for name in ("logprobs", "entropy", "values"):
         x, y = getattr(plain_out, name)[valid], getattr(fwd, name)[valid]
         torch.testing.assert_close(x, y, atol=5e-5, rtol=0, msg=name)
+
+
+@pytest.mark.parametrize("eos_early", [False, True], ids=["full-length", "rows-end-early"])
+def test_lean_loop_draws_the_tokens_generate_draws_with_the_same_sampler(tiny_model, eos_early):
+    """`fastpath.decode` against Hugging Face generate() running greedy over the same
+    StepSampler (one uniform per row per step from the global generator): for the same seed the
+    same forward passes must give the same tokens, and log-probs, entropy and the values read at
+    the lm_head must agree to 1e-5; top-k and min_new_tokens are on (not with `eos_early`).
+    With `eos_early` a frequent token is made the EOS so rows end at different steps: the
+    padding after each row's EOS and the early stop must be generate()'s too."""
+    policy = _nudged_policy(tiny_model, True)
+    sampling = SamplingParams(max_new_tokens=12, min_new_tokens=2, temperature=0.9, top_k=20)
+    if eos_early:
+        # no EOS ban, so making a drawn token the EOS changes no draw before it: row 0 ends there
+        sampling = SamplingParams(max_new_tokens=12, temperature=0.9, top_k=20)
+        torch.manual_seed(0)
+        drawn, _, _ = policy.generate(PROMPTS, sampling)
+        policy.eos_token_ids = [int(drawn.response_ids[0, 4])]
+    ids, mask, _ = policy.encode_prompts(PROMPTS)
+    torch.manual_seed(0)
+    rollout, lean, _ = policy.generate(PROMPTS, sampling)
+    policy._gen_hidden = []
+    sampler = fastpath.StepSampler(sampling, policy.temperature, policy.eos_token_ids)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        out = policy.model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            generation_config=GenerationConfig(
+                do_sample=False,
+                max_new_tokens=sampling.max_new_tokens,
+                eos_token_id=policy.eos_token_ids,
+                pad_token_id=policy.tokenizer.pad_token_id,
+                decoder_start_token_id=policy.decoder_start_token_id,
+                cache_implementation="static",
+                return_dict_in_generate=True,
+            ),
+            logits_processor=LogitsProcessorList([sampler]),
+        )
+    hidden, policy._gen_hidden = policy._gen_hidden, None
+    t = len(sampler.logprobs)
+    assert torch.equal(rollout.response_ids, out.sequences[:, -t:])
+    if eos_early:
+        assert not rollout.finished.all() or t < sampling.max_new_tokens
+        assert rollout.valid_mask.sum(-1).unique().numel() > 1  # rows of several lengths
+    valid = rollout.valid_mask.bool()
+    values = policy.value_head(torch.cat(hidden[:t], 1)).squeeze(-1)
+    for name, theirs in (
+        ("logprobs", torch.cat(sampler.logprobs, 1)),
+        ("entropy", torch.cat(sampler.entropy, 1)),
+        ("values", values),
+    ):
+        torch.testing.assert_close(
+            getattr(lean, name)[valid], theirs[valid], atol=1e-5, rtol=0, msg=name
+        )
 
 
 def _exact_first_token_probs(model, enc, sampling: SamplingParams, eos: int) -> torch.Tensor:
@@ -176,7 +232,7 @@ def test_one_switch_selects_the_plain_path(tiny_llama, monkeypatch):
     monkeypatch.delenv("TETHER_FAST_PATH", raising=False)
     assert fastpath.enabled() is True
     on = Policy(load_model(str(tiny_llama)))
-    assert on.fast_path and on.model.get_output_embeddings().forward.func is fastpath.head_linear
+    assert on.fast_path and on.model.get_output_embeddings().forward.func is fastpath.frozen_linear
     monkeypatch.setenv("TETHER_FAST_PATH", "0")
     assert fastpath.enabled() is False and fastpath.enabled(True) is True
     off = Policy(load_model(str(tiny_llama)))

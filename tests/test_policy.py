@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import save_sft_adapter
 
-from tether.fastpath import head_linear
+from tether.fastpath import frozen_linear
 from tether.models import load_model
 from tether.policy import Policy
 from tether.rollout import SamplingParams, response_valid_mask
@@ -241,15 +241,18 @@ def test_step_sampler_draws_from_the_softmax_and_records_raw_logprobs():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_head_linear_matches_nn_linear_values_and_input_gradient(bias):
-    """The lm_head's oneDNN path (frozen fp32 head on CPU) computes what nn.Linear does, for 2-D
+def test_frozen_linear_matches_nn_linear_values_and_input_gradient(bias):
+    """The oneDNN path of a frozen fp32 layer on CPU computes what nn.Linear does, for 2-D
     and 3-D inputs and a non-contiguous slice (logits_to_keep hands it one), and gives the input
     the same gradient."""
     torch.manual_seed(0)
     head = torch.nn.Linear(24, 300, bias=bias).requires_grad_(False)
     for x in (torch.randn(5, 24), torch.randn(3, 7, 24), torch.randn(3, 9, 24)[:, 2:-1]):
         x1, x2 = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-        fast, plain = head_linear(head, x1), torch.nn.functional.linear(x2, head.weight, head.bias)
+        fast, plain = (
+            frozen_linear(head, x1),
+            torch.nn.functional.linear(x2, head.weight, head.bias),
+        )
         assert type(fast.grad_fn).__name__ == "_OneDnnLinearBackward"  # the fast path ran
         torch.testing.assert_close(fast, plain, atol=1e-5, rtol=1e-5)
         grad = torch.randn_like(plain)
@@ -258,25 +261,27 @@ def test_head_linear_matches_nn_linear_values_and_input_gradient(bias):
         torch.testing.assert_close(x1.grad, x2.grad, atol=1e-5, rtol=1e-5)
 
 
-def test_head_linear_falls_back_where_the_head_trains_or_is_not_fp32():
+def test_frozen_linear_falls_back_where_the_layer_trains_or_is_not_fp32():
     """A head that trains gets its weight gradient (nn.Linear's path); other dtypes also take it."""
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 50)
-    head_linear(head, torch.randn(2, 8)).sum().backward()
+    frozen_linear(head, torch.randn(2, 8)).sum().backward()
     assert head.weight.grad is not None and head.bias.grad is not None
     head64 = torch.nn.Linear(8, 50, dtype=torch.float64).requires_grad_(False)
     x = torch.randn(2, 8, dtype=torch.float64)
-    assert head_linear(head64, x).dtype == torch.float64
-    torch.testing.assert_close(head_linear(head64, x), head64(x))
+    assert frozen_linear(head64, x).dtype == torch.float64
+    torch.testing.assert_close(frozen_linear(head64, x), head64(x))
 
 
-def test_policy_routes_its_plain_lm_head_through_head_linear(tiny_llama):
-    """The policy's head (and a full-copy reference's) runs head_linear, and the logits are the
-    model's own."""
+def test_policy_routes_its_plain_linear_layers_through_frozen_linear(tiny_llama):
+    """The policy's head and base layers (and a full-copy reference's) run frozen_linear, and
+    the logits are the model's own; LoRA's own matrices train, so nn.Linear's path runs them."""
     policy = _policy(tiny_llama, reference="full-copy")
     for model in (policy.model.base_model.model, policy._ref_model):
         head = model.get_output_embeddings()
-        assert head.forward.func is head_linear
+        assert head.forward.func is frozen_linear
+        q_proj = model.model.layers[0].self_attn.q_proj
+        assert getattr(q_proj, "base_layer", q_proj).forward.func is frozen_linear
         x = torch.randn(2, 3, head.in_features)
         torch.testing.assert_close(head(x), torch.nn.functional.linear(x, head.weight))
 

@@ -27,22 +27,25 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 from transformers import (
+    EncoderDecoderCache,
     GenerationConfig,
     LogitsProcessor,
-    LogitsProcessorList,
+    StaticCache,
     TopKLogitsWarper,
     TopPLogitsWarper,
 )
+from transformers.modeling_outputs import BaseModelOutput
 
-from tether import ppo
+from tether import distributed, ppo
 from tether.errors import TetherError
 from tether.rollout import SamplingParams
 
@@ -63,7 +66,7 @@ def enabled(requested: bool | None = None) -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# the lm_head through oneDNN
+# the frozen linear layers through oneDNN
 # ----------------------------------------------------------------------------------------------
 
 # oneDNN's fp32 linear, where this torch build has it (a private op: probed, never required).
@@ -74,29 +77,36 @@ _ONEDNN_LINEAR = (
 )
 
 
+def _onednn(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return _ONEDNN_LINEAR(x.contiguous(), weight, bias, "none", [], "")
+
+
 class _OneDnnLinear(torch.autograd.Function):
-    """y = x W^T + b through oneDNN; the backward gives x its gradient only (W and b are frozen)."""
+    """y = x W^T + b through oneDNN; the backward gives x its gradient only (W and b are frozen),
+    also through oneDNN: grad W = grad (W^T)^T, a linear with the transposed view of W."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None):
         ctx.save_for_backward(weight)
-        return _ONEDNN_LINEAR(x.contiguous(), weight, bias, "none", [], "")
+        return _onednn(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (weight,) = ctx.saved_tensors
-        return grad @ weight, None, None
+        return _onednn(grad, weight.t(), None), None, None
 
 
-def head_linear(head: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    """The lm_head's forward: oneDNN's linear for a frozen fp32 head on CPU, else nn.Linear's.
+def frozen_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """A linear layer's forward: oneDNN's linear for a frozen fp32 layer on CPU, else nn.Linear's.
 
-    Why: on CPU, torch's fp32 matmul (MKL) is slow for this one shape, a vocabulary-wide output
-    (49k x 576 for SmolLM2) from a few rows, both at a decoding step and in an update
-    micro-batch, while the other layers' shapes gain little; results agree to float rounding.
-    `benchmarks/cpu_choices.py --only head` measures both row counts against F.linear.
+    Why: on CPU, torch's fp32 matmul (MKL) is slow for the shapes of a small model: the layers
+    of SmolLM2 at a decoding step (16 rows), an update micro-batch (~190 rows) or a prefill
+    (~750 rows) and the vocabulary-wide lm_head, forward and backward alike, while oneDNN's
+    linear gives the same result to float rounding. `benchmarks/cpu_choices.py --only linears`
+    measures both kernels at those row counts. The LoRA matrices and the value head train, so
+    they keep nn.Linear's path (their weights need gradients).
     """
-    weight, bias = head.weight, head.bias
+    weight, bias = layer.weight, layer.bias
     if (
         _ONEDNN_LINEAR is None
         or x.device.type != "cpu"
@@ -105,15 +115,104 @@ def head_linear(head: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         or (bias is not None and bias.requires_grad)
     ):
         return torch.nn.functional.linear(x, weight, bias)
-    return _OneDnnLinear.apply(x, weight, bias)
+    if x.requires_grad:
+        return _OneDnnLinear.apply(x, weight, bias)
+    return _onednn(x, weight, bias)
 
 
-def use_head_linear(model: torch.nn.Module) -> None:
-    """Run the model's lm_head through `head_linear`, unless the head is not a plain nn.Linear
-    (a LoRA adapter that wraps the head itself keeps its own forward)."""
-    head = model.get_output_embeddings()
-    if type(head) is torch.nn.Linear:
-        head.forward = functools.partial(head_linear, head)
+def use_onednn_linears(model: torch.nn.Module) -> None:
+    """Run every plain nn.Linear of the model through `frozen_linear`: the base layers (under
+    LoRA's wrappers too) and the lm_head; a layer that trains falls back to nn.Linear per call."""
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.forward = functools.partial(frozen_linear, module)
+
+
+# ----------------------------------------------------------------------------------------------
+# the frozen weights in cheaper numerics, for sampling only (--rollout-dtype)
+# ----------------------------------------------------------------------------------------------
+
+
+def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 per output row: W ~ q * scale[:, None], |q| <= 127."""
+    scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12)
+    q = torch.round(weight / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def _bf16_linear(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.linear(x.to(torch.bfloat16), weight, bias).to(x.dtype)
+
+
+def _int8_linear(
+    q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor
+) -> torch.Tensor:
+    # torch's weight-only int8 kernel (what gpt-fast uses) takes 2-D bf16 activations on CPU
+    flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
+    y = torch.ops.aten._weight_int8pack_mm(flat, q, scale).reshape(*x.shape[:-1], q.shape[0])
+    y = y.to(x.dtype)
+    return y if bias is None else y + bias
+
+
+def _bf16_layer(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable:
+    bias = None if bias is None else bias.to(torch.bfloat16)
+    return functools.partial(_bf16_linear, weight.to(torch.bfloat16), bias)
+
+
+def _int8_layer(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable:
+    q, scale = quantize_int8(weight)
+    return functools.partial(_int8_linear, q, scale.to(torch.bfloat16), bias)
+
+
+# a frozen layer's (weight, bias) -> its forward in the rollout's numerics
+ROLLOUT_LAYERS: dict[str, Callable] = {"bfloat16": _bf16_layer, "int8": _int8_layer}
+ROLLOUT_DTYPES = ("float32", *ROLLOUT_LAYERS)
+
+
+class RolloutWeights:
+    """Every frozen fp32 linear layer of a model (the base layers under LoRA and the lm_head) in
+    `dtype`, built once (the base never trains), swapped in by `installed()` while sampling.
+
+    - bfloat16: weights and the layer's input in bf16, output back to fp32;
+    - int8: weight-only int8 per output row (`quantize_int8`), activations in bf16 into torch's
+      `_weight_int8pack_mm` (with fp32 activations that kernel is far slower on CPU).
+
+    Everything else stays as training runs it: LoRA's A and B (they train: the delta stays
+    exact, in fp32), norms, attention, the sampler. `float32` swaps nothing. The mismatch this
+    leaves between rollout and training log-probs is measured and corrected in the update
+    (tether.ppo.truncated_is_weights).
+    """
+
+    def __init__(self, model: torch.nn.Module, dtype: str) -> None:
+        if dtype not in ROLLOUT_DTYPES:
+            raise TetherError(
+                f"rollout dtype must be one of {', '.join(ROLLOUT_DTYPES)}, got {dtype!r}"
+            )
+        self.dtype = dtype
+        self.forwards: dict[torch.nn.Module, Callable] = {}
+        if dtype == "float32":
+            return
+        with torch.no_grad():
+            for module in model.modules():
+                if type(module) is not torch.nn.Linear or module.weight.requires_grad:
+                    continue
+                if module.weight.dtype == torch.float32:
+                    bias = None if module.bias is None else module.bias.detach()
+                    self.forwards[module] = ROLLOUT_LAYERS[dtype](module.weight.detach(), bias)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        saved = {m: m.__dict__.get("forward") for m in self.forwards}
+        for module, forward in self.forwards.items():
+            module.forward = forward
+        try:
+            yield
+        finally:
+            for module, forward in saved.items():
+                if forward is None:
+                    del module.forward
+                else:
+                    module.forward = forward
 
 
 # ----------------------------------------------------------------------------------------------
@@ -146,6 +245,12 @@ class StepSampler(LogitsProcessor):
         self.entropy: list[torch.Tensor] = []
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        token = self.draw(input_ids, scores)
+        return torch.full_like(scores, -math.inf).scatter_(-1, token, 0.0)
+
+    def draw(self, input_ids: torch.LongTensor | None, scores: torch.Tensor) -> torch.Tensor:
+        """(b, 1) the next token of each row, from (b, v) raw logits; records its log-prob and
+        the entropy."""
         logits = scores.float() / self.temperature
         if self.sampling.temperature == self.temperature:
             draw_from = logits.clone()
@@ -165,7 +270,7 @@ class StepSampler(LogitsProcessor):
             token = draw_from.argmax(-1, keepdim=True)
         self.logprobs.append(ppo.logprobs_from_logits(logits.unsqueeze(1), token))
         self.entropy.append(ppo.entropy_from_logits(logits).unsqueeze(-1))
-        return torch.full_like(scores, -math.inf).scatter_(-1, token, 0.0)
+        return token
 
 
 # ----------------------------------------------------------------------------------------------
@@ -249,6 +354,7 @@ def sample(
     decoder_start_token_id: int | None = None,
     fast: bool = True,
     sharded: bool = False,
+    weights: RolloutWeights | None = None,
 ) -> Sampled:
     """Sample one continuation of each row, batched, with the KV cache.
 
@@ -257,57 +363,165 @@ def sample(
         input_ids, attention_mask: (b, p) prompts, left-padded for a causal model.
         sampling: how to draw (at `sampling.temperature`, with top-k / top-p / min_new_tokens).
         temperature: the temperature of the recorded log-probs and entropy (the policy's).
-        fast: the fast path (see the module docstring), else plain generate(do_sample=True).
-        sharded: the model is FSDP2-sharded: no folding, and `synced_gpus` so that a process
-            whose rows all ended keeps running forward passes until every process's have, and
-            the all-gathers pair up.
+        fast: the lean decode loop (`decode`), else plain generate(do_sample=True).
+        sharded: the model is FSDP2-sharded: no folding, and every process runs as many forward
+            passes as the longest one needs, so that the all-gathers pair up.
+        weights: the frozen layers in other numerics to sample with (`RolloutWeights`; fast
+            path only); LoRA is then not folded, its delta runs beside them in fp32.
     """
-    common = dict(
-        max_new_tokens=sampling.max_new_tokens,
-        pad_token_id=pad_token_id,
-        eos_token_id=eos_token_ids,
-        decoder_start_token_id=decoder_start_token_id,
-        use_cache=True,
-        disable_compile=True,  # prompt lengths change every batch: compiling never pays
-        return_dict_in_generate=True,
+    if fast:
+        cheaper = weights is not None and weights.forwards
+        if cheaper:
+            context = weights.installed()
+        else:
+            context = contextlib.nullcontext() if sharded else folded_lora(model)
+        with context:
+            return decode(
+                model,
+                input_ids,
+                attention_mask,
+                StepSampler(sampling, temperature, eos_token_ids),
+                sampling.max_new_tokens,
+                eos_token_ids,
+                pad_token_id,
+                decoder_start_token_id,
+                sharded,
+            )
+    knobs = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
+    out = model.generate(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        generation_config=GenerationConfig(
+            do_sample=sampling.do_sample,
+            min_new_tokens=sampling.min_new_tokens,
+            output_logits=True,  # the raw logits of every step, before any warper
+            **(knobs if sampling.do_sample else {}),
+            max_new_tokens=sampling.max_new_tokens,
+            pad_token_id=pad_token_id,
+            eos_token_id=eos_token_ids,
+            decoder_start_token_id=decoder_start_token_id,
+            use_cache=True,
+            disable_compile=True,  # prompt lengths change every batch: compiling never pays
+            return_dict_in_generate=True,
+        ),
+        synced_gpus=sharded,
     )
-    if not fast:
-        knobs = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=GenerationConfig(
-                do_sample=sampling.do_sample,
-                min_new_tokens=sampling.min_new_tokens,
-                output_logits=True,  # the raw logits of every step, before any warper
-                **(knobs if sampling.do_sample else {}),
-                **common,
-            ),
-            synced_gpus=sharded,
-        )
-        logits = torch.stack(out.logits, 1).float() / temperature  # (b, t, v)
-        t = logits.shape[1]
-        tokens = out.sequences[:, out.sequences.shape[1] - t :]
-        return Sampled(
-            out.sequences,
-            ppo.logprobs_from_logits(logits, tokens),
-            ppo.entropy_from_logits(logits),
-        )
+    logits = torch.stack(out.logits, 1).float() / temperature  # (b, t, v)
+    t = logits.shape[1]
+    tokens = out.sequences[:, out.sequences.shape[1] - t :]
+    return Sampled(
+        out.sequences, ppo.logprobs_from_logits(logits, tokens), ppo.entropy_from_logits(logits)
+    )
 
-    sampler = StepSampler(sampling, temperature, eos_token_ids)
-    config = GenerationConfig(
-        do_sample=False,  # greedy over the sampler's one-hot scores = the sampler's draw
-        # on CPU a preallocated cache instead of growing it by torch.cat every token; whether
-        # that pays on a given machine: `benchmarks/cpu_choices.py --only cache` (README table)
-        cache_implementation="static" if input_ids.device.type == "cpu" else None,
-        **common,
+
+def decode(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    sampler: StepSampler,
+    max_new_tokens: int,
+    eos_token_ids: list[int],
+    pad_token_id: int | None,
+    decoder_start_token_id: int | None = None,
+    sharded: bool = False,
+) -> Sampled:
+    """The lean decode loop: a prefill, then one forward of one token per row per step with a
+    static KV cache, the sampler's draw, and nothing else; it stops when every row has drawn an
+    EOS (under `sharded`, every row of every process) or after `max_new_tokens`.
+
+    It does what generate() does with greedy decoding over the sampler's scores, the same
+    forward passes and the same tokens (tests/test_fastpath.py compares the two), without
+    generate()'s per-step machinery: input preparation, logits processors and stopping
+    criteria, the copies of the growing attention mask and sequences. Rows that ended get
+    `pad_token_id` (the first EOS where there is none), as generate() writes them.
+    """
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    # FSDP2 hooks the outermost module (it gathers the root's weights: embeddings, lm_head), so
+    # a sharded model is called as it is; else PEFT's wrapper is skipped (its LoRA layers live
+    # in the base model)
+    run = model if sharded else core
+    config = core.config
+    b, p = input_ids.shape
+    pad = pad_token_id if pad_token_id is not None else eos_token_ids[0]
+    eos = torch.tensor(eos_token_ids, device=input_ids.device)
+    cache_arg = (
+        "cache" if "cache" in inspect.signature(core.forward).parameters else "past_key_values"
     )
-    with contextlib.nullcontext() if sharded else folded_lora(model):
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=config,
-            logits_processor=LogitsProcessorList([sampler]),
-            synced_gpus=sharded,
+    decoder_config = config.get_text_config(decoder=True)
+    if config.is_encoder_decoder:
+        start = decoder_start_token_id
+        if start is None:
+            start = config.decoder_start_token_id
+        encoded = None  # the encoder runs in the first step's forward
+        cache = EncoderDecoderCache(
+            StaticCache(config=decoder_config, max_cache_len=max_new_tokens),
+            StaticCache(config=decoder_config, max_cache_len=p),
         )
-    return Sampled(out.sequences, torch.cat(sampler.logprobs, 1), torch.cat(sampler.entropy, 1))
+        sequences = torch.full(
+            (b, 1 + max_new_tokens), pad, dtype=torch.long, device=input_ids.device
+        )
+        sequences[:, 0] = start
+        first = 1
+
+        def forward(t: int) -> torch.Tensor:
+            nonlocal encoded
+            source = {"input_ids": input_ids} if encoded is None else {"encoder_outputs": encoded}
+            out = run(
+                **source,
+                attention_mask=attention_mask,
+                decoder_input_ids=sequences[:, first + t - 1 : first + t],
+                use_cache=True,
+                **{cache_arg: cache},
+            )
+            if encoded is None:
+                encoded = BaseModelOutput(last_hidden_state=out.encoder_last_hidden_state)
+            return out.logits[:, -1]
+
+    else:
+        cache = StaticCache(config=decoder_config, max_cache_len=p + max_new_tokens)
+        sequences = torch.cat(
+            [
+                input_ids,
+                torch.full(
+                    (b, max_new_tokens), pad, dtype=input_ids.dtype, device=input_ids.device
+                ),
+            ],
+            1,
+        )
+        # the response's positions are real tokens: the mask grows by ones
+        mask = torch.cat([attention_mask, torch.ones_like(sequences[:, p:])], 1)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        keep = (
+            {"logits_to_keep": 1}
+            if "logits_to_keep" in inspect.signature(core.forward).parameters
+            else {}
+        )
+        first = p
+
+        def forward(t: int) -> torch.Tensor:
+            # step 0 is the prefill of the prompt, step t > 0 feeds the token drawn at t - 1
+            lo = 0 if t == 0 else p + t - 1
+            return run(
+                input_ids=sequences[:, lo : p + t],
+                attention_mask=mask[:, : p + t],
+                position_ids=positions[:, lo : p + t],
+                use_cache=True,
+                **{cache_arg: cache},
+                **keep,
+            ).logits[:, -1]
+
+    unfinished = torch.ones(b, dtype=torch.bool, device=input_ids.device)
+    n = 0
+    for t in range(max_new_tokens):
+        token = sampler.draw(None, forward(t)).squeeze(1)
+        sequences[:, first + t] = torch.where(unfinished, token, pad)
+        unfinished &= ~torch.isin(token, eos)
+        n = t + 1
+        going = bool(unfinished.any())
+        if sharded:
+            going = not distributed.everywhere(not going)
+        if not going:
+            break
+    return Sampled(
+        sequences[:, : first + n], torch.cat(sampler.logprobs, 1), torch.cat(sampler.entropy, 1)
+    )

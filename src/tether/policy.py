@@ -99,6 +99,7 @@ class Policy(torch.nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self._ref_model = None
+        self._rollout_weights: dict[str, fastpath.RolloutWeights] = {}
         self._use_copy = False  # inside reference() with a full-copy reference
         if reference == "full-copy":
             # A second frozen model, as TRL's old PPOTrainer did without PEFT: for benchmarks.
@@ -135,9 +136,9 @@ class Policy(torch.nn.Module):
         self._gen_hidden: list[torch.Tensor] | None = None
         base.get_output_embeddings().register_forward_pre_hook(self._capture_hidden)
         if self.fast_path:
-            fastpath.use_head_linear(base)
+            fastpath.use_onednn_linears(base)
             if self._ref_model is not None:
-                fastpath.use_head_linear(self._ref_model)
+                fastpath.use_onednn_linears(self._ref_model)
         # Causal LMs that accept logits_to_keep skip the (b, p, v) prompt logits entirely.
         self._keeps_logits = (
             not self.is_encoder_decoder
@@ -250,13 +251,31 @@ class Policy(torch.nn.Module):
         rollout as it is; else chunks of that many rows of similar length, each trimmed of the
         padding no row in it needs (`Rollout.select`)."""
         with self.reference():
-            if batch_size is None:
-                return self(rollout, with_values=False, temperature=temperature).logprobs
-            ref_lp = torch.zeros(rollout.response_ids.shape, device=rollout.response_ids.device)
-            for idx in rollout.rows_by_length().split(batch_size):
-                lp = self(rollout.select(idx), with_values=False, temperature=temperature).logprobs
-                ref_lp[idx, : lp.shape[1]] = lp
-        return ref_lp
+            return self.score(rollout, False, temperature, batch_size).logprobs
+
+    @torch.no_grad()
+    def score(
+        self,
+        rollout: Rollout,
+        with_values: bool,
+        temperature: float | None = None,
+        batch_size: int | None = None,
+    ) -> PolicyOutput:
+        """`forward` without gradient, in chunks of `batch_size` rows of similar length (None:
+        one pass): log-probs, and values where asked for, (b, t), 0 past a chunk's longest row."""
+        if batch_size is None:
+            return self(rollout, with_values=with_values, temperature=temperature)
+        shape, device = rollout.response_ids.shape, rollout.response_ids.device
+        logprobs = torch.zeros(shape, device=device)
+        values = None
+        if with_values and self.value_head is not None:
+            values = torch.zeros(shape, device=device)
+        for idx in rollout.rows_by_length().split(batch_size):
+            out = self(rollout.select(idx), with_values=with_values, temperature=temperature)
+            logprobs[idx, : out.logprobs.shape[1]] = out.logprobs
+            if values is not None:
+                values[idx, : out.values.shape[1]] = out.values
+        return PolicyOutput(logprobs, values, None)
 
     # ------------------------------------------------------------------------------------------
     # prompts and generation
@@ -298,9 +317,13 @@ class Policy(torch.nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[str], sampling: SamplingParams
+        self, prompts: list[str], sampling: SamplingParams, rollout_dtype: str = "float32"
     ) -> tuple[Rollout, PolicyOutput, int]:
         """Sample one completion per prompt, batched, with the KV cache.
+
+        `rollout_dtype` other than float32: the frozen base layers run in those numerics while
+        sampling (`fastpath.RolloutWeights`, built once per dtype), and the log-probs, entropy
+        and values returned are the rollout engine's, not training's (`--rollout-dtype`).
 
         The sampling pass also yields what PPO needs from the rollout policy, so no second
         forward is spent on it: log-probs of the sampled tokens (from the raw logits / temperature,
@@ -311,6 +334,19 @@ class Policy(torch.nn.Module):
             the rollout; its (b, t) log-probs, values (None without a value head or for a
             full-copy reference), entropy; and the number of prompts truncated to max_prompt_tokens.
         """
+        weights = None
+        if rollout_dtype != "float32":
+            if self.engine == "fsdp2" or not self.fast_path:
+                why = "FSDP2 shards" if self.engine == "fsdp2" else "TETHER_FAST_PATH=0 turns off"
+                raise TetherError(
+                    f"--rollout-dtype {rollout_dtype} samples from a whole copy of the weights in "
+                    f"the fast path, which {why}: use --rollout-dtype float32"
+                )
+            if rollout_dtype not in self._rollout_weights:
+                self._rollout_weights[rollout_dtype] = fastpath.RolloutWeights(
+                    self.model, rollout_dtype
+                )
+            weights = self._rollout_weights[rollout_dtype]
         prompt_ids, prompt_mask, n_truncated = self.encode_prompts(prompts)
         self._gen_hidden = []
         try:
@@ -325,6 +361,7 @@ class Policy(torch.nn.Module):
                 self.decoder_start_token_id,
                 fast=self.fast_path,
                 sharded=self.engine == "fsdp2",
+                weights=weights,
             )
         finally:
             hidden_steps, self._gen_hidden = self._gen_hidden, None

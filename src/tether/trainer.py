@@ -537,7 +537,7 @@ def ppo_step(
     prompts = [r.prompt for r in batch for _ in range(cfg.group_size)]
 
     # 1. rollout
-    rollout, rollout_out, n_truncated = policy.generate(prompts, sampling)
+    rollout, rollout_out, n_truncated = policy.generate(prompts, sampling, cfg.rollout_dtype)
     release_freed_memory()
     if n_truncated:
         warn(
@@ -549,12 +549,15 @@ def ppo_step(
     t_score = time.perf_counter()
     # 3. reference log-probs (and the exact KL over the vocabulary for `full`)
     ref_logprobs, full_kl = reference_pass(policy, rollout, cfg)
+    # ... and, for a rollout sampled in other numerics, the old policy's in training numerics
+    rollout_out, is_weights, mismatch = rollout_correction(policy, rollout, rollout_out, cfg)
     release_freed_memory()
     t_fwd = time.perf_counter()
     # 4-5. rewards, advantages
     kl_coef = state.kl_ctl.value
     train_scores = train_scores_of(scores, rollout, state, cfg)
     exp = make_experience(rollout, rollout_out, ref_logprobs, train_scores, kl_coef, cfg, full_kl)
+    exp.is_weights = is_weights
     valid = rollout.valid_mask
     seq_kl = ppo.masked_sum(exp.kl, valid, dim=1)
     state.check_reward_scale(exp.scores, seq_kl, kl_coef, cfg)
@@ -607,6 +610,7 @@ def ppo_step(
         "ppo_epochs_run": stats["ppo_epochs_run"],
         "lr": state.scheduler.get_last_lr()[0],
         "truncated_prompts": n_truncated,
+        **mismatch,
         "step_seconds": time.perf_counter() - t0,
         "gen_seconds": t_gen - t0,
         "score_seconds": t_score - t_gen,
@@ -656,6 +660,44 @@ def full_kl_pass(
         ref_lp[idx, :t] = ref.logprobs
         kl[idx, :t] = ppo.full_kl(logits, ref.logits, cfg.kl_chunk_size)
     return ref_lp, kl
+
+
+def rollout_correction(
+    policy: Policy, rollout: Rollout, rollout_out: PolicyOutput, cfg: TrainConfig
+) -> tuple[PolicyOutput, torch.Tensor | None, dict[str, float]]:
+    """For a rollout sampled with `--rollout-dtype` bfloat16/int8: the old policy's log-probs
+    (and values) in training numerics, one pass without gradient, which the update's ratios
+    and the KL then use; the truncated importance-sampling weights min(pi_train / pi_rollout,
+    --tis-cap) on the policy loss (per completion for rloo); and the mismatch, logged every step.
+    A float32 rollout is training's own: returned as it is, no weights, nothing logged."""
+    if cfg.rollout_dtype == "float32":
+        return rollout_out, None, {}
+    valid = rollout.valid_mask
+    train = policy.score(rollout, cfg.has_critic, batch_size=cfg.forward_batch_size)
+    weights = ppo.truncated_is_weights(
+        train.logprobs,
+        rollout_out.logprobs,
+        valid,
+        cfg.tis_cap,
+        per_sequence=cfg.loss_aggregation is None,
+    )
+    mismatch = {
+        k: v.item()
+        for k, v in ppo.rollout_mismatch(train.logprobs, rollout_out.logprobs, valid).items()
+    }
+    # the largest over every process (the row's other figures are averaged over them later)
+    mismatch["rollout_max_ratio"] = max(distributed.gather_floats([mismatch["rollout_max_ratio"]]))
+    mismatch["tis_clipped_frac"] = ppo.masked_mean(
+        (train.logprobs - rollout_out.logprobs > math.log(cfg.tis_cap)).float(), valid
+    ).item()
+    zero = torch.zeros_like(train.logprobs)
+    keep = valid.bool()
+    corrected = PolicyOutput(
+        torch.where(keep, train.logprobs, zero),
+        None if train.values is None else torch.where(keep, train.values, zero),
+        rollout_out.entropy,
+    )
+    return corrected, weights, mismatch
 
 
 def reference_pass(
@@ -805,6 +847,7 @@ def ppo_update(
                         returns=mu.returns,
                         cliprange_value=cfg.cliprange_value,
                         vf_coef=cfg.vf_coef,
+                        is_weights=mu.is_weights,
                         **norm,
                     )
                     loss = guard.check(loss, out.logprobs, mu)

@@ -32,7 +32,7 @@ class ChatModel:
         self.model = loaded.model.eval()
         self.fast_path = fastpath.enabled(fast_path)
         if self.fast_path:
-            fastpath.use_head_linear(self.model)
+            fastpath.use_onednn_linears(self.model)
         self.tokenizer = loaded.tokenizer
         self.is_encoder_decoder = loaded.is_encoder_decoder
         self.use_template = not self.is_encoder_decoder and bool(self.tokenizer.chat_template)
