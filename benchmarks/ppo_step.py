@@ -260,9 +260,6 @@ def run_one(args: argparse.Namespace) -> dict:
         phase_flops = {"gen": fwd, "forward": fwd, "update": 2 * fwd * cfg.ppo_epochs}
 
         extra = {}
-        if args.reference == "shared" and not args.memory:
-            prompts = [records[i].prompt for i in range(cfg.batch_size)]
-            extra.update(decoding(policy, prompts, sampling, cfg.rollout_dtype))
         if args.memory:
             micro = micro_batch_size(cfg, policy.device)
             rollout, _, _ = policy.generate([r.prompt for r in records[:micro]], sampling)
@@ -286,6 +283,10 @@ def run_one(args: argparse.Namespace) -> dict:
                 lambda: run.save_checkpoint(0, policy.save, state.state_dict(), config_to_yaml(cfg))
             )
             phases["io"] = extra["metrics_line_s"] + extra["checkpoint_s"] / args.save_every
+        peak_mb = peak_rss_mb()  # the run's, before the decoding figures' own buffers
+        if args.reference == "shared" and not args.memory:
+            prompts = [records[i].prompt for i in range(cfg.batch_size)]
+            extra.update(decoding(policy, prompts, sampling, cfg.rollout_dtype))
 
     step_s = median("step_seconds")
     return {
@@ -305,7 +306,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "gen_s": median("gen_seconds"),  # the key the peers report (compare_trl.py reads it)
         "gen_share": median("gen_seconds") / step_s,
         "samples_per_s": args.batch_size / step_s,
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_mb,
         "peak_rss_steps_mb": peak_steps_mb,
         "weights_mb": n_weights / 2**20,
         "libraries_mb": libraries_mb,
