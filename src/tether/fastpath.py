@@ -1,23 +1,27 @@
 """The one sampling path of tether (PPO rollouts, evaluation, the CAI stages) and its CPU fast
 path, behind one switch; plain Hugging Face sampling is the reference the fast path must agree
-with (tests/test_fastpath.py: same log-probs for the same tokens, same sampling distribution).
+with (tests/test_fastpath.py: same log-probs for the same tokens, same sampling distribution,
+and the lean loop's tokens are generate()'s for the same sampler and seed).
 
-The fast path is four tricks, each measured against its plain alternative, side by side, by
+The fast path, each part measured against its plain alternative, side by side, by
 `benchmarks/cpu_choices.py` (the `--only` name in brackets):
 
-- `head_linear` / `use_head_linear` [head]: the vocabulary-wide lm_head through oneDNN's fp32
-  linear, for a frozen fp32 head on CPU. Installed on the model, so the forward passes of the
-  update take it too, not only decoding.
-- `StepSampler` [sampler]: generate() runs *greedy* over one-hot scores while this logits
-  processor draws each token itself by inverse CDF and records the chosen token's log-prob and
-  the entropy, so no (b, t, v) logits are kept.
-- the static KV cache on CPU [cache].
+- `frozen_linear` / `use_onednn_linears` [linears]: every frozen fp32 linear layer (the blocks'
+  and the lm_head) through oneDNN's linear on CPU, forward and the input's gradient. Installed
+  on the model, so the reference pass and the update take it too, not only decoding.
+- `decode` [loop]: the lean decode loop, a prefill and one token per row per step with a
+  static KV cache [cache], in place of generate().
+- `StepSampler` [sampler]: draws each token by inverse CDF and records the chosen token's
+  log-prob and the entropy, so no (b, t, v) logits are kept.
 - `folded_lora` [fold]: each LoRA delta added into its base weight while decoding.
 
+`RolloutWeights` (`--rollout-dtype`) samples with the frozen layers in bf16 or int8 instead;
+the update then corrects for the mismatch (tether.trainer.rollout_correction).
+
 The switch is `enabled`: on unless `fast_path=False` is given to `Policy` / `ChatModel`, or the
-environment sets TETHER_FAST_PATH=0. Where it is on, each trick still checks where it applies,
-as it always has: the oneDNN head for a frozen fp32 head on CPU only, the static cache on CPU
-only, folding neither under FSDP2 (`sharded`), nor for DoRA, nor while the adapter is disabled.
+environment sets TETHER_FAST_PATH=0. Where it is on, each part still checks where it applies:
+oneDNN for a frozen fp32 layer on CPU only, folding neither under FSDP2 (`sharded`), nor for
+DoRA, nor while the adapter is disabled, nor with rollout weights.
 Off, `sample` is `model.generate(do_sample=True, temperature, top_k, top_p, min_new_tokens)` with
 `output_logits`, and the log-probs are taken from those logits afterwards: the same distribution
 and the same log-probs, a different random stream (torch.multinomial), more time and memory.
@@ -221,8 +225,9 @@ class RolloutWeights:
 
 
 class StepSampler(LogitsProcessor):
-    """generate()'s last logits processor: it draws each next token itself and hands generate()
-    a one-hot score, so generate() runs greedy and keeps only the cache and the stopping rules.
+    """Draws each next token (`draw`, what the lean loop calls); as generate()'s last logits
+    processor it hands generate() a one-hot score, so generate() running greedy draws the same
+    tokens (the tests' oracle for the lean loop).
 
     Why not generate()'s own sampling: torch.multinomial draws one exponential per vocabulary
     entry and row, the inverse CDF one uniform per row (`benchmarks/cpu_choices.py --only
