@@ -50,12 +50,11 @@ def median_seconds(fn: Callable[[], object], repeat: int, warmup: int = 2) -> fl
 
 
 def bench_linears(policy, repeat: int) -> list[tuple[str, float, float]]:
-    from tether.fastpath import frozen_linear
+    from tether.fastpath import frozen_linear, frozen_linears
 
     base = policy.model.get_base_model()
     head = base.get_output_embeddings()
-    layers = [m for m in base.modules() if type(m) is torch.nn.Linear and m is not head]
-    layers = [m for m in layers if not m.weight.requires_grad]
+    layers = [m for m in frozen_linears(base) if m is not head]
     rows = []
     for group, modules in ((f"{len(layers)} block layers", layers), ("lm_head", [head])):
         for n, what in (

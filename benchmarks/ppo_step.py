@@ -107,9 +107,7 @@ def decoding(policy, prompts: list[str], sampling, rollout_dtype: str, repeat: i
     steps = [(rollout(49) - rollout(1)) / 48 for _ in range(repeat)]
     base = policy.model.get_base_model()
     head = base.get_output_embeddings()
-    layers = [
-        m for m in base.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad
-    ]
+    layers = fastpath.frozen_linears(base)
     cheap = fastpath.RolloutWeights(policy.model, rollout_dtype).forwards
     xs = [torch.randn(len(prompts), m.in_features) for m in layers]
 

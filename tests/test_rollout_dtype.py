@@ -34,13 +34,14 @@ def test_truncated_is_weights_are_the_truncated_ratios_by_hand():
     assert not weights.requires_grad
 
 
-def test_rollout_mismatch_is_the_mean_k3_and_the_largest_ratio():
+def test_rollout_mismatch_is_the_mean_k3_the_largest_ratio_and_the_share_cut():
     train_lp, rollout_lp, valid = _toy()
     ratios = [2.0, 0.5, 3.0, 1.0, 6.0]
     k3 = sum(r - 1 - math.log(r) for r in ratios) / len(ratios)
-    m = ppo.rollout_mismatch(train_lp, rollout_lp, valid)
+    m = ppo.rollout_mismatch(train_lp, rollout_lp, valid, cap=2.5)
     assert m["rollout_kl"].item() == pytest.approx(k3, rel=1e-5)
     assert m["rollout_max_ratio"].item() == pytest.approx(6.0, rel=1e-5)
+    assert m["tis_clipped_frac"].item() == pytest.approx(2 / 5)  # 3 and 6 are above 2.5
 
 
 @pytest.mark.parametrize("aggregation", ["token-mean", "seq-mean-token-mean", None])

@@ -124,6 +124,12 @@ def frozen_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return _onednn(x, weight, bias)
 
 
+def frozen_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The model's plain nn.Linear layers whose weight does not train: the base layers (under
+    LoRA's wrappers too) and the lm_head, not LoRA's A and B."""
+    return [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
+
+
 def use_onednn_linears(model: torch.nn.Module) -> None:
     """Run every plain nn.Linear of the model through `frozen_linear`: the base layers (under
     LoRA's wrappers too) and the lm_head; a layer that trains falls back to nn.Linear per call."""
@@ -197,9 +203,7 @@ class RolloutWeights:
         if dtype == "float32":
             return
         with torch.no_grad():
-            for module in model.modules():
-                if type(module) is not torch.nn.Linear or module.weight.requires_grad:
-                    continue
+            for module in frozen_linears(model):
                 if module.weight.dtype == torch.float32:
                     bias = None if module.bias is None else module.bias.detach()
                     self.forwards[module] = ROLLOUT_LAYERS[dtype](module.weight.detach(), bias)
@@ -449,9 +453,8 @@ def decode(
     b, p = input_ids.shape
     pad = pad_token_id if pad_token_id is not None else eos_token_ids[0]
     eos = torch.tensor(eos_token_ids, device=input_ids.device)
-    cache_arg = (
-        "cache" if "cache" in inspect.signature(core.forward).parameters else "past_key_values"
-    )
+    takes = inspect.signature(core.forward).parameters
+    cache_arg = "cache" if "cache" in takes else "past_key_values"
     decoder_config = config.get_text_config(decoder=True)
     if config.is_encoder_decoder:
         start = decoder_start_token_id
@@ -496,11 +499,7 @@ def decode(
         # the response's positions are real tokens: the mask grows by ones
         mask = torch.cat([attention_mask, torch.ones_like(sequences[:, p:])], 1)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        keep = (
-            {"logits_to_keep": 1}
-            if "logits_to_keep" in inspect.signature(core.forward).parameters
-            else {}
-        )
+        keep = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}
         first = p
 
         def forward(t: int) -> torch.Tensor:

@@ -54,6 +54,15 @@ class PolicyOutput:
     entropy: torch.Tensor | None
     logits: torch.Tensor | None = None
 
+    def masked(self, valid_mask: torch.Tensor) -> PolicyOutput:
+        """Log-probs, values and entropy with 0 past each row's end (no logits)."""
+        keep = valid_mask.bool()
+
+        def zeroed(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else torch.where(keep, x, torch.zeros_like(x))
+
+        return PolicyOutput(zeroed(self.logprobs), zeroed(self.values), zeroed(self.entropy))
+
 
 class Policy(torch.nn.Module):
     """A language model with a trainable LoRA adapter, a value head when the estimator has a
@@ -382,14 +391,7 @@ class Policy(torch.nn.Module):
         # (synced_gpus' extra passes append states past the end: only the first t are steps)
         if self.value_head is not None and len(hidden_steps) >= t:
             values = self.value_head(torch.cat(hidden_steps[:t], dim=1).float()).squeeze(-1)
-        zero = torch.zeros_like(logprobs)
-        keep = valid_mask.bool()
-        output = PolicyOutput(
-            torch.where(keep, logprobs, zero),
-            None if values is None else torch.where(keep, values, zero),
-            torch.where(keep, entropy, zero),
-        )
-        return rollout, output, n_truncated
+        return rollout, PolicyOutput(logprobs, values, entropy).masked(valid_mask), n_truncated
 
     def decode(self, response_ids: torch.Tensor, valid_mask: torch.Tensor) -> list[str]:
         lengths = valid_mask.sum(-1).tolist()

@@ -26,6 +26,7 @@ Sources:
 from __future__ import annotations
 
 import functools
+import math
 from typing import Literal
 
 import torch
@@ -375,20 +376,24 @@ def truncated_is_weights(
 
 
 def rollout_mismatch(
-    train_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, valid_mask: torch.Tensor
+    train_logprobs: torch.Tensor,
+    rollout_logprobs: torch.Tensor,
+    valid_mask: torch.Tensor,
+    cap: float,
 ) -> dict[str, torch.Tensor]:
-    """How far the rollout engine's log-probs of the sampled tokens are from training's:
-    `rollout_kl`, the mean over valid tokens of k3 = r - 1 - log r with r = pi_train / pi_rollout
-    (an estimate of KL(pi_rollout || pi_train) per token: the tokens come from pi_rollout, >= 0),
-    and `rollout_max_ratio`, the largest r."""
+    """How far the rollout engine's log-probs of the sampled tokens are from training's, with
+    r = pi_train / pi_rollout per valid token: `rollout_kl`, the mean of k3 = r - 1 - log r (an
+    estimate of KL(pi_rollout || pi_train) per token: the tokens come from pi_rollout, >= 0),
+    `rollout_max_ratio`, the largest r, and `tis_clipped_frac`, the share of tokens whose r is
+    above `cap` (cut by `truncated_is_weights`)."""
     log_ratio = (train_logprobs - rollout_logprobs).detach()
     k3 = torch.expm1(log_ratio) - log_ratio
     valid = valid_mask.bool()
+    largest = torch.exp(log_ratio[valid]).max() if valid.any() else log_ratio.new_ones(())
     return {
         "rollout_kl": masked_mean(k3, valid_mask),
-        "rollout_max_ratio": torch.exp(log_ratio[valid]).max()
-        if valid.any()
-        else log_ratio.new_ones(()),
+        "rollout_max_ratio": largest,
+        "tis_clipped_frac": masked_mean((log_ratio > math.log(cap)).float(), valid_mask),
     }
 
 

@@ -556,8 +556,9 @@ def ppo_step(
     # 4-5. rewards, advantages
     kl_coef = state.kl_ctl.value
     train_scores = train_scores_of(scores, rollout, state, cfg)
-    exp = make_experience(rollout, rollout_out, ref_logprobs, train_scores, kl_coef, cfg, full_kl)
-    exp.is_weights = is_weights
+    exp = make_experience(
+        rollout, rollout_out, ref_logprobs, train_scores, kl_coef, cfg, full_kl, is_weights
+    )
     valid = rollout.valid_mask
     seq_kl = ppo.masked_sum(exp.kl, valid, dim=1)
     state.check_reward_scale(exp.scores, seq_kl, kl_coef, cfg)
@@ -681,22 +682,11 @@ def rollout_correction(
         cfg.tis_cap,
         per_sequence=cfg.loss_aggregation is None,
     )
-    mismatch = {
-        k: v.item()
-        for k, v in ppo.rollout_mismatch(train.logprobs, rollout_out.logprobs, valid).items()
-    }
+    mismatch = ppo.rollout_mismatch(train.logprobs, rollout_out.logprobs, valid, cfg.tis_cap)
+    mismatch = {k: v.item() for k, v in mismatch.items()}
     # the largest over every process (the row's other figures are averaged over them later)
     mismatch["rollout_max_ratio"] = max(distributed.gather_floats([mismatch["rollout_max_ratio"]]))
-    mismatch["tis_clipped_frac"] = ppo.masked_mean(
-        (train.logprobs - rollout_out.logprobs > math.log(cfg.tis_cap)).float(), valid
-    ).item()
-    zero = torch.zeros_like(train.logprobs)
-    keep = valid.bool()
-    corrected = PolicyOutput(
-        torch.where(keep, train.logprobs, zero),
-        None if train.values is None else torch.where(keep, train.values, zero),
-        rollout_out.entropy,
-    )
+    corrected = PolicyOutput(train.logprobs, train.values, rollout_out.entropy).masked(valid)
     return corrected, weights, mismatch
 
 
@@ -718,12 +708,14 @@ def make_experience(
     kl_coef: float,
     cfg: TrainConfig,
     kl: torch.Tensor | None = None,
+    is_weights: torch.Tensor | None = None,
 ) -> Experience:
     """Rewards and advantages of the configured estimator.
 
     `rollout_out` holds the rollout policy's log-probs (and values, with a critic), taken from
     the sampling pass; `ref_logprobs` come from `Policy.reference_logprobs`; `kl` is the exact KL
-    of `full_kl_pass`, else the configured estimator is applied to the two log-probs.
+    of `full_kl_pass`, else the configured estimator is applied to the two log-probs;
+    `is_weights` are `rollout_correction`'s, carried to the update as they are.
     """
     valid = rollout.valid_mask
     old_logprobs, old_values = rollout_out.logprobs, rollout_out.values
@@ -752,6 +744,7 @@ def make_experience(
         advantages,
         returns,
         loss_mask,
+        is_weights,
     )
 
 
