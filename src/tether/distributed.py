@@ -34,6 +34,7 @@ import atexit
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from functools import cache, lru_cache
 from typing import Any, Literal
@@ -61,9 +62,29 @@ def state() -> PartialState:
     Without CUDA (or with `--cpu`) the processes talk over gloo: Accelerate only picks that
     when asked for CPU, and a GPU launch config on a machine without GPUs then still runs.
     """
-    return PartialState(
+    layout = PartialState(
         cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available()
     )
+    if layout.num_processes > 1:
+        atexit.register(_close_process_group)
+    return layout
+
+
+def _close_process_group() -> None:
+    """At exit: destroy the process group, then give the GIL away for a moment.
+
+    Why: a gloo worker thread releases each finished collective's buffers itself, a beat after
+    the collective completes, and when a buffer is a tensor Python made, releasing it takes the
+    GIL. A thread that asks for the GIL once the interpreter has begun to finalise is torn down
+    mid-destructor and the process aborts (SIGABRT, "terminate called without an active
+    exception", a core dump shows `~AsyncAllgatherCoalescedWork` on `ProcessGroupGloo::runLoop`)
+    after the run's work is all done: about one two-process launch in 30 here. Destroying the
+    group does not join those threads (the model's DTensors and DDP still hold the backend), so
+    the sleep is what lets them finish while the interpreter is whole.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    time.sleep(0.05)
 
 
 def world_size() -> int:
