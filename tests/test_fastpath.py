@@ -123,6 +123,46 @@ def test_lean_loop_draws_the_tokens_generate_draws_with_the_same_sampler(tiny_mo
         )
 
 
+@pytest.mark.parametrize("adapter", ["folded", "beside-bf16-layers", "off"])
+def test_llama_step_samples_what_the_models_own_forward_samples(
+    tiny_llama, tiny_t5, monkeypatch, adapter
+):
+    """The lean loop's Llama step (`fastpath.LlamaStep`, every step after the prefill) against
+    the same loop calling the model's own forward: prompts of different lengths (left padding),
+    sampled with top-k, the same seed, so the same tokens, and log-probs, entropy and values to
+    1e-5, for each way the LoRA layers run while sampling: folded into the base weights (the
+    default), beside bf16 rollout layers (`--rollout-dtype bfloat16`: the LoRA wrappers are
+    called) and disabled (the reference)."""
+    policy = _nudged_policy(tiny_llama, True)
+    core = policy.model.get_base_model()
+    assert fastpath.LlamaStep.applies(core, sharded=False)
+    assert not fastpath.LlamaStep.applies(core, sharded=True)  # FSDP2 gathers in module hooks
+    assert not fastpath.LlamaStep.applies(load_model(str(tiny_t5)).model, sharded=False)
+    sampling = SamplingParams(max_new_tokens=10, min_new_tokens=2, temperature=0.9, top_k=20)
+    dtype = "bfloat16" if adapter == "beside-bf16-layers" else "float32"
+    applies, steps = fastpath.LlamaStep.applies, []
+    step = fastpath.LlamaStep.__call__
+    monkeypatch.setattr(fastpath.LlamaStep, "__call__", lambda *a: steps.append(1) or step(*a))
+
+    def sample(lean: bool):
+        monkeypatch.setattr(
+            fastpath.LlamaStep, "applies", staticmethod(applies if lean else lambda *a: False)
+        )
+        torch.manual_seed(0)
+        if adapter == "off":
+            with policy.reference():
+                return policy.generate(PROMPTS, sampling)
+        return policy.generate(PROMPTS, sampling, dtype)
+
+    (theirs, their_out, _), (ours, our_out, _) = sample(lean=False), sample(lean=True)
+    assert len(steps) == ours.response_ids.shape[1] - 1  # every step after the prefill
+    assert torch.equal(ours.response_ids, theirs.response_ids)
+    valid = ours.valid_mask.bool()
+    for name in ("logprobs", "entropy", "values"):
+        x, y = getattr(our_out, name)[valid], getattr(their_out, name)[valid]
+        torch.testing.assert_close(x, y, atol=1e-5, rtol=0, msg=name)
+
+
 def _exact_first_token_probs(model, enc, sampling: SamplingParams, eos: int) -> torch.Tensor:
     """(v,) the first token's distribution as Hugging Face's own processors shape it, from one
     plain forward: EOS banned under min_new_tokens, logits / temperature, top-k, top-p."""

@@ -10,7 +10,9 @@ The fast path, each part measured against its plain alternative, side by side, b
   and the lm_head) through oneDNN's linear on CPU, forward and the input's gradient. Installed
   on the model, so the reference pass and the update take it too, not only decoding.
 - `decode` [loop]: the lean decode loop, a prefill and one token per row per step with a
-  static KV cache [cache], in place of generate().
+  static KV cache [cache], in place of generate(); for a Llama model each step after the
+  prefill is `LlamaStep`, the same layers without the module machinery (the step beside its
+  matmul floor: `benchmarks/ppo_step.py`).
 - `StepSampler` [sampler]: draws each token by inverse CDF and records the chosen token's
   log-prob and the entropy, so no (b, t, v) logits are kept.
 - `folded_lora` [fold]: each LoRA delta added into its base weight while decoding.
@@ -259,27 +261,48 @@ class StepSampler(LogitsProcessor):
 
     def draw(self, input_ids: torch.LongTensor | None, scores: torch.Tensor) -> torch.Tensor:
         """(b, 1) the next token of each row, from (b, v) raw logits; records its log-prob and
-        the entropy."""
-        logits = scores.float() / self.temperature
-        if self.sampling.temperature == self.temperature:
-            draw_from = logits.clone()
+        the entropy.
+
+        The policy's distribution is taken once (log-softmax, exp) and serves the log-prob, the
+        entropy (a row-wise dot product, no (b, v) product tensor) and the draw (the EOS ban
+        zeroes it in place): at 16 x 49k each (b, v) pass costs about as much as a layer's
+        matmul (`benchmarks/cpu_choices.py --only sampler`)."""
+        logits = scores.float()
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        logprobs = torch.log_softmax(logits, -1)
+        probs = logprobs.exp()
+        self.entropy.append(-torch.linalg.vecdot(probs, logprobs).unsqueeze(-1))
+        banned = len(self.logprobs) < self.sampling.min_new_tokens
+        if not self.sampling.do_sample:
+            token = self._warped(input_ids, scores, banned).argmax(-1, keepdim=True)
         else:
-            draw_from = scores.float() / self.sampling.temperature
-        if len(self.logprobs) < self.sampling.min_new_tokens:
-            draw_from[:, self.eos_ids] = -math.inf
-        for warp in self.warpers:
-            draw_from = warp(input_ids, draw_from)
-        if self.sampling.do_sample:
-            # float64 running sum: 49k fp32 probabilities would drift by ~1e-4 at the tail
-            cdf = torch.softmax(draw_from, -1, dtype=torch.float64).cumsum(-1)
+            if self.warpers or self.sampling.temperature != self.temperature:
+                weights = torch.softmax(self._warped(input_ids, scores, banned), -1)
+            else:
+                weights = probs  # the policy's own distribution: no second softmax
+                if banned:
+                    weights[:, self.eos_ids] = 0.0
+            # float64 running sum: 49k fp32 probabilities would drift by ~1e-4 at the tail; the
+            # weights need not sum to 1 (a ban removes some), u is scaled to their total
+            cdf = weights.cumsum(-1, dtype=torch.float64)
             u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
             # right=True: a token with probability 0 owns an empty interval, never drawn
             token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)
-        else:
-            token = draw_from.argmax(-1, keepdim=True)
-        self.logprobs.append(ppo.logprobs_from_logits(logits.unsqueeze(1), token))
-        self.entropy.append(ppo.entropy_from_logits(logits).unsqueeze(-1))
+        self.logprobs.append(logprobs.gather(-1, token))
         return token
+
+    def _warped(
+        self, input_ids: torch.LongTensor | None, scores: torch.Tensor, banned: bool
+    ) -> torch.Tensor:
+        """The logits to draw from at the sampling temperature: EOS banned before
+        min_new_tokens, then top-k / top-p."""
+        logits = scores.float() / self.sampling.temperature
+        if banned:
+            logits[:, self.eos_ids] = -math.inf
+        for warp in self.warpers:
+            logits = warp(input_ids, logits)
+        return logits
 
 
 # ----------------------------------------------------------------------------------------------
@@ -321,6 +344,121 @@ def folded_lora(model: torch.nn.Module) -> Iterator[None]:
         with torch.no_grad():
             for weight, original in saved:
                 weight.copy_(original)
+
+
+# ----------------------------------------------------------------------------------------------
+# one decoding step of a Llama model, without the module machinery
+# ----------------------------------------------------------------------------------------------
+
+
+def _cheapest_call(module: torch.nn.Module) -> Callable:
+    """What computes `module(x)` with the least machinery: a LoRA wrapper whose adapter is off
+    (folded into the base weights, or the reference) is its base layer, and a plain nn.Linear
+    without hooks is its forward (the oneDNN or rollout-dtype one installed on it)."""
+    if isinstance(module, LoraLinear):
+        if not (module.disable_adapters and not module.merged):
+            return module
+        module = module.get_base_layer()
+    hooked = module._forward_hooks or module._forward_pre_hooks
+    return module.forward if type(module) is torch.nn.Linear and not hooked else module
+
+
+def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """LlamaRMSNorm's forward in fp32, op for op."""
+    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))
+
+
+class LlamaStep:
+    """One token per row through a Llama model (SmolLM2's architecture), for the decode loop.
+
+    Why: at 16 rows a decoding step of the Hugging Face forward is ~6,000 small ops for 211
+    matmuls, and their dispatch, the module calls (PEFT's wrappers, decorators, the mask built
+    anew each step) and attention over the static cache cost about 60% on top of the matmuls
+    (`benchmarks/ppo_step.py` prints the step beside that floor). This is the same computation
+    with the same layers: each projection is called as `_cheapest_call` gives it (the folded
+    base layer's oneDNN forward; the LoRA wrapper where the adapter runs beside rollout-dtype
+    layers), norms and rotary as Llama writes them, and attention written out for one query
+    per row with grouped key/value heads; keys and values go into the same static cache the
+    prefill filled. The lm_head is called as a module, so the value head's hook sees its input.
+    tests/test_fastpath.py checks the logits against the model's own forward.
+
+    Applies to an unsharded `LlamaForCausalLM` only (FSDP2 gathers weights in module hooks);
+    every other model decodes through its own forward.
+    """
+
+    def __init__(self, core: torch.nn.Module) -> None:
+        model = core.model
+        self.rotary = model.rotary_emb
+        self.embed, self.head = model.embed_tokens, core.lm_head
+        self.norm = (model.norm.weight, model.norm.variance_epsilon)
+        attention = model.layers[0].self_attn
+        self.heads = core.config.num_attention_heads
+        self.kv_heads = core.config.num_key_value_heads
+        self.head_dim, self.scaling = attention.head_dim, attention.scaling
+        self.layers = []
+        for layer in model.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
+            calls = [_cheapest_call(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)]
+            calls += [_cheapest_call(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+            norms = (n1.weight, n1.variance_epsilon, n2.weight, n2.variance_epsilon)
+            self.layers.append((*norms, *calls, mlp.act_fn))
+
+    @staticmethod
+    def applies(core: torch.nn.Module, sharded: bool) -> bool:
+        from transformers.models.llama import modeling_llama as llama
+
+        if sharded or type(core) is not llama.LlamaForCausalLM:
+            return False
+        return all(
+            type(layer) is llama.LlamaDecoderLayer
+            and type(layer.self_attn) is llama.LlamaAttention
+            and type(layer.mlp) is llama.LlamaMLP
+            for layer in core.model.layers
+        )
+
+    def __call__(
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        cache: StaticCache,
+        at: int,
+        bias: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits (b, v) for one token per row: `ids` and `positions` (b, 1), written at cache
+        index `at`; `bias` (b, 1, 1, L) is 0 where a row may attend and -inf elsewhere."""
+        b, n = ids.shape[0], at + 1
+        heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        # one mask for every layer and kv head: (b * kv_heads, 1, n)
+        bias = bias[..., :n].expand(b, kv_heads, 1, n).reshape(b * kv_heads, 1, n)
+        h = self.embed(ids[:, 0])  # (b, d): one position per row, so no sequence axis
+        cos, sin = self.rotary(h, positions)  # (b, 1, dim): broadcast over the heads
+        for i, (w1, e1, w2, e2, q_proj, k_proj, v_proj, o_proj, gate, up, down, act) in enumerate(
+            self.layers
+        ):
+            x = _rms_norm(h, w1, e1)
+            q = _rotated(q_proj(x).view(b, heads, dim), cos, sin)
+            k = _rotated(k_proj(x).view(b, kv_heads, dim), cos, sin)
+            keys, values = cache.layers[i].keys, cache.layers[i].values
+            keys[:, :, at] = k
+            values[:, :, at] = v_proj(x).view(b, kv_heads, dim)
+            # the positions written so far only; query head j reads key/value head j // groups
+            # (Llama's repeat_kv), so each (row, kv head) is one small batched matmul
+            keys = keys[:, :, :n].reshape(b * kv_heads, n, dim)
+            values = values[:, :, :n].reshape(b * kv_heads, n, dim)
+            q = q.view(b * kv_heads, heads // kv_heads, dim)
+            weights = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=self.scaling).softmax(-1)
+            h = h + o_proj(torch.bmm(weights, values).view(b, heads * dim))
+            x = _rms_norm(h, w2, e2)
+            h = h + down(act(gate(x)) * up(x))
+        # (b, 1, d) into the lm_head: its hook keeps the last position for the value head
+        return self.head(_rms_norm(h, *self.norm).unsqueeze(1))[:, -1]
+
+
+def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Llama's rotary embedding of (b, heads, dim) at one position (its apply_rotary_pos_emb)."""
+    half = x.shape[-1] // 2
+    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
 
 # ----------------------------------------------------------------------------------------------
@@ -501,10 +639,18 @@ def decode(
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         keep = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}
         first = p
+        lean = LlamaStep(core) if LlamaStep.applies(core, sharded) else None
+        if lean is not None:
+            blocked = torch.zeros(b, 1, 1, mask.shape[1], device=mask.device)
+            blocked.masked_fill_(mask[:, None, None, :] == 0, float("-inf"))
+            index = torch.arange(mask.shape[1], device=mask.device)
 
         def forward(t: int) -> torch.Tensor:
             # step 0 is the prefill of the prompt, step t > 0 feeds the token drawn at t - 1
             lo = 0 if t == 0 else p + t - 1
+            if t > 0 and lean is not None:
+                bias = blocked.masked_fill(index > lo, float("-inf"))
+                return lean(sequences[:, lo : lo + 1], positions[:, lo : lo + 1], cache, lo, bias)
             return run(
                 input_ids=sequences[:, lo : p + t],
                 attention_mask=mask[:, : p + t],
