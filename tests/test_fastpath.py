@@ -138,6 +138,8 @@ def test_llama_step_samples_what_the_models_own_forward_samples(
     assert fastpath.LlamaStep.applies(core, sharded=False)
     assert not fastpath.LlamaStep.applies(core, sharded=True)  # FSDP2 gathers in module hooks
     assert not fastpath.LlamaStep.applies(load_model(str(tiny_t5)).model, sharded=False)
+    bf16 = load_model(str(tiny_llama), dtype="bfloat16").model
+    assert not fastpath.LlamaStep.applies(bf16, sharded=False)
     sampling = SamplingParams(max_new_tokens=10, min_new_tokens=2, temperature=0.9, top_k=20)
     dtype = "bfloat16" if adapter == "beside-bf16-layers" else "float32"
     applies, steps = fastpath.LlamaStep.applies, []

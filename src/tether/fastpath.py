@@ -382,8 +382,8 @@ class LlamaStep:
     prefill filled. The lm_head is called as a module, so the value head's hook sees its input.
     tests/test_fastpath.py checks the logits against the model's own forward.
 
-    Applies to an unsharded `LlamaForCausalLM` only (FSDP2 gathers weights in module hooks);
-    every other model decodes through its own forward.
+    Applies to an unsharded fp32 `LlamaForCausalLM` only (FSDP2 gathers weights in module
+    hooks); every other model decodes through its own forward.
     """
 
     def __init__(self, core: torch.nn.Module) -> None:
@@ -410,6 +410,8 @@ class LlamaStep:
 
         if sharded or type(core) is not llama.LlamaForCausalLM:
             return False
+        if core.model.embed_tokens.weight.dtype != torch.float32:
+            return False  # Llama's norms compute in fp32 inside a bf16/fp16 model; these do not
         return all(
             type(layer) is llama.LlamaDecoderLayer
             and type(layer.self_attn) is llama.LlamaAttention
