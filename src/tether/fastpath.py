@@ -387,8 +387,10 @@ class LlamaStep:
     """
 
     def __init__(self, core: torch.nn.Module) -> None:
+        from transformers.models.llama.modeling_llama import rotate_half
+
         model = core.model
-        self.rotary = model.rotary_emb
+        self.rotary, self.rotate_half = model.rotary_emb, rotate_half
         self.embed, self.head = model.embed_tokens, core.lm_head
         self.norm = (model.norm.weight, model.norm.variance_epsilon)
         attention = model.layers[0].self_attn
@@ -425,22 +427,26 @@ class LlamaStep:
         positions: torch.Tensor,
         cache: StaticCache,
         at: int,
-        bias: torch.Tensor,
+        padding: torch.Tensor,
     ) -> torch.Tensor:
         """Logits (b, v) for one token per row: `ids` and `positions` (b, 1), written at cache
-        index `at`; `bias` (b, 1, 1, L) is 0 where a row may attend and -inf elsewhere."""
+        index `at`; `padding` (b, 1, 1, L) is 0 at each row's real positions and -inf at its
+        left padding. Only positions up to `at` are read: that is the causal mask."""
         b, n = ids.shape[0], at + 1
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
         # one mask for every layer and kv head: (b * kv_heads, 1, n)
-        bias = bias[..., :n].expand(b, kv_heads, 1, n).reshape(b * kv_heads, 1, n)
+        bias = padding[..., :n].expand(b, kv_heads, 1, n).reshape(b * kv_heads, 1, n)
         h = self.embed(ids[:, 0])  # (b, d): one position per row, so no sequence axis
         cos, sin = self.rotary(h, positions)  # (b, 1, dim): broadcast over the heads
         for i, (w1, e1, w2, e2, q_proj, k_proj, v_proj, o_proj, gate, up, down, act) in enumerate(
             self.layers
         ):
             x = _rms_norm(h, w1, e1)
-            q = _rotated(q_proj(x).view(b, heads, dim), cos, sin)
-            k = _rotated(k_proj(x).view(b, kv_heads, dim), cos, sin)
+            q = q_proj(x).view(b, heads, dim)
+            k = k_proj(x).view(b, kv_heads, dim)
+            # Llama's apply_rotary_pos_emb, at one position: no unsqueeze of cos and sin
+            q = q * cos + self.rotate_half(q) * sin
+            k = k * cos + self.rotate_half(k) * sin
             keys, values = cache.layers[i].keys, cache.layers[i].values
             keys[:, :, at] = k
             values[:, :, at] = v_proj(x).view(b, kv_heads, dim)
@@ -455,12 +461,6 @@ class LlamaStep:
             h = h + down(act(gate(x)) * up(x))
         # (b, 1, d) into the lm_head: its hook keeps the last position for the value head
         return self.head(_rms_norm(h, *self.norm).unsqueeze(1))[:, -1]
-
-
-def _rotated(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Llama's rotary embedding of (b, heads, dim) at one position (its apply_rotary_pos_emb)."""
-    half = x.shape[-1] // 2
-    return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
 
 # ----------------------------------------------------------------------------------------------
@@ -643,16 +643,16 @@ def decode(
         first = p
         lean = LlamaStep(core) if LlamaStep.applies(core, sharded) else None
         if lean is not None:
-            blocked = torch.zeros(b, 1, 1, mask.shape[1], device=mask.device)
-            blocked.masked_fill_(mask[:, None, None, :] == 0, float("-inf"))
-            index = torch.arange(mask.shape[1], device=mask.device)
+            padding = torch.zeros(b, 1, 1, mask.shape[1], device=mask.device)
+            padding.masked_fill_(mask[:, None, None, :] == 0, float("-inf"))
 
         def forward(t: int) -> torch.Tensor:
             # step 0 is the prefill of the prompt, step t > 0 feeds the token drawn at t - 1
             lo = 0 if t == 0 else p + t - 1
             if t > 0 and lean is not None:
-                bias = blocked.masked_fill(index > lo, float("-inf"))
-                return lean(sequences[:, lo : lo + 1], positions[:, lo : lo + 1], cache, lo, bias)
+                return lean(
+                    sequences[:, lo : lo + 1], positions[:, lo : lo + 1], cache, lo, padding
+                )
             return run(
                 input_ids=sequences[:, lo : p + t],
                 attention_mask=mask[:, : p + t],
