@@ -239,6 +239,48 @@ def test_both_paths_draw_from_the_same_distribution(tiny_model, sampling):
         assert (freq - wrong).abs().max() > 0.02, (fast, (freq - wrong).abs().max())
 
 
+@pytest.mark.parametrize("vocab", [49152, 32128, 300, 7])  # SmolLM2's, T5's, and not 256s
+def test_inverse_cdf_draws_the_token_one_running_sum_over_the_row_draws(vocab):
+    """`fastpath.inverse_cdf` (the block's sum, then the token in the block) against the one
+    float64 running sum over the whole row it replaces, on the same uniforms: the same token
+    for each of 3,200 draws from peaked distributions with zeroed (banned) tokens, none of
+    which is ever drawn; and where float rounding leaves u past a block's running sum."""
+    torch.manual_seed(0)
+    for _ in range(200):
+        weights = torch.softmax(torch.randn(16, vocab) * 4, -1)
+        weights[:, torch.randint(0, vocab, (3,))] = 0.0
+        uniform = torch.rand(16, 1, dtype=torch.float64)
+        cdf = weights.cumsum(-1, dtype=torch.float64)
+        theirs = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp(max=vocab - 1)
+        ours = fastpath.inverse_cdf(weights, uniform)
+        assert torch.equal(ours, theirs)
+        assert (weights.gather(-1, ours) > 0).all()
+    # a block whose own sum (vectorised) exceeds its running sum (1 + 2^-54 rounds to 1): u
+    # past the running sum's end draws the block's last token of positive weight, not a
+    # banned token behind it, nor one past the block
+    weights = torch.zeros(1, 256)
+    weights[0, 0], weights[0, 1:255] = 1.0, 2.0**-54
+    top = torch.nextafter(
+        torch.ones(1, 1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+    )
+    assert fastpath.inverse_cdf(weights, top).item() == 254
+    assert fastpath.inverse_cdf(weights, top * 0.99).item() == 0
+
+
+def test_the_llama_steps_norm_is_llamas_bit_for_bit():
+    """LlamaStep's norm (`fastpath._rms_norm`, torch's rms_norm) against LlamaRMSNorm's own
+    forward: equal bit for bit at activations of very different scales."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(576, eps=1e-5)
+    with torch.no_grad():
+        norm.weight.normal_()
+    for scale in (1e-3, 1.0, 30.0, 1e3):
+        h = torch.randn(16, 576) * scale
+        assert torch.equal(fastpath._rms_norm(norm, h), norm(h)), scale
+
+
 def test_folded_lora_gives_the_adapters_logits_and_restores_the_base_bit_for_bit(tiny_model):
     """Inside `folded_lora` the plain layers with B A * scale added compute what LoRA's own
     layers did (to 1e-5); afterwards every base weight is bit-for-bit what it was. With the

@@ -11,8 +11,8 @@ The fast path, each part measured against its plain alternative, side by side, b
   on the model, so the reference pass and the update take it too, not only decoding.
 - `decode` [loop]: the lean decode loop, a prefill and one token per row per step with a
   static KV cache [cache], in place of generate(); for a Llama model each step after the
-  prefill is `LlamaStep`, the same layers without the module machinery (the step beside its
-  matmul floor: `benchmarks/ppo_step.py`).
+  prefill is `LlamaStep`, the same layers without the module machinery, over key/value
+  buffers of its own (the step beside its matmul floor: `benchmarks/ppo_step.py`).
 - `StepSampler` [sampler]: draws each token by inverse CDF and records the chosen token's
   log-prob and the entropy, so no (b, t, v) logits are kept.
 - `folded_lora` [fold]: each LoRA delta added into its base weight while decoding.
@@ -42,6 +42,8 @@ from dataclasses import dataclass
 import torch
 from peft.tuners.lora import Linear as LoraLinear
 from transformers import (
+    Cache,
+    DynamicCache,
     EncoderDecoderCache,
     GenerationConfig,
     LogitsProcessor,
@@ -193,6 +195,11 @@ class RolloutWeights:
     exact, in fp32), norms, attention, the sampler. `float32` swaps nothing. The mismatch this
     leaves between rollout and training log-probs is measured and corrected in the update
     (tether.ppo.truncated_is_weights).
+
+    Under FSDP2 every process holds the whole of these layers (gathered once, then converted:
+    int8 is a quarter of the fp32 layers, bf16 a half), as a rollout engine holds its own copy;
+    FSDP2 still gathers each block's fp32 shards for the block's forward (its hooks run around
+    the whole block), so sharded sampling takes the rollout numerics without their speed.
     """
 
     def __init__(self, model: torch.nn.Module, dtype: str) -> None:
@@ -207,8 +214,10 @@ class RolloutWeights:
         with torch.no_grad():
             for module in frozen_linears(model):
                 if module.weight.dtype == torch.float32:
-                    bias = None if module.bias is None else module.bias.detach()
-                    self.forwards[module] = ROLLOUT_LAYERS[dtype](module.weight.detach(), bias)
+                    # FSDP2: each process gathers the whole layer (every process, in module order)
+                    weight = distributed.full(module.weight.detach())
+                    bias = None if module.bias is None else distributed.full(module.bias.detach())
+                    self.forwards[module] = ROLLOUT_LAYERS[dtype](weight, bias)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -228,6 +237,38 @@ class RolloutWeights:
 # ----------------------------------------------------------------------------------------------
 # the sampler
 # ----------------------------------------------------------------------------------------------
+
+CDF_BLOCK = 256
+
+
+def inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+    """(b, 1) for each row of (b, v) non-negative `weights`, the token whose interval of the
+    running sum holds `uniform` (b, 1) in [0, 1) times the row's total: a draw from the weights
+    normalised (they need not sum to 1: a ban zeroes some). A token of weight 0 owns an empty
+    interval and is never drawn.
+
+    In two levels: the running sum of the blocks' sums (`CDF_BLOCK` tokens each) picks the
+    block, the running sum inside that one block picks the token. Sums in float64 (49k fp32
+    probabilities summed in fp32 drift by ~1e-4 at the tail). One running sum over the whole
+    row in float64 draws the same tokens (tests/test_fastpath.py) but converts and scans all
+    of it into a fresh (b, v) float64 tensor: 0.8 ms a step in a profile of SmolLM2's decoding
+    (16 x 49k); this, 0.2 ms with the logits in cache, 0.5 ms without."""
+    b, v = weights.shape
+    pad = -v % CDF_BLOCK
+    if pad:
+        weights = torch.nn.functional.pad(weights, (0, pad))
+    blocks = weights.view(b, -1, CDF_BLOCK)
+    ends = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # (b, blocks): where each block ends
+    u = uniform * ends[:, -1:]
+    # right=True: the first block that ends beyond u (an empty block ends where it starts)
+    block = torch.searchsorted(ends, u, right=True).clamp_(max=ends.shape[1] - 1)
+    start = torch.where(block > 0, ends.gather(-1, (block - 1).clamp(min=0)), 0.0)
+    inside = blocks.gather(1, block[..., None].expand(b, 1, CDF_BLOCK)).squeeze(1)
+    token = torch.searchsorted(inside.cumsum(-1, dtype=torch.float64), u - start, right=True)
+    # u - start can round to the block's own sum, past its last interval: the block's last
+    # token of positive weight is then the one drawn
+    last = CDF_BLOCK - 1 - (inside > 0).flip(-1).int().argmax(-1, keepdim=True)
+    return block * CDF_BLOCK + torch.minimum(token, last)
 
 
 class StepSampler(LogitsProcessor):
@@ -254,6 +295,19 @@ class StepSampler(LogitsProcessor):
             self.warpers.append(TopPLogitsWarper(sampling.top_p))
         self.logprobs: list[torch.Tensor] = []  # per step, (b, 1)
         self.entropy: list[torch.Tensor] = []
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def _buffer(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None):
+        """A (b, v) scratch tensor for this sampler's steps, allocated once: at 16 x 49k a
+        fresh one each step can cost more than the op that fills it (glibc hands buffers this
+        large back to the OS and maps them anew, a page fault per 4 KB). Measured in SmolLM2's
+        decoding, 16 rows, 9 rollouts each: 2.1-8.8 ms a draw with fresh tensors, 1.6-2.2 ms
+        with these."""
+        dtype = dtype or like.dtype
+        buffer = self.buffers.get(name)
+        if buffer is None or buffer.shape != like.shape or buffer.dtype != dtype:
+            buffer = self.buffers[name] = like.new_empty(like.shape, dtype=dtype)
+        return buffer
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         token = self.draw(input_ids, scores)
@@ -269,9 +323,9 @@ class StepSampler(LogitsProcessor):
         matmul (`benchmarks/cpu_choices.py --only sampler`)."""
         logits = scores.float()
         if self.temperature != 1.0:
-            logits = logits / self.temperature
-        logprobs = torch.log_softmax(logits, -1)
-        probs = logprobs.exp()
+            logits = torch.div(logits, self.temperature, out=self._buffer("logits", logits))
+        logprobs = torch.ops.aten.log_softmax.int_out(logits, -1, out=self._buffer("lp", logits))
+        probs = torch.exp(logprobs, out=self._buffer("probs", logits))
         self.entropy.append(-torch.linalg.vecdot(probs, logprobs).unsqueeze(-1))
         banned = len(self.logprobs) < self.sampling.min_new_tokens
         if not self.sampling.do_sample:
@@ -283,12 +337,8 @@ class StepSampler(LogitsProcessor):
                 weights = probs  # the policy's own distribution: no second softmax
                 if banned:
                     weights[:, self.eos_ids] = 0.0
-            # float64 running sum: 49k fp32 probabilities would drift by ~1e-4 at the tail; the
-            # weights need not sum to 1 (a ban removes some), u is scaled to their total
-            cdf = weights.cumsum(-1, dtype=torch.float64)
-            u = torch.rand(cdf.shape[0], 1, dtype=torch.float64, device=cdf.device) * cdf[:, -1:]
-            # right=True: a token with probability 0 owns an empty interval, never drawn
-            token = torch.searchsorted(cdf, u, right=True).clamp_(max=cdf.shape[1] - 1)
+            uniform = torch.rand(weights.shape[0], 1, dtype=torch.float64, device=weights.device)
+            token = inverse_cdf(weights, uniform)
         self.logprobs.append(logprobs.gather(-1, token))
         return token
 
@@ -363,9 +413,10 @@ def _cheapest_call(module: torch.nn.Module) -> Callable:
     return module.forward if type(module) is torch.nn.Linear and not hooked else module
 
 
-def _rms_norm(h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """LlamaRMSNorm's forward in fp32, op for op."""
-    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps))
+def _rms_norm(norm: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
+    """LlamaRMSNorm's forward on fp32 `h`, in one call: torch's rms_norm runs the same ops
+    (equal bit for bit: tests/test_fastpath.py)."""
+    return torch.nn.functional.rms_norm(h, h.shape[-1:], norm.weight, norm.variance_epsilon)
 
 
 class LlamaStep:
@@ -377,34 +428,42 @@ class LlamaStep:
     (`benchmarks/ppo_step.py` prints the step beside that floor). This is the same computation
     with the same layers: each projection is called as `_cheapest_call` gives it (the folded
     base layer's oneDNN forward; the LoRA wrapper where the adapter runs beside rollout-dtype
-    layers), norms and rotary as Llama writes them, and attention written out for one query
-    per row with grouped key/value heads; keys and values go into the same static cache the
-    prefill filled. The lm_head is called as a module, so the value head's hook sees its input.
-    tests/test_fastpath.py checks the logits against the model's own forward.
+    layers), norms (`F.rms_norm`) and rotary as Llama computes them, and attention written out
+    for one query per row with grouped key/value heads. The lm_head is called as a module, so
+    the value head's hook sees its input. tests/test_fastpath.py checks the sampled tokens,
+    log-probs and values against the loop through the model's own forward.
+
+    It holds the keys and values itself, taken over from the prefill's cache: the keys
+    transposed, (b * kv_heads, head_dim, length), so that a query's scores are a plain matmul
+    against them (against keys laid out as the cache lays them out, the transposed operand
+    costs ~1.5x as much: memory-bound, ~1 MB a layer and step); never-written positions are
+    never read, so the buffers are not zero-filled.
 
     Applies to an unsharded fp32 `LlamaForCausalLM` only (FSDP2 gathers weights in module
     hooks); every other model decodes through its own forward.
     """
 
-    def __init__(self, core: torch.nn.Module) -> None:
-        from transformers.models.llama.modeling_llama import rotate_half
-
+    def __init__(self, core: torch.nn.Module, prefilled: Cache, length: int) -> None:
         model = core.model
-        self.rotary, self.rotate_half = model.rotary_emb, rotate_half
+        self.rotary = model.rotary_emb
         self.embed, self.head = model.embed_tokens, core.lm_head
-        self.norm = (model.norm.weight, model.norm.variance_epsilon)
+        self.norm = model.norm
         attention = model.layers[0].self_attn
         self.heads = core.config.num_attention_heads
         self.kv_heads = core.config.num_key_value_heads
         self.head_dim, self.scaling = attention.head_dim, attention.scaling
         self.layers = []
-        for layer in model.layers:
+        for layer, cached in zip(model.layers, prefilled.layers, strict=True):
             a, mlp = layer.self_attn, layer.mlp
-            n1, n2 = layer.input_layernorm, layer.post_attention_layernorm
             calls = [_cheapest_call(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)]
             calls += [_cheapest_call(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
-            norms = (n1.weight, n1.variance_epsilon, n2.weight, n2.variance_epsilon)
-            self.layers.append((*norms, *calls, mlp.act_fn))
+            b, h, p, d = cached.keys.shape
+            keys = cached.keys.new_empty(b * h, d, length)
+            keys[:, :, :p] = cached.keys.reshape(b * h, p, d).transpose(1, 2)
+            values = cached.values.new_empty(b * h, length, d)
+            values[:, :p] = cached.values.reshape(b * h, p, d)
+            norms = (layer.input_layernorm, layer.post_attention_layernorm)
+            self.layers.append((*norms, *calls, mlp.act_fn, keys, values))
 
     @staticmethod
     def applies(core: torch.nn.Module, sharded: bool) -> bool:
@@ -418,49 +477,58 @@ class LlamaStep:
             type(layer) is llama.LlamaDecoderLayer
             and type(layer.self_attn) is llama.LlamaAttention
             and type(layer.mlp) is llama.LlamaMLP
+            and type(layer.input_layernorm) is llama.LlamaRMSNorm
+            and type(layer.post_attention_layernorm) is llama.LlamaRMSNorm
             for layer in core.model.layers
         )
 
     def __call__(
-        self,
-        ids: torch.Tensor,
-        positions: torch.Tensor,
-        cache: StaticCache,
-        at: int,
-        padding: torch.Tensor,
+        self, ids: torch.Tensor, positions: torch.Tensor, at: int, padding: torch.Tensor
     ) -> torch.Tensor:
-        """Logits (b, v) for one token per row: `ids` and `positions` (b, 1), written at cache
-        index `at`; `padding` (b, 1, 1, L) is 0 at each row's real positions and -inf at its
+        """Logits (b, v) for one token per row: `ids` and `positions` (b, 1), written at
+        position `at`; `padding` (b, 1, 1, L) is 0 at each row's real positions and -inf at its
         left padding. Only positions up to `at` are read: that is the causal mask."""
         b, n = ids.shape[0], at + 1
         heads, kv_heads, dim = self.heads, self.kv_heads, self.head_dim
+        rows, half = b * kv_heads, dim // 2
         # one mask for every layer and kv head: (b * kv_heads, 1, n)
-        bias = padding[..., :n].expand(b, kv_heads, 1, n).reshape(b * kv_heads, 1, n)
+        bias = padding[..., :n].expand(b, kv_heads, 1, n).reshape(rows, 1, n)
         h = self.embed(ids[:, 0])  # (b, d): one position per row, so no sequence axis
-        cos, sin = self.rotary(h, positions)  # (b, 1, dim): broadcast over the heads
-        for i, (w1, e1, w2, e2, q_proj, k_proj, v_proj, o_proj, gate, up, down, act) in enumerate(
-            self.layers
-        ):
-            x = _rms_norm(h, w1, e1)
-            q = q_proj(x).view(b, heads, dim)
-            k = k_proj(x).view(b, kv_heads, dim)
-            # Llama's apply_rotary_pos_emb, at one position: no unsqueeze of cos and sin
-            q = q * cos + self.rotate_half(q) * sin
-            k = k * cos + self.rotate_half(k) * sin
-            keys, values = cache.layers[i].keys, cache.layers[i].values
-            keys[:, :, at] = k
-            values[:, :, at] = v_proj(x).view(b, kv_heads, dim)
-            # the positions written so far only; query head j reads key/value head j // groups
-            # (Llama's repeat_kv), so each (row, kv head) is one small batched matmul
-            keys = keys[:, :, :n].reshape(b * kv_heads, n, dim)
-            values = values[:, :, :n].reshape(b * kv_heads, n, dim)
-            q = q.view(b * kv_heads, heads // kv_heads, dim)
-            weights = torch.baddbmm(bias, q, keys.transpose(1, 2), alpha=self.scaling).softmax(-1)
-            h = h + o_proj(torch.bmm(weights, values).view(b, heads * dim))
-            x = _rms_norm(h, w2, e2)
+        cos, sin = self.rotary(h, positions)  # (b, 1, dim)
+        # Llama's q * cos + rotate_half(q) * sin with rotate_half(q) = (-q2, q1), as
+        # flip(q1, q2) * (-sin1, sin2): the same products, bit for bit, in one op instead of four
+        cos = cos.view(b, 1, 2, half)
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], -1).view(b, 1, 2, half)
+        for (
+            n1,
+            n2,
+            q_proj,
+            k_proj,
+            v_proj,
+            o_proj,
+            gate,
+            up,
+            down,
+            act,
+            keys,
+            values,
+        ) in self.layers:
+            x = _rms_norm(n1, h)
+            q = q_proj(x).view(b, heads, 2, half)
+            k = k_proj(x).view(b, kv_heads, 2, half)
+            q = q * cos + q.flip(-2) * sin
+            k = k * cos + k.flip(-2) * sin
+            keys[:, :, at] = k.view(rows, dim)
+            values[:, at] = v_proj(x).view(rows, dim)
+            # query head j reads key/value head j // groups (Llama's repeat_kv), so each
+            # (row, kv head) is one small batched matmul over the positions written so far
+            q = q.view(rows, heads // kv_heads, dim)
+            weights = torch.baddbmm(bias, q, keys[:, :, :n], alpha=self.scaling).softmax(-1)
+            h = h + o_proj(torch.bmm(weights, values[:, :n]).view(b, heads * dim))
+            x = _rms_norm(n2, h)
             h = h + down(act(gate(x)) * up(x))
         # (b, 1, d) into the lm_head: its hook keeps the last position for the value head
-        return self.head(_rms_norm(h, *self.norm).unsqueeze(1))[:, -1]
+        return self.head(_rms_norm(self.norm, h).unsqueeze(1))[:, -1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -575,8 +643,9 @@ def decode(
     sharded: bool = False,
 ) -> Sampled:
     """The lean decode loop: a prefill, then one forward of one token per row per step with a
-    static KV cache, the sampler's draw, and nothing else; it stops when every row has drawn an
-    EOS (under `sharded`, every row of every process) or after `max_new_tokens`.
+    static KV cache (for Llama, `LlamaStep`'s own, filled from the prefill's), the sampler's
+    draw, and nothing else; it stops when every row has drawn an EOS (under `sharded`, every
+    row of every process) or after `max_new_tokens`.
 
     It does what generate() does with greedy decoding over the sampler's scores, the same
     forward passes and the same tokens (tests/test_fastpath.py compares the two), without
@@ -626,7 +695,11 @@ def decode(
             return out.logits[:, -1]
 
     else:
-        cache = StaticCache(config=decoder_config, max_cache_len=p + max_new_tokens)
+        lean = LlamaStep.applies(core, sharded)
+        # LlamaStep takes the keys and values over from a prefill that attends over the prompt
+        # alone; the model's own forward decodes with a static cache of the whole length
+        length = p + max_new_tokens
+        cache = DynamicCache() if lean else StaticCache(config=decoder_config, max_cache_len=length)
         sequences = torch.cat(
             [
                 input_ids,
@@ -641,18 +714,19 @@ def decode(
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         keep = {"logits_to_keep": 1} if "logits_to_keep" in takes else {}
         first = p
-        lean = LlamaStep(core) if LlamaStep.applies(core, sharded) else None
-        if lean is not None:
-            padding = torch.zeros(b, 1, 1, mask.shape[1], device=mask.device)
+        step = None  # the LlamaStep, built from the prefill's cache
+        if lean:
+            padding = torch.zeros(b, 1, 1, length, device=mask.device)
             padding.masked_fill_(mask[:, None, None, :] == 0, float("-inf"))
 
         def forward(t: int) -> torch.Tensor:
+            nonlocal step, cache
             # step 0 is the prefill of the prompt, step t > 0 feeds the token drawn at t - 1
             lo = 0 if t == 0 else p + t - 1
-            if t > 0 and lean is not None:
-                return lean(
-                    sequences[:, lo : lo + 1], positions[:, lo : lo + 1], cache, lo, padding
-                )
+            if t > 0 and lean:
+                if step is None:
+                    step, cache = LlamaStep(core, cache, length), None  # it holds the cache now
+                return step(sequences[:, lo : lo + 1], positions[:, lo : lo + 1], lo, padding)
             return run(
                 input_ids=sequences[:, lo : p + t],
                 attention_mask=mask[:, : p + t],
