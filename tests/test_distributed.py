@@ -112,12 +112,17 @@ def _run_driver(tmp_path: Path, config: Path, cfg: dict) -> tuple[list[dict], st
 
 @needs_launcher
 @pytest.mark.parametrize(
-    "estimator",
-    [{}, {"advantage": "grpo", "group_size": 2, "kl_estimator": "full"}],
-    ids=["gae", "grpo-full-kl-in-loss"],
+    "engine, estimator",
+    [
+        ("ddp", {}),
+        ("ddp", {"advantage": "grpo", "group_size": 2, "kl_estimator": "full"}),
+        # sampled from int8 layers: each process quantizes its own gathered copy of the shards
+        ("fsdp2", {"advantage": "grpo", "group_size": 2, "rollout_dtype": "int8"}),
+    ],
+    ids=["gae", "grpo-full-kl-in-loss", "fsdp2-grpo-int8-rollouts"],
 )
 def test_two_processes_train_the_same_weights_and_rank0_alone_writes(
-    tiny_llama, prompts_file, reward_file, tmp_path, estimator
+    tiny_llama, prompts_file, reward_file, tmp_path, engine, estimator
 ):
     run = tmp_path / "run"
     cfg = {
@@ -138,9 +143,9 @@ def test_two_processes_train_the_same_weights_and_rank0_alone_writes(
         "progress": False,
         **estimator,
     }
-    ranks, _ = _run_driver(tmp_path, DDP_CONFIG, cfg)
+    ranks, _ = _run_driver(tmp_path, ENGINES[engine], cfg)
     assert [info["world"] for info in ranks] == [2, 2]
-    assert [info["engine"] for info in ranks] == ["ddp", "ddp"]
+    assert [info["engine"] for info in ranks] == [engine, engine]
     w0, w1 = (load_file(tmp_path / f"rank{r}.safetensors") for r in (0, 1))
     assert w0.keys() == w1.keys() and len(w0) > 2
     assert all(torch.equal(w0[k], w1[k]) for k in w0)  # gradients were averaged, bit for bit
@@ -152,6 +157,9 @@ def test_two_processes_train_the_same_weights_and_rank0_alone_writes(
 
     assert [shared(r) for r in ranks[0]["rows"]] == [shared(r) for r in ranks[1]["rows"]]
     assert len({row["kl_coef"] for row in ranks[0]["rows"]}) > 1
+    if "rollout_dtype" in estimator:  # the mismatch of int8 sampling, measured every step
+        assert all(0 < row["rollout_kl"] < 1.0 for row in ranks[0]["rows"])
+        assert all(row["rollout_max_ratio"] > 1 for row in ranks[0]["rows"])
     # rank 0 wrote the run directory once: 3 metric rows, not 6; rank 1 wrote nothing there
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [0, 1, 2]

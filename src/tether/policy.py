@@ -345,11 +345,10 @@ class Policy(torch.nn.Module):
         """
         weights = None
         if rollout_dtype != "float32":
-            if self.engine == "fsdp2" or not self.fast_path:
-                why = "FSDP2 shards" if self.engine == "fsdp2" else "TETHER_FAST_PATH=0 turns off"
+            if not self.fast_path:
                 raise TetherError(
                     f"--rollout-dtype {rollout_dtype} samples from a whole copy of the weights in "
-                    f"the fast path, which {why}: use --rollout-dtype float32"
+                    "the fast path, which TETHER_FAST_PATH=0 turns off: use --rollout-dtype float32"
                 )
             if rollout_dtype not in self._rollout_weights:
                 self._rollout_weights[rollout_dtype] = fastpath.RolloutWeights(
