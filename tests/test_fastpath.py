@@ -265,6 +265,8 @@ def test_inverse_cdf_draws_the_token_one_running_sum_over_the_row_draws(vocab):
     )
     assert fastpath.inverse_cdf(weights, top).item() == 254
     assert fastpath.inverse_cdf(weights, top * 0.99).item() == 0
+    # NaN weights (a poisoned model, which the guard then stops) still give a token id
+    assert 0 <= fastpath.inverse_cdf(weights[:, :7] * torch.nan, top).item() < 7
 
 
 def test_the_llama_steps_norm_is_llamas_bit_for_bit():

@@ -268,7 +268,8 @@ def inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     # u - start can round to the block's own sum, past its last interval: the block's last
     # token of positive weight is then the one drawn
     last = CDF_BLOCK - 1 - (inside > 0).flip(-1).int().argmax(-1, keepdim=True)
-    return block * CDF_BLOCK + torch.minimum(token, last)
+    # non-finite weights (a poisoned model; the guard stops the run) still give a real token
+    return (block * CDF_BLOCK + torch.minimum(token, last)).clamp_(max=v - 1)
 
 
 class StepSampler(LogitsProcessor):
