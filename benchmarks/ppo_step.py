@@ -89,10 +89,12 @@ class FlopCounter:
 def decoding(policy, prompts: list[str], sampling, rollout_dtype: str, repeat: int = 3) -> dict:
     """Milliseconds per decoding step of `Policy.generate` (the lean loop) beside its floors,
     measured here, now: (rollout of 49 tokens - rollout of 1 token) / 48, median of `repeat`;
-    the floor is every frozen linear layer's matmul at the batch's rows, with the kernels the
-    loop runs (`fastpath.frozen_linear`, or the --rollout-dtype layers), the 30 blocks' alone and
-    with the lm_head, and with torch's F.linear for comparison; and the weight bytes read per
-    step against this machine's copy bandwidth (a 2 x weights-sized tensor copy)."""
+    the floor is every frozen linear layer's matmul at the batch's rows, grouped as the loop
+    runs them (one matmul for q/k/v and one for gate/up of a Llama layer), with the kernels the
+    loop runs (`fastpath.frozen_linear`, or the --rollout-dtype layers), the 30 blocks' alone
+    and with the lm_head; and for comparison one layer at a time, and with torch's F.linear; and
+    the weight bytes read per step against this machine's copy bandwidth (a 2 x weights-sized
+    tensor copy)."""
     import torch
 
     from tether import fastpath
@@ -109,13 +111,23 @@ def decoding(policy, prompts: list[str], sampling, rollout_dtype: str, repeat: i
     head = base.get_output_embeddings()
     layers = fastpath.frozen_linears(base)
     cheap = fastpath.RolloutWeights(policy.model, rollout_dtype).forwards
-    xs = [torch.randn(len(prompts), m.in_features) for m in layers]
+    # as the step runs them: one matmul for a group stored as one tensor (q/k/v, gate/up of a
+    # Llama layer: fastpath.fuse_projections), unless rollout-dtype layers run one by one
+    groups = [[m] for m in layers] if cheap else fastpath.matmul_groups(base)
+    xs = [torch.randn(len(prompts), g[0].in_features) for g in groups]
 
-    def matmuls(which, plain: bool = False) -> float:
+    stacked = [fastpath.one_matmul(tuple(g)) for g in groups]
+
+    def matmuls(which, how: str = "step") -> float:
         def run() -> None:
-            for m, x in zip(layers, xs, strict=True):
-                if which(m):
-                    if plain:
+            for group, x, one in zip(groups, xs, stacked, strict=True):
+                if not which(group[0]):
+                    continue
+                if how == "step" and len(group) > 1:
+                    one(x)
+                    continue
+                for m in group:
+                    if how == "flinear":
                         torch.nn.functional.linear(x, m.weight)
                     else:
                         cheap.get(m, m.forward)(x)
@@ -126,7 +138,8 @@ def decoding(policy, prompts: list[str], sampling, rollout_dtype: str, repeat: i
     with torch.no_grad():
         blocks = matmuls(lambda m: m is not head)
         everything = matmuls(lambda m: True)
-        plain = matmuls(lambda m: True, plain=True)
+        one_by_one = matmuls(lambda m: True, how="layers")
+        plain = matmuls(lambda m: True, how="flinear")
     nbytes = sum(_layer_bytes(m, cheap.get(m)) for m in layers)
     big = torch.empty(nbytes // 4, dtype=torch.float32).normal_()
     out = torch.empty_like(big)
@@ -135,6 +148,7 @@ def decoding(policy, prompts: list[str], sampling, rollout_dtype: str, repeat: i
         "decode_ms": 1e3 * statistics.median(steps),
         "floor_blocks_ms": 1e3 * blocks,
         "floor_ms": 1e3 * everything,
+        "floor_layers_ms": 1e3 * one_by_one,
         "floor_flinear_ms": 1e3 * plain,
         "decode_weight_mb": nbytes / 2**20,
         "copy_gbps": 2 * nbytes / copy_s / 1e9,  # bytes read + bytes written per second
@@ -356,7 +370,8 @@ def print_phases(r: dict) -> None:
             f"\ndecoding ({r['rollout_dtype']} rollout layers), {n} rows: {r['decode_ms']:.1f} ms a step; "
             f"floor: the frozen layers' matmuls alone {r['floor_ms']:.1f} ms (blocks "
             f"{r['floor_blocks_ms']:.1f} + lm_head {r['floor_ms'] - r['floor_blocks_ms']:.1f}; "
-            f"torch F.linear fp32 {r['floor_flinear_ms']:.1f}) -> {r['decode_ms'] / r['floor_ms']:.2f}x "
+            f"one layer at a time {r['floor_layers_ms']:.1f}; torch F.linear fp32 "
+            f"{r['floor_flinear_ms']:.1f}) -> {r['decode_ms'] / r['floor_ms']:.2f}x "
             f"the floor; {r['decode_weight_mb']:.0f} MB of weights a step at {r['copy_gbps']:.0f} GB/s "
             f"copy bandwidth = {r['bytes_floor_ms']:.1f} ms"
         )

@@ -1,6 +1,8 @@
 """The CPU fast path against plain Hugging Face sampling (tether.fastpath): the same log-probs
 and entropy for the same tokens, the same sampling distribution, LoRA folding exact."""
 
+import functools
+
 import pytest
 import torch
 from transformers import (
@@ -254,6 +256,10 @@ def test_inverse_cdf_draws_the_token_one_running_sum_over_the_row_draws(vocab):
         theirs = torch.searchsorted(cdf, uniform * cdf[:, -1:], right=True).clamp(max=vocab - 1)
         ours = fastpath.inverse_cdf(weights, uniform)
         assert torch.equal(ours, theirs)
+        # the sampler's float64 scratch for the blocks gives the same draw
+        blocks = (16, -(-vocab // fastpath.CDF_BLOCK), fastpath.CDF_BLOCK)
+        wide = torch.full(blocks, torch.nan, dtype=torch.float64)
+        assert torch.equal(fastpath.inverse_cdf(weights, uniform, wide), theirs)
         assert (weights.gather(-1, ours) > 0).all()
     # a block whose own sum (vectorised) exceeds its running sum (1 + 2^-54 rounds to 1): u
     # past the running sum's end draws the block's last token of positive weight, not a
@@ -281,6 +287,100 @@ def test_the_llama_steps_norm_is_llamas_bit_for_bit():
     for scale in (1e-3, 1.0, 30.0, 1e3):
         h = torch.randn(16, 576) * scale
         assert torch.equal(fastpath._rms_norm(norm, h), norm(h)), scale
+
+
+def _groups(core) -> list[tuple]:
+    return [
+        (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
+        for layer in core.model.layers
+    ] + [(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in core.model.layers]
+
+
+def _base(module):
+    return getattr(module, "base_layer", module)
+
+
+def test_fused_projections_keep_the_model_bit_for_bit(tiny_llama, tiny_t5):
+    """`fastpath.fuse_projections` stores a Llama layer's q/k/v weights as one tensor and
+    gate/up's as one: the same parameters (objects, names, shapes, values) and the same
+    logits bit for bit; LoRA folding writes through the views and restores them; one matmul
+    over a group equals its layers' outputs side by side, and the residual add inside oneDNN's
+    matmul equals the add after it, bit for bit."""
+    model = load_model(str(tiny_llama)).model.eval().requires_grad_(False)  # frozen, as under LoRA
+    ids = torch.tensor([[5, 17, 42, 7, 19, 3]]) % model.config.vocab_size
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    objects = {name: id(p) for name, p in model.named_parameters()}
+    with torch.no_grad():
+        logits = model(ids).logits
+    fastpath.use_onednn_linears(model)
+    fastpath.fuse_projections(model)
+    assert {name: id(p) for name, p in model.named_parameters()} == objects
+    for name, p in model.named_parameters():
+        assert torch.equal(p, before[name]), name
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)
+    sizes = [len(g) for g in fastpath.matmul_groups(model)]
+    assert sizes == [3, 1, 2, 1] * model.config.num_hidden_layers + [1]  # + lm_head
+    x = torch.randn(4, model.config.hidden_size)
+    with torch.no_grad():
+        for group in _groups(model):
+            stacked = fastpath.stacked_weight([_base(m) for m in group])
+            assert stacked is not None and stacked.data_ptr() == group[0].weight.data_ptr()
+            one = fastpath.one_matmul(group)
+            assert isinstance(one, functools.partial)  # the one matmul, not the per-layer path
+            assert torch.equal(one(x), torch.cat([m(x) for m in group], -1))
+        for bias in (False, True):
+            layer = torch.nn.Linear(model.config.hidden_size, 8, bias=bias).requires_grad_(False)
+            fastpath.use_onednn_linears(layer)
+            h = torch.randn(4, 8)
+            assert torch.equal(fastpath._plus(layer)(x, h), h + layer(x)), bias
+    # fusing again is a no-op; a T5 model is left as it is
+    fastpath.fuse_projections(model)
+    assert [len(g) for g in fastpath.matmul_groups(model)] == sizes
+    t5 = load_model(str(tiny_t5)).model.requires_grad_(False)
+    fastpath.fuse_projections(t5)
+    assert {len(g) for g in fastpath.matmul_groups(t5)} == {1}
+
+    policy = _nudged_policy(tiny_llama, True)  # the policy fuses its model
+    core = policy.model.get_base_model()
+    bases = [[_base(m).weight for m in group] for group in _groups(core)]
+    saved = [torch.cat(ws).clone() for ws in bases]
+    with fastpath.folded_lora(policy.model):
+        q_proj = core.model.layers[0].self_attn.q_proj
+        folded = q_proj.base_layer.weight.detach().clone()
+        assert not torch.equal(folded, saved[0][: q_proj.out_features])  # LoRA on q is in
+        stacked = fastpath.stacked_weight([_base(m) for m in _groups(core)[0]])
+        assert torch.equal(stacked[: q_proj.out_features], folded)
+    for ws, original in zip(bases, saved, strict=True):
+        assert torch.equal(torch.cat(ws), original)
+
+
+def test_the_llama_step_over_fused_projections_samples_what_it_samples_over_separate_ones(
+    tiny_llama,
+):
+    """The decoding step with q/k/v and gate/up as one matmul each, the residual adds inside
+    the matmuls and the queries and keys rotated at once, against the same step over the
+    same weights stored one tensor per layer (it then runs each layer and concatenates):
+    the same tokens, log-probs, entropy and values, bit for bit."""
+    policy = _nudged_policy(tiny_llama, True)
+    core = policy.model.get_base_model()
+    sampling = SamplingParams(max_new_tokens=10, min_new_tokens=2, temperature=0.9, top_k=20)
+
+    def sample():
+        torch.manual_seed(0)
+        return policy.generate(PROMPTS, sampling)
+
+    fused, fused_out, _ = sample()
+    with torch.no_grad():
+        for group in _groups(core):
+            for m in group:
+                _base(m).weight.data = _base(m).weight.data.clone()
+    assert {len(g) for g in fastpath.matmul_groups(core)} == {1}
+    assert not isinstance(fastpath.one_matmul(_groups(core)[0]), functools.partial)
+    separate, separate_out, _ = sample()
+    assert torch.equal(fused.response_ids, separate.response_ids)
+    for name in ("logprobs", "entropy", "values"):
+        assert torch.equal(getattr(fused_out, name), getattr(separate_out, name)), name
 
 
 def test_folded_lora_gives_the_adapters_logits_and_restores_the_base_bit_for_bit(tiny_model):

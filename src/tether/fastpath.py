@@ -16,6 +16,8 @@ The fast path, each part measured against its plain alternative, side by side, b
 - `StepSampler` [sampler]: draws each token by inverse CDF and records the chosen token's
   log-prob and the entropy, so no (b, t, v) logits are kept.
 - `folded_lora` [fold]: each LoRA delta added into its base weight while decoding.
+- `fuse_projections`: a Llama layer's q/k/v weights stored as one tensor, and gate/up as one,
+  so that `LlamaStep` runs one matmul for each group (the model's own forward is unchanged).
 
 `RolloutWeights` (`--rollout-dtype`) samples with the frozen layers in bf16 or int8 instead;
 the update then corrects for the mismatch (tether.trainer.rollout_correction).
@@ -241,7 +243,9 @@ class RolloutWeights:
 CDF_BLOCK = 256
 
 
-def inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
+def inverse_cdf(
+    weights: torch.Tensor, uniform: torch.Tensor, wide: torch.Tensor | None = None
+) -> torch.Tensor:
     """(b, 1) for each row of (b, v) non-negative `weights`, the token whose interval of the
     running sum holds `uniform` (b, 1) in [0, 1) times the row's total: a draw from the weights
     normalised (they need not sum to 1: a ban zeroes some). A token of weight 0 owns an empty
@@ -252,13 +256,21 @@ def inverse_cdf(weights: torch.Tensor, uniform: torch.Tensor) -> torch.Tensor:
     probabilities summed in fp32 drift by ~1e-4 at the tail). One running sum over the whole
     row in float64 draws the same tokens (tests/test_fastpath.py) but converts and scans all
     of it into a fresh (b, v) float64 tensor: 0.8 ms a step in a profile of SmolLM2's decoding
-    (16 x 49k); this, 0.2 ms with the logits in cache, 0.5 ms without."""
+    (16 x 49k); this, 0.2 ms with the logits in cache, 0.5 ms without.
+
+    `wide`: a float64 scratch tensor of the blocks' shape, (b, blocks, `CDF_BLOCK`), for the
+    weights converted (the same sums bit for bit as converting into a fresh tensor, which at
+    16 x 49k costs a page fault per 4 KB: `StepSampler` keeps one per rollout)."""
     b, v = weights.shape
     pad = -v % CDF_BLOCK
     if pad:
         weights = torch.nn.functional.pad(weights, (0, pad))
     blocks = weights.view(b, -1, CDF_BLOCK)
-    ends = blocks.sum(-1, dtype=torch.float64).cumsum(-1)  # (b, blocks): where each block ends
+    if wide is None:
+        wide = blocks.to(torch.float64)
+    else:
+        wide.copy_(blocks)
+    ends = wide.sum(-1).cumsum(-1)  # (b, blocks): where each block ends
     u = uniform * ends[:, -1:]
     # right=True: the first block that ends beyond u (an empty block ends where it starts)
     block = torch.searchsorted(ends, u, right=True).clamp_(max=ends.shape[1] - 1)
@@ -298,16 +310,17 @@ class StepSampler(LogitsProcessor):
         self.entropy: list[torch.Tensor] = []
         self.buffers: dict[str, torch.Tensor] = {}
 
-    def _buffer(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None):
-        """A (b, v) scratch tensor for this sampler's steps, allocated once: at 16 x 49k a
-        fresh one each step can cost more than the op that fills it (glibc hands buffers this
-        large back to the OS and maps them anew, a page fault per 4 KB). Measured in SmolLM2's
-        decoding, 16 rows, 9 rollouts each: 2.1-8.8 ms a draw with fresh tensors, 1.6-2.2 ms
-        with these."""
+    def _buffer(self, name: str, like: torch.Tensor, dtype: torch.dtype | None = None, shape=None):
+        """A (b, v) scratch tensor (or of `shape`) for this sampler's steps, allocated once: at
+        16 x 49k a fresh one each step can cost more than the op that fills it (glibc hands
+        buffers this large back to the OS and maps them anew, a page fault per 4 KB). Measured
+        in SmolLM2's decoding, 16 rows, 9 rollouts each: 2.1-8.8 ms a draw with fresh tensors,
+        1.6-2.2 ms with these."""
         dtype = dtype or like.dtype
+        shape = torch.Size(shape or like.shape)
         buffer = self.buffers.get(name)
-        if buffer is None or buffer.shape != like.shape or buffer.dtype != dtype:
-            buffer = self.buffers[name] = like.new_empty(like.shape, dtype=dtype)
+        if buffer is None or buffer.shape != shape or buffer.dtype != dtype:
+            buffer = self.buffers[name] = like.new_empty(shape, dtype=dtype)
         return buffer
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
@@ -319,7 +332,9 @@ class StepSampler(LogitsProcessor):
         the entropy.
 
         The policy's distribution is taken once (log-softmax, exp) and serves the log-prob, the
-        entropy (a row-wise dot product, no (b, v) product tensor) and the draw (the EOS ban
+        entropy (a row-wise dot product: linalg.vecdot's product and sum, bit for bit, the
+        product into a buffer of the sampler's instead of a fresh (b, v) tensor each step, which
+        vecdot allocates) and the draw (the EOS ban
         zeroes it in place): at 16 x 49k each (b, v) pass costs about as much as a layer's
         matmul (`benchmarks/cpu_choices.py --only sampler`)."""
         logits = scores.float()
@@ -327,7 +342,8 @@ class StepSampler(LogitsProcessor):
             logits = torch.div(logits, self.temperature, out=self._buffer("logits", logits))
         logprobs = torch.ops.aten.log_softmax.int_out(logits, -1, out=self._buffer("lp", logits))
         probs = torch.exp(logprobs, out=self._buffer("probs", logits))
-        self.entropy.append(-torch.linalg.vecdot(probs, logprobs).unsqueeze(-1))
+        product = torch.mul(probs, logprobs, out=self._buffer("product", logits))
+        self.entropy.append(-product.sum(-1, keepdim=True))
         banned = len(self.logprobs) < self.sampling.min_new_tokens
         if not self.sampling.do_sample:
             token = self._warped(input_ids, scores, banned).argmax(-1, keepdim=True)
@@ -339,7 +355,10 @@ class StepSampler(LogitsProcessor):
                 if banned:
                     weights[:, self.eos_ids] = 0.0
             uniform = torch.rand(weights.shape[0], 1, dtype=torch.float64, device=weights.device)
-            token = inverse_cdf(weights, uniform)
+            b, v = weights.shape
+            blocks = (b, -(-v // CDF_BLOCK), CDF_BLOCK)
+            wide = self._buffer("wide", weights, torch.float64, blocks)
+            token = inverse_cdf(weights, uniform, wide)
         self.logprobs.append(logprobs.gather(-1, token))
         return token
 
@@ -415,9 +434,111 @@ def _cheapest_call(module: torch.nn.Module) -> Callable:
 
 
 def _rms_norm(norm: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
-    """LlamaRMSNorm's forward on fp32 `h`, in one call: torch's rms_norm runs the same ops
-    (equal bit for bit: tests/test_fastpath.py)."""
-    return torch.nn.functional.rms_norm(h, h.shape[-1:], norm.weight, norm.variance_epsilon)
+    """LlamaRMSNorm's forward on fp32 `h`: its own ops without its dtype casts (bit for bit:
+    tests/test_fastpath.py). torch's rms_norm is the same ops behind a composite that adds
+    casts and allocations of its own: in an in-process A/B on SmolLM2's decoding it was the
+    slower of the two."""
+    return norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
+
+
+def fuse_projections(model: torch.nn.Module) -> None:
+    """For a Llama model (`LlamaStep.applies`): each layer's q/k/v projections' weights become
+    consecutive row blocks of one tensor, and gate/up's likewise (the base layers under LoRA's
+    wrappers). The same values, parameters (each keeps its object, name and shape, its data now
+    a view) and the model's own forward; folding LoRA in and restoring the base write through
+    the views. `LlamaStep` then runs each group as one matmul (`one_matmul`): the same outputs
+    bit for bit, side by side (tests/test_fastpath.py), and on SmolLM2's decoding shapes (16
+    rows) the two matmuls of a layer take ~15% less time than its five.
+
+    Moving the model (`.to`) gives each parameter its own tensor again; the step then runs the
+    layers one by one, as it does for the bf16/int8 rollout layers and LoRA run beside them."""
+    core = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if not LlamaStep.applies(core, sharded=False):
+        return
+    with torch.no_grad():
+        for layer in core.model.layers:
+            a, mlp = layer.self_attn, layer.mlp
+            for group in ((a.q_proj, a.k_proj, a.v_proj), (mlp.gate_proj, mlp.up_proj)):
+                linears = [getattr(m, "base_layer", m) for m in group]
+                if stacked_weight(linears) is not None:
+                    continue  # fused already
+                stacked = torch.cat([m.weight for m in linears])
+                row = 0
+                for m in linears:
+                    m.weight.data = stacked[row : row + m.out_features]
+                    row += m.out_features
+
+
+def stacked_weight(linears: list[torch.nn.Linear]) -> torch.Tensor | None:
+    """The (sum of out_features, in_features) tensor whose consecutive row blocks the layers'
+    weights are (`fuse_projections`), else None."""
+    first = linears[0].weight
+    offset = first.storage_offset()
+    for m in linears:
+        w = m.weight
+        if (
+            not w.is_contiguous()
+            or w.dtype != first.dtype
+            or w.shape[1] != first.shape[1]
+            or w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
+            or w.storage_offset() != offset
+        ):
+            return None
+        offset += w.numel()
+    rows = sum(m.out_features for m in linears)
+    return first.detach().as_strided((rows, first.shape[1]), (first.shape[1], 1))
+
+
+def matmul_groups(model: torch.nn.Module) -> list[list[torch.nn.Linear]]:
+    """The model's frozen linear layers (`frozen_linears`, in order), grouped as a decoding
+    step runs them: consecutive layers whose weights are one tensor (`fuse_projections`)
+    together, every other layer alone. For the matmul floor of `benchmarks/ppo_step.py`."""
+    groups: list[list[torch.nn.Linear]] = []
+    for m in frozen_linears(model):
+        if groups and stacked_weight([*groups[-1], m]) is not None:
+            groups[-1].append(m)
+        else:
+            groups.append([m])
+    return groups
+
+
+def _frozen_layer(call: Callable) -> torch.nn.Linear | None:
+    """The layer of a `_cheapest_call` that is a plain frozen layer's oneDNN forward
+    (`use_onednn_linears`), else None."""
+    if not (isinstance(call, functools.partial) and call.func is frozen_linear):
+        return None
+    weight = call.args[0].weight
+    cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+    frozen = _ONEDNN_LINEAR is not None and cpu_fp32 and not weight.requires_grad
+    return call.args[0] if frozen else None
+
+
+def one_matmul(modules: tuple[torch.nn.Module, ...]) -> Callable:
+    """x -> the modules' outputs side by side, (b, sum of their out_features): one oneDNN matmul
+    over their stacked weight where each is a plain frozen layer without bias and their weights
+    are one tensor (`fuse_projections`); else each called as `_cheapest_call` gives it (the
+    bf16/int8 rollout layers, LoRA beside them), concatenated."""
+    calls = [_cheapest_call(m) for m in modules]
+    layers = [_frozen_layer(c) for c in calls]
+    if all(m is not None and m.bias is None for m in layers):
+        stacked = stacked_weight(layers)
+        if stacked is not None:
+            return functools.partial(_onednn, weight=stacked, bias=None)
+    return lambda x: torch.cat([call(x) for call in calls], -1)
+
+
+def _plus(module: torch.nn.Module) -> Callable:
+    """(x, h) -> h + module(x): for a plain frozen layer, the add runs inside oneDNN's matmul (a
+    binary post-op: the same sum bit for bit, one op fewer), else as an op of its own."""
+    call = _cheapest_call(module)
+    layer = _frozen_layer(call)
+    if layer is None:
+        return lambda x, h: h + call(x)
+    return functools.partial(_onednn_plus, weight=layer.weight, bias=layer.bias)
+
+
+def _onednn_plus(x: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, bias) -> torch.Tensor:
+    return _ONEDNN_LINEAR.binary(x.contiguous(), h, weight, bias, "add")
 
 
 class LlamaStep:
@@ -429,8 +550,11 @@ class LlamaStep:
     (`benchmarks/ppo_step.py` prints the step beside that floor). This is the same computation
     with the same layers: each projection is called as `_cheapest_call` gives it (the folded
     base layer's oneDNN forward; the LoRA wrapper where the adapter runs beside rollout-dtype
-    layers), norms (`F.rms_norm`) and rotary as Llama computes them, and attention written out
-    for one query per row with grouped key/value heads. The lm_head is called as a module, so
+    layers), q/k/v as one matmul and gate/up as one where their weights are one tensor
+    (`fuse_projections`), the residual adds inside o_proj's and down_proj's matmuls (`_plus`),
+    norms and rotary as Llama computes them (rotary on the queries and keys at once), and
+    attention written out for one query per row with grouped key/value heads: the same
+    numbers, op for op, in fewer ops. The lm_head is called as a module, so
     the value head's hook sees its input. tests/test_fastpath.py checks the sampled tokens,
     log-probs and values against the loop through the model's own forward.
 
@@ -456,15 +580,16 @@ class LlamaStep:
         self.layers = []
         for layer, cached in zip(model.layers, prefilled.layers, strict=True):
             a, mlp = layer.self_attn, layer.mlp
-            calls = [_cheapest_call(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.o_proj)]
-            calls += [_cheapest_call(m) for m in (mlp.gate_proj, mlp.up_proj, mlp.down_proj)]
+            qkv = one_matmul((a.q_proj, a.k_proj, a.v_proj))
+            gate_up = one_matmul((mlp.gate_proj, mlp.up_proj))
             b, h, p, d = cached.keys.shape
             keys = cached.keys.new_empty(b * h, d, length)
             keys[:, :, :p] = cached.keys.reshape(b * h, p, d).transpose(1, 2)
             values = cached.values.new_empty(b * h, length, d)
             values[:, :p] = cached.values.reshape(b * h, p, d)
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            self.layers.append((*norms, *calls, mlp.act_fn, keys, values))
+            calls = (qkv, _plus(a.o_proj), gate_up, _plus(mlp.down_proj), mlp.act_fn)
+            self.layers.append((*norms, *calls, keys, values))
 
     @staticmethod
     def applies(core: torch.nn.Module, sharded: bool) -> bool:
@@ -500,34 +625,20 @@ class LlamaStep:
         # flip(q1, q2) * (-sin1, sin2): the same products, bit for bit, in one op instead of four
         cos = cos.view(b, 1, 2, half)
         sin = torch.cat([-sin[..., :half], sin[..., half:]], -1).view(b, 1, 2, half)
-        for (
-            n1,
-            n2,
-            q_proj,
-            k_proj,
-            v_proj,
-            o_proj,
-            gate,
-            up,
-            down,
-            act,
-            keys,
-            values,
-        ) in self.layers:
-            x = _rms_norm(n1, h)
-            q = q_proj(x).view(b, heads, 2, half)
-            k = k_proj(x).view(b, kv_heads, 2, half)
-            q = q * cos + q.flip(-2) * sin
-            k = k * cos + k.flip(-2) * sin
-            keys[:, :, at] = k.view(rows, dim)
-            values[:, at] = v_proj(x).view(rows, dim)
+        qk_width = (heads + kv_heads) * dim
+        for n1, n2, qkv, o_proj_plus, gate_up, down_plus, act, keys, values in self.layers:
+            y = qkv(_rms_norm(n1, h))  # (b, (heads + 2 kv_heads) * dim): q, k, v side by side
+            qk = y[:, :qk_width].view(b, heads + kv_heads, 2, half)
+            qk = qk * cos + qk.flip(-2) * sin  # rotary on the queries and keys at once
+            keys[:, :, at].view(b, kv_heads, dim).copy_(qk[:, heads:].view(b, kv_heads, dim))
+            values[:, at].view(b, kv_heads, dim).copy_(y[:, qk_width:].view(b, kv_heads, dim))
             # query head j reads key/value head j // groups (Llama's repeat_kv), so each
             # (row, kv head) is one small batched matmul over the positions written so far
-            q = q.view(rows, heads // kv_heads, dim)
+            q = qk[:, :heads].reshape(rows, heads // kv_heads, dim)
             weights = torch.baddbmm(bias, q, keys[:, :, :n], alpha=self.scaling).softmax(-1)
-            h = h + o_proj(torch.bmm(weights, values[:, :n]).view(b, heads * dim))
-            x = _rms_norm(n2, h)
-            h = h + down(act(gate(x)) * up(x))
+            h = o_proj_plus(torch.bmm(weights, values[:, :n]).view(b, heads * dim), h)
+            gate, up = gate_up(_rms_norm(n2, h)).chunk(2, -1)
+            h = down_plus(act(gate) * up, h)
         # (b, 1, d) into the lm_head: its hook keeps the last position for the value head
         return self.head(_rms_norm(self.norm, h).unsqueeze(1))[:, -1]
 
