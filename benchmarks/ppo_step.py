@@ -111,8 +111,8 @@ def decoding(policy, prompts: list[str], sampling, rollout_dtype: str, repeat: i
     head = base.get_output_embeddings()
     layers = fastpath.frozen_linears(base)
     cheap = fastpath.RolloutWeights(policy.model, rollout_dtype).forwards
-    # as the step runs them: one matmul for a group stored as one tensor (q/k/v, gate/up of a
-    # Llama layer: fastpath.fuse_projections), unless rollout-dtype layers run one by one
+    # as the step runs them: one matmul for a Llama layer's q/k/v and one for its gate/up
+    # (fastpath.one_matmul), unless rollout-dtype layers run one by one
     groups = [[m] for m in layers] if cheap else fastpath.matmul_groups(base)
     xs = [torch.randn(len(prompts), g[0].in_features) for g in groups]
 

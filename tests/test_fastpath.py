@@ -296,36 +296,20 @@ def _groups(core) -> list[tuple]:
     ] + [(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in core.model.layers]
 
 
-def _base(module):
-    return getattr(module, "base_layer", module)
-
-
-def test_fused_projections_keep_the_model_bit_for_bit(tiny_llama, tiny_t5):
-    """`fastpath.fuse_projections` stores a Llama layer's q/k/v weights as one tensor and
-    gate/up's as one: the same parameters (objects, names, shapes, values) and the same
-    logits bit for bit; LoRA folding writes through the views and restores them; one matmul
-    over a group equals its layers' outputs side by side, and the residual add inside oneDNN's
-    matmul equals the add after it, bit for bit."""
+def test_one_matmul_and_the_add_inside_it_are_the_layers_own_bit_for_bit(tiny_llama, tiny_t5):
+    """`fastpath.one_matmul` over a Llama layer's q/k/v (and gate/up) equals the layers'
+    outputs side by side, bit for bit, as one matmul over their stacked weights where each is
+    a plain frozen layer, and by calling each where LoRA runs beside them; the residual add
+    inside oneDNN's matmul (`_plus`) equals the add after it, bit for bit, with a bias too."""
     model = load_model(str(tiny_llama)).model.eval().requires_grad_(False)  # frozen, as under LoRA
-    ids = torch.tensor([[5, 17, 42, 7, 19, 3]]) % model.config.vocab_size
-    before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    objects = {name: id(p) for name, p in model.named_parameters()}
-    with torch.no_grad():
-        logits = model(ids).logits
     fastpath.use_onednn_linears(model)
-    fastpath.fuse_projections(model)
-    assert {name: id(p) for name, p in model.named_parameters()} == objects
-    for name, p in model.named_parameters():
-        assert torch.equal(p, before[name]), name
-    with torch.no_grad():
-        assert torch.equal(model(ids).logits, logits)
     sizes = [len(g) for g in fastpath.matmul_groups(model)]
     assert sizes == [3, 1, 2, 1] * model.config.num_hidden_layers + [1]  # + lm_head
+    t5 = load_model(str(tiny_t5)).model.requires_grad_(False)
+    assert {len(g) for g in fastpath.matmul_groups(t5)} == {1}
     x = torch.randn(4, model.config.hidden_size)
     with torch.no_grad():
         for group in _groups(model):
-            stacked = fastpath.stacked_weight([_base(m) for m in group])
-            assert stacked is not None and stacked.data_ptr() == group[0].weight.data_ptr()
             one = fastpath.one_matmul(group)
             assert isinstance(one, functools.partial)  # the one matmul, not the per-layer path
             assert torch.equal(one(x), torch.cat([m(x) for m in group], -1))
@@ -334,50 +318,36 @@ def test_fused_projections_keep_the_model_bit_for_bit(tiny_llama, tiny_t5):
             fastpath.use_onednn_linears(layer)
             h = torch.randn(4, 8)
             assert torch.equal(fastpath._plus(layer)(x, h), h + layer(x)), bias
-    # fusing again is a no-op; a T5 model is left as it is
-    fastpath.fuse_projections(model)
-    assert [len(g) for g in fastpath.matmul_groups(model)] == sizes
-    t5 = load_model(str(tiny_t5)).model.requires_grad_(False)
-    fastpath.fuse_projections(t5)
-    assert {len(g) for g in fastpath.matmul_groups(t5)} == {1}
-
-    policy = _nudged_policy(tiny_llama, True)  # the policy fuses its model
-    core = policy.model.get_base_model()
-    bases = [[_base(m).weight for m in group] for group in _groups(core)]
-    saved = [torch.cat(ws).clone() for ws in bases]
-    with fastpath.folded_lora(policy.model):
-        q_proj = core.model.layers[0].self_attn.q_proj
-        folded = q_proj.base_layer.weight.detach().clone()
-        assert not torch.equal(folded, saved[0][: q_proj.out_features])  # LoRA on q is in
-        stacked = fastpath.stacked_weight([_base(m) for m in _groups(core)[0]])
-        assert torch.equal(stacked[: q_proj.out_features], folded)
-    for ws, original in zip(bases, saved, strict=True):
-        assert torch.equal(torch.cat(ws), original)
+        policy = _nudged_policy(tiny_llama, True)  # LoRA on q and v, running
+        core = policy.model.get_base_model()
+        group = _groups(core)[0]
+        one = fastpath.one_matmul(group)
+        assert not isinstance(one, functools.partial)
+        assert torch.equal(one(x), torch.cat([m(x) for m in group], -1))
 
 
-def test_the_llama_step_over_fused_projections_samples_what_it_samples_over_separate_ones(
-    tiny_llama,
+def test_the_llama_step_with_one_matmul_a_group_samples_what_it_samples_layer_by_layer(
+    tiny_llama, monkeypatch
 ):
-    """The decoding step with q/k/v and gate/up as one matmul each, the residual adds inside
-    the matmuls and the queries and keys rotated at once, against the same step over the
-    same weights stored one tensor per layer (it then runs each layer and concatenates):
-    the same tokens, log-probs, entropy and values, bit for bit."""
+    """The decoding step with q/k/v and gate/up as one matmul each and the residual adds
+    inside the matmuls, against the same step calling each layer and adding after it: the
+    same tokens, log-probs, entropy and values, bit for bit."""
     policy = _nudged_policy(tiny_llama, True)
-    core = policy.model.get_base_model()
     sampling = SamplingParams(max_new_tokens=10, min_new_tokens=2, temperature=0.9, top_k=20)
+    built = []
+    one_matmul = fastpath.one_matmul
+    monkeypatch.setattr(fastpath, "one_matmul", lambda m: built.append(one_matmul(m)) or built[-1])
 
     def sample():
         torch.manual_seed(0)
         return policy.generate(PROMPTS, sampling)
 
     fused, fused_out, _ = sample()
-    with torch.no_grad():
-        for group in _groups(core):
-            for m in group:
-                _base(m).weight.data = _base(m).weight.data.clone()
-    assert {len(g) for g in fastpath.matmul_groups(core)} == {1}
-    assert not isinstance(fastpath.one_matmul(_groups(core)[0]), functools.partial)
+    assert built and all(isinstance(one, functools.partial) for one in built)
+    monkeypatch.setattr(fastpath, "_frozen_layer", lambda call: None)  # each layer on its own
+    built.clear()
     separate, separate_out, _ = sample()
+    assert built and not any(isinstance(one, functools.partial) for one in built)
     assert torch.equal(fused.response_ids, separate.response_ids)
     for name in ("logprobs", "entropy", "values"):
         assert torch.equal(getattr(fused_out, name), getattr(separate_out, name)), name

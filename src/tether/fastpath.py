@@ -16,8 +16,6 @@ The fast path, each part measured against its plain alternative, side by side, b
 - `StepSampler` [sampler]: draws each token by inverse CDF and records the chosen token's
   log-prob and the entropy, so no (b, t, v) logits are kept.
 - `folded_lora` [fold]: each LoRA delta added into its base weight while decoding.
-- `fuse_projections`: a Llama layer's q/k/v weights stored as one tensor, and gate/up as one,
-  so that `LlamaStep` runs one matmul for each group (the model's own forward is unchanged).
 
 `RolloutWeights` (`--rollout-dtype`) samples with the frozen layers in bf16 or int8 instead;
 the update then corrects for the mismatch (tether.trainer.rollout_correction).
@@ -441,64 +439,23 @@ def _rms_norm(norm: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
     return norm.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon))
 
 
-def fuse_projections(model: torch.nn.Module) -> None:
-    """For a Llama model (`LlamaStep.applies`): each layer's q/k/v projections' weights become
-    consecutive row blocks of one tensor, and gate/up's likewise (the base layers under LoRA's
-    wrappers). The same values, parameters (each keeps its object, name and shape, its data now
-    a view) and the model's own forward; folding LoRA in and restoring the base write through
-    the views. `LlamaStep` then runs each group as one matmul (`one_matmul`): the same outputs
-    bit for bit, side by side (tests/test_fastpath.py), and on SmolLM2's decoding shapes (16
-    rows) the two matmuls of a layer take ~15% less time than its five.
-
-    Moving the model (`.to`) gives each parameter its own tensor again; the step then runs the
-    layers one by one, as it does for the bf16/int8 rollout layers and LoRA run beside them."""
+def matmul_groups(model: torch.nn.Module) -> list[list[torch.nn.Linear]]:
+    """The model's frozen linear layers (`frozen_linears`, in order), grouped as a decoding
+    step runs them: a Llama layer's q/k/v together and its gate/up together (`one_matmul`),
+    every other layer alone. For the matmul floor of `benchmarks/ppo_step.py`."""
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
-    if not LlamaStep.applies(core, sharded=False):
-        return
-    with torch.no_grad():
+    together: dict[torch.nn.Module, list[torch.nn.Linear]] = {}
+    if LlamaStep.applies(core, sharded=False):
         for layer in core.model.layers:
             a, mlp = layer.self_attn, layer.mlp
             for group in ((a.q_proj, a.k_proj, a.v_proj), (mlp.gate_proj, mlp.up_proj)):
                 linears = [getattr(m, "base_layer", m) for m in group]
-                if stacked_weight(linears) is not None:
-                    continue  # fused already
-                stacked = torch.cat([m.weight for m in linears])
-                row = 0
-                for m in linears:
-                    m.weight.data = stacked[row : row + m.out_features]
-                    row += m.out_features
-
-
-def stacked_weight(linears: list[torch.nn.Linear]) -> torch.Tensor | None:
-    """The (sum of out_features, in_features) tensor whose consecutive row blocks the layers'
-    weights are (`fuse_projections`), else None."""
-    first = linears[0].weight
-    offset = first.storage_offset()
-    for m in linears:
-        w = m.weight
-        if (
-            not w.is_contiguous()
-            or w.dtype != first.dtype
-            or w.shape[1] != first.shape[1]
-            or w.untyped_storage().data_ptr() != first.untyped_storage().data_ptr()
-            or w.storage_offset() != offset
-        ):
-            return None
-        offset += w.numel()
-    rows = sum(m.out_features for m in linears)
-    return first.detach().as_strided((rows, first.shape[1]), (first.shape[1], 1))
-
-
-def matmul_groups(model: torch.nn.Module) -> list[list[torch.nn.Linear]]:
-    """The model's frozen linear layers (`frozen_linears`, in order), grouped as a decoding
-    step runs them: consecutive layers whose weights are one tensor (`fuse_projections`)
-    together, every other layer alone. For the matmul floor of `benchmarks/ppo_step.py`."""
+                together.update((m, linears) for m in linears)
     groups: list[list[torch.nn.Linear]] = []
     for m in frozen_linears(model):
-        if groups and stacked_weight([*groups[-1], m]) is not None:
-            groups[-1].append(m)
-        else:
-            groups.append([m])
+        group = together.get(m, [m])
+        if group[0] is m:
+            groups.append(group)
     return groups
 
 
@@ -514,16 +471,22 @@ def _frozen_layer(call: Callable) -> torch.nn.Linear | None:
 
 
 def one_matmul(modules: tuple[torch.nn.Module, ...]) -> Callable:
-    """x -> the modules' outputs side by side, (b, sum of their out_features): one oneDNN matmul
-    over their stacked weight where each is a plain frozen layer without bias and their weights
-    are one tensor (`fuse_projections`); else each called as `_cheapest_call` gives it (the
-    bf16/int8 rollout layers, LoRA beside them), concatenated."""
+    """x -> the modules' outputs side by side, (b, sum of their out_features): where each is a
+    plain frozen layer without bias (LoRA folded in, or off), one oneDNN matmul over their
+    weights stacked now, a copy held while it lives (a decoding step holds it for a rollout:
+    ~280 MB for SmolLM2's q/k/v and gate/up, copied in ~30 ms, freed after); the same outputs
+    bit for bit (tests/test_fastpath.py), and on SmolLM2's decoding shapes (16 rows) a layer's
+    two matmuls take ~15% less time than its five. Else each called as `_cheapest_call` gives
+    it (the bf16/int8 rollout layers, LoRA beside them), concatenated.
+
+    Why a copy a rollout, not the weights stored stacked for good: the loaded weights are pages
+    of the checkpoint file mapped in memory, and a stacked copy made once leaves those pages
+    resident beside it (+265 MB peak RSS for SmolLM2, measured)."""
     calls = [_cheapest_call(m) for m in modules]
     layers = [_frozen_layer(c) for c in calls]
     if all(m is not None and m.bias is None for m in layers):
-        stacked = stacked_weight(layers)
-        if stacked is not None:
-            return functools.partial(_onednn, weight=stacked, bias=None)
+        stacked = torch.cat([m.weight for m in layers])
+        return functools.partial(_onednn, weight=stacked, bias=None)
     return lambda x: torch.cat([call(x) for call in calls], -1)
 
 
@@ -550,8 +513,8 @@ class LlamaStep:
     (`benchmarks/ppo_step.py` prints the step beside that floor). This is the same computation
     with the same layers: each projection is called as `_cheapest_call` gives it (the folded
     base layer's oneDNN forward; the LoRA wrapper where the adapter runs beside rollout-dtype
-    layers), q/k/v as one matmul and gate/up as one where their weights are one tensor
-    (`fuse_projections`), the residual adds inside o_proj's and down_proj's matmuls (`_plus`),
+    layers), q/k/v as one matmul and gate/up as one over their weights stacked for the
+    rollout (`one_matmul`), the residual adds inside o_proj's and down_proj's matmuls (`_plus`),
     norms and rotary as Llama computes them (rotary on the queries and keys at once), and
     attention written out for one query per row with grouped key/value heads: the same
     numbers, op for op, in fewer ops. The lm_head is called as a module, so

@@ -146,7 +146,6 @@ class Policy(torch.nn.Module):
         base.get_output_embeddings().register_forward_pre_hook(self._capture_hidden)
         if self.fast_path:
             fastpath.use_onednn_linears(base)
-            fastpath.fuse_projections(base)
             if self._ref_model is not None:
                 fastpath.use_onednn_linears(self._ref_model)
         # Causal LMs that accept logits_to_keep skip the (b, p, v) prompt logits entirely.

@@ -33,7 +33,6 @@ class ChatModel:
         self.fast_path = fastpath.enabled(fast_path)
         if self.fast_path:
             fastpath.use_onednn_linears(self.model)
-            fastpath.fuse_projections(self.model)
         self.tokenizer = loaded.tokenizer
         self.is_encoder_decoder = loaded.is_encoder_decoder
         self.use_template = not self.is_encoder_decoder and bool(self.tokenizer.chat_template)
