@@ -90,7 +90,7 @@ def decoding(policy, prompts: list[str], sampling, rollout_dtype: str, repeat: i
     """Milliseconds per decoding step of `Policy.generate` (the lean loop) beside its floors,
     measured here, now: (rollout of 49 tokens - rollout of 1 token) / 48, median of `repeat`;
     the floor is every frozen linear layer's matmul at the batch's rows, grouped as the loop
-    runs them (one matmul for q/k/v and one for gate/up of a Llama layer), with the kernels the
+    runs them (one matmul for a Llama layer's q/k/v), with the kernels the
     loop runs (`fastpath.frozen_linear`, or the --rollout-dtype layers), the 30 blocks' alone
     and with the lm_head; and for comparison one layer at a time, and with torch's F.linear; and
     the weight bytes read per step against this machine's copy bandwidth (a 2 x weights-sized
@@ -111,8 +111,8 @@ def decoding(policy, prompts: list[str], sampling, rollout_dtype: str, repeat: i
     head = base.get_output_embeddings()
     layers = fastpath.frozen_linears(base)
     cheap = fastpath.RolloutWeights(policy.model, rollout_dtype).forwards
-    # as the step runs them: one matmul for a Llama layer's q/k/v and one for its gate/up
-    # (fastpath.one_matmul), unless rollout-dtype layers run one by one
+    # as the step runs them: one matmul for a Llama layer's q/k/v (fastpath.one_matmul),
+    # unless rollout-dtype layers run one by one
     groups = [[m] for m in layers] if cheap else fastpath.matmul_groups(base)
     xs = [torch.randn(len(prompts), g[0].in_features) for g in groups]
 

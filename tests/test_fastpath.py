@@ -291,20 +291,19 @@ def test_the_llama_steps_norm_is_llamas_bit_for_bit():
 
 def _groups(core) -> list[tuple]:
     return [
-        (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj)
-        for layer in core.model.layers
-    ] + [(layer.mlp.gate_proj, layer.mlp.up_proj) for layer in core.model.layers]
+        (a.q_proj, a.k_proj, a.v_proj) for a in (layer.self_attn for layer in core.model.layers)
+    ]
 
 
 def test_one_matmul_and_the_add_inside_it_are_the_layers_own_bit_for_bit(tiny_llama, tiny_t5):
-    """`fastpath.one_matmul` over a Llama layer's q/k/v (and gate/up) equals the layers'
+    """`fastpath.one_matmul` over a Llama layer's q/k/v equals the layers'
     outputs side by side, bit for bit, as one matmul over their stacked weights where each is
     a plain frozen layer, and by calling each where LoRA runs beside them; the residual add
     inside oneDNN's matmul (`_plus`) equals the add after it, bit for bit, with a bias too."""
     model = load_model(str(tiny_llama)).model.eval().requires_grad_(False)  # frozen, as under LoRA
     fastpath.use_onednn_linears(model)
     sizes = [len(g) for g in fastpath.matmul_groups(model)]
-    assert sizes == [3, 1, 2, 1] * model.config.num_hidden_layers + [1]  # + lm_head
+    assert sizes == [3, 1, 1, 1, 1] * model.config.num_hidden_layers + [1]  # + lm_head
     t5 = load_model(str(tiny_t5)).model.requires_grad_(False)
     assert {len(g) for g in fastpath.matmul_groups(t5)} == {1}
     x = torch.randn(4, model.config.hidden_size)
@@ -329,7 +328,7 @@ def test_one_matmul_and_the_add_inside_it_are_the_layers_own_bit_for_bit(tiny_ll
 def test_the_llama_step_with_one_matmul_a_group_samples_what_it_samples_layer_by_layer(
     tiny_llama, monkeypatch
 ):
-    """The decoding step with q/k/v and gate/up as one matmul each and the residual adds
+    """The decoding step with q/k/v as one matmul and the residual adds
     inside the matmuls, against the same step calling each layer and adding after it: the
     same tokens, log-probs, entropy and values, bit for bit."""
     policy = _nudged_policy(tiny_llama, True)

@@ -441,16 +441,14 @@ def _rms_norm(norm: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 def matmul_groups(model: torch.nn.Module) -> list[list[torch.nn.Linear]]:
     """The model's frozen linear layers (`frozen_linears`, in order), grouped as a decoding
-    step runs them: a Llama layer's q/k/v together and its gate/up together (`one_matmul`),
-    every other layer alone. For the matmul floor of `benchmarks/ppo_step.py`."""
+    step runs them: a Llama layer's q/k/v together (`one_matmul`), every other layer alone. For the matmul floor of `benchmarks/ppo_step.py`."""
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
     together: dict[torch.nn.Module, list[torch.nn.Linear]] = {}
     if LlamaStep.applies(core, sharded=False):
         for layer in core.model.layers:
-            a, mlp = layer.self_attn, layer.mlp
-            for group in ((a.q_proj, a.k_proj, a.v_proj), (mlp.gate_proj, mlp.up_proj)):
-                linears = [getattr(m, "base_layer", m) for m in group]
-                together.update((m, linears) for m in linears)
+            a = layer.self_attn
+            linears = [getattr(m, "base_layer", m) for m in (a.q_proj, a.k_proj, a.v_proj)]
+            together.update((m, linears) for m in linears)
     groups: list[list[torch.nn.Linear]] = []
     for m in frozen_linears(model):
         group = together.get(m, [m])
@@ -474,14 +472,15 @@ def one_matmul(modules: tuple[torch.nn.Module, ...]) -> Callable:
     """x -> the modules' outputs side by side, (b, sum of their out_features): where each is a
     plain frozen layer without bias (LoRA folded in, or off), one oneDNN matmul over their
     weights stacked now, a copy held while it lives (a decoding step holds it for a rollout:
-    ~280 MB for SmolLM2's q/k/v and gate/up, copied in ~30 ms, freed after); the same outputs
-    bit for bit (tests/test_fastpath.py), and on SmolLM2's decoding shapes (16 rows) a layer's
-    two matmuls take ~15% less time than its five. Else each called as `_cheapest_call` gives
-    it (the bf16/int8 rollout layers, LoRA beside them), concatenated.
+    70 MB for SmolLM2's q/k/v, freed after); the same outputs bit for bit
+    (tests/test_fastpath.py). On SmolLM2's decoding shapes (16 rows) 30 layers' q/k/v take
+    ~8 ms as one matmul against ~10.6 ms as three; gate/up stacked saved 1-3 ms of ~25 for a
+    210 MB copy each rollout (~70 ms): not done. Else each called as `_cheapest_call` gives it
+    (the bf16/int8 rollout layers, LoRA beside them), concatenated.
 
     Why a copy a rollout, not the weights stored stacked for good: the loaded weights are pages
     of the checkpoint file mapped in memory, and a stacked copy made once leaves those pages
-    resident beside it (+265 MB peak RSS for SmolLM2, measured)."""
+    resident beside it (+265 MB peak RSS with gate/up too, measured)."""
     calls = [_cheapest_call(m) for m in modules]
     layers = [_frozen_layer(c) for c in calls]
     if all(m is not None and m.bias is None for m in layers):
@@ -513,8 +512,8 @@ class LlamaStep:
     (`benchmarks/ppo_step.py` prints the step beside that floor). This is the same computation
     with the same layers: each projection is called as `_cheapest_call` gives it (the folded
     base layer's oneDNN forward; the LoRA wrapper where the adapter runs beside rollout-dtype
-    layers), q/k/v as one matmul and gate/up as one over their weights stacked for the
-    rollout (`one_matmul`), the residual adds inside o_proj's and down_proj's matmuls (`_plus`),
+    layers), q/k/v as one matmul over their weights stacked for the rollout
+    (`one_matmul`), the residual adds inside o_proj's and down_proj's matmuls (`_plus`),
     norms and rotary as Llama computes them (rotary on the queries and keys at once), and
     attention written out for one query per row with grouped key/value heads: the same
     numbers, op for op, in fewer ops. The lm_head is called as a module, so
@@ -544,14 +543,14 @@ class LlamaStep:
         for layer, cached in zip(model.layers, prefilled.layers, strict=True):
             a, mlp = layer.self_attn, layer.mlp
             qkv = one_matmul((a.q_proj, a.k_proj, a.v_proj))
-            gate_up = one_matmul((mlp.gate_proj, mlp.up_proj))
             b, h, p, d = cached.keys.shape
             keys = cached.keys.new_empty(b * h, d, length)
             keys[:, :, :p] = cached.keys.reshape(b * h, p, d).transpose(1, 2)
             values = cached.values.new_empty(b * h, length, d)
             values[:, :p] = cached.values.reshape(b * h, p, d)
             norms = (layer.input_layernorm, layer.post_attention_layernorm)
-            calls = (qkv, _plus(a.o_proj), gate_up, _plus(mlp.down_proj), mlp.act_fn)
+            gate, up = _cheapest_call(mlp.gate_proj), _cheapest_call(mlp.up_proj)
+            calls = (qkv, _plus(a.o_proj), gate, up, _plus(mlp.down_proj), mlp.act_fn)
             self.layers.append((*norms, *calls, keys, values))
 
     @staticmethod
@@ -589,7 +588,7 @@ class LlamaStep:
         cos = cos.view(b, 1, 2, half)
         sin = torch.cat([-sin[..., :half], sin[..., half:]], -1).view(b, 1, 2, half)
         qk_width = (heads + kv_heads) * dim
-        for n1, n2, qkv, o_proj_plus, gate_up, down_plus, act, keys, values in self.layers:
+        for n1, n2, qkv, o_proj_plus, gate, up, down_plus, act, keys, values in self.layers:
             y = qkv(_rms_norm(n1, h))  # (b, (heads + 2 kv_heads) * dim): q, k, v side by side
             qk = y[:, :qk_width].view(b, heads + kv_heads, 2, half)
             qk = qk * cos + qk.flip(-2) * sin  # rotary on the queries and keys at once
@@ -600,8 +599,8 @@ class LlamaStep:
             q = qk[:, :heads].reshape(rows, heads // kv_heads, dim)
             weights = torch.baddbmm(bias, q, keys[:, :, :n], alpha=self.scaling).softmax(-1)
             h = o_proj_plus(torch.bmm(weights, values[:, :n]).view(b, heads * dim), h)
-            gate, up = gate_up(_rms_norm(n2, h)).chunk(2, -1)
-            h = down_plus(act(gate) * up, h)
+            x = _rms_norm(n2, h)
+            h = down_plus(act(gate(x)) * up(x), h)
         # (b, 1, d) into the lm_head: its hook keeps the last position for the value head
         return self.head(_rms_norm(self.norm, h).unsqueeze(1))[:, -1]
 
