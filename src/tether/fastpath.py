@@ -441,7 +441,8 @@ def _rms_norm(norm: torch.nn.Module, h: torch.Tensor) -> torch.Tensor:
 
 def matmul_groups(model: torch.nn.Module) -> list[list[torch.nn.Linear]]:
     """The model's frozen linear layers (`frozen_linears`, in order), grouped as a decoding
-    step runs them: a Llama layer's q/k/v together (`one_matmul`), every other layer alone. For the matmul floor of `benchmarks/ppo_step.py`."""
+    step runs them: a Llama layer's q/k/v together (`one_matmul`), every other layer alone.
+    For the matmul floor of `benchmarks/ppo_step.py`."""
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
     together: dict[torch.nn.Module, list[torch.nn.Linear]] = {}
     if LlamaStep.applies(core, sharded=False):
