@@ -104,6 +104,19 @@ class _OneDnnLinear(torch.autograd.Function):
         return _onednn(grad, weight.t(), None), None, None
 
 
+def _onednn_takes(layer: torch.nn.Linear) -> bool:
+    """Whether `frozen_linear` runs this layer through oneDNN (for an fp32 input on CPU): a
+    frozen fp32 layer on CPU, where this torch build has oneDNN's linear."""
+    weight, bias = layer.weight, layer.bias
+    return (
+        _ONEDNN_LINEAR is not None
+        and weight.device.type == "cpu"
+        and weight.dtype == torch.float32
+        and not weight.requires_grad
+        and not (bias is not None and bias.requires_grad)
+    )
+
+
 def frozen_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     """A linear layer's forward: oneDNN's linear for a frozen fp32 layer on CPU, else nn.Linear's.
 
@@ -115,13 +128,7 @@ def frozen_linear(layer: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     they keep nn.Linear's path (their weights need gradients).
     """
     weight, bias = layer.weight, layer.bias
-    if (
-        _ONEDNN_LINEAR is None
-        or x.device.type != "cpu"
-        or not x.dtype == weight.dtype == torch.float32
-        or weight.requires_grad
-        or (bias is not None and bias.requires_grad)
-    ):
+    if not _onednn_takes(layer) or x.device.type != "cpu" or x.dtype != torch.float32:
         return torch.nn.functional.linear(x, weight, bias)
     if x.requires_grad:
         return _OneDnnLinear.apply(x, weight, bias)
@@ -461,12 +468,9 @@ def matmul_groups(model: torch.nn.Module) -> list[list[torch.nn.Linear]]:
 def _frozen_layer(call: Callable) -> torch.nn.Linear | None:
     """The layer of a `_cheapest_call` that is a plain frozen layer's oneDNN forward
     (`use_onednn_linears`), else None."""
-    if not (isinstance(call, functools.partial) and call.func is frozen_linear):
-        return None
-    weight = call.args[0].weight
-    cpu_fp32 = weight.device.type == "cpu" and weight.dtype == torch.float32
-    frozen = _ONEDNN_LINEAR is not None and cpu_fp32 and not weight.requires_grad
-    return call.args[0] if frozen else None
+    if isinstance(call, functools.partial) and call.func is frozen_linear:
+        return call.args[0] if _onednn_takes(call.args[0]) else None
+    return None
 
 
 def one_matmul(modules: tuple[torch.nn.Module, ...]) -> Callable:
