@@ -204,14 +204,9 @@ def run_one(args: argparse.Namespace) -> dict:
     from tether.guard import Guard, GuardSettings
     from tether.rewards import load_reward
     from tether.rundir import RunDir
-    from tether.trainer import (
-        TrainState,
-        batch_indices,
-        build_policy,
-        micro_batch_size,
-        ppo_step,
-        sampling_params,
-    )
+    from tether.state import TrainState
+    from tether.trainer import batch_indices, build_policy, ppo_step, sampling_params
+    from tether.update import micro_batch_size
 
     libraries_mb = rss_mb()  # torch, transformers, peft and tether imported, no model yet
     with tempfile.TemporaryDirectory() as tmp:

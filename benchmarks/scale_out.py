@@ -53,7 +53,8 @@ def worker(args: argparse.Namespace) -> None:
 
     from tether import distributed
     from tether.config import TrainConfig
-    from tether.trainer import build_policy, release_freed_memory, train
+    from tether.state import release_freed_memory
+    from tether.trainer import build_policy, train
 
     n = distributed.world_size()
     with tempfile.TemporaryDirectory() as tmp:

@@ -22,7 +22,8 @@ import tether
 from tether.cli import main
 from tether.config import TrainConfig
 from tether.rundir import COMPLETE, load_trainer_state
-from tether.trainer import TrainState, build_policy, train
+from tether.state import TrainState
+from tether.trainer import build_policy, train
 
 ACCELERATE = str(Path(sys.executable).parent / "accelerate")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
@@ -52,7 +53,7 @@ def recording_update(*args, **kwargs):
 tether.trainer.ppo_update = recording_update
 
 out_dir = sys.argv[1]
-_restore = tether.trainer._restore
+_restore = tether.trainer.restore
 def recording_restore(run, policy, state):  # what a resumed run starts from, gathered
     step = _restore(run, policy, state)
     weights = {n: distributed.full(p).detach().clone() for n, p in policy.named_parameters()
@@ -60,7 +61,7 @@ def recording_restore(run, policy, state):  # what a resumed run starts from, ga
     torch.save({"weights": weights, "optimizer": state.state_dict()["optimizer"]},
                f"{out_dir}/restored{distributed.rank()}.pt")
     return step
-tether.trainer._restore = recording_restore
+tether.trainer.restore = recording_restore
 
 result = train(TrainConfig(**json.loads(sys.argv[2])))
 r = distributed.rank()
@@ -347,12 +348,12 @@ def test_a_killed_sharded_run_resumes_where_an_uninterrupted_one_ends(
         return _train_argv(tiny_llama, prompts_file, reward_file, out, steps)
 
     full, killed = tmp_path / "full", tmp_path / "killed"
-    cmd = _launch_cmd(fsdp2, "-m", "tether.cli", *argv(full))
+    cmd = _launch_cmd(fsdp2, "-m", "tether", *argv(full))
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
     assert done.returncode == 0, done.stderr[-3000:]
 
     proc = subprocess.Popen(
-        _launch_cmd(fsdp2, "-m", "tether.cli", *argv(killed)),
+        _launch_cmd(fsdp2, "-m", "tether", *argv(killed)),
         env=_env(),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -370,7 +371,7 @@ def test_a_killed_sharded_run_resumes_where_an_uninterrupted_one_ends(
     assert proc.returncode == -signal.SIGKILL, "the run finished before the kill"
     assert _n_rows(killed) < steps
 
-    cmd = _launch_cmd(fsdp2, "-m", "tether.cli", *argv(killed), "--resume")
+    cmd = _launch_cmd(fsdp2, "-m", "tether", *argv(killed), "--resume")
     resumed = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=_env())
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resumed.stderr.count("resumed from") == 1  # rank 0 speaks for both

@@ -14,14 +14,8 @@ from conftest import one_line_error, tiny_run_config
 
 from tether import ppo
 from tether.cli import main
-from tether.trainer import (
-    build_policy,
-    full_kl_pass,
-    make_experience,
-    sampling_params,
-    train,
-    train_scores_of,
-)
+from tether.experience import full_kl_pass, make_experience, train_scores_of
+from tether.trainer import build_policy, sampling_params, train
 
 
 def _argv(model, prompts, reward, out, *extra):

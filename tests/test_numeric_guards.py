@@ -10,16 +10,11 @@ from conftest import tiny_run_config
 
 from tether.config import TrainConfig
 from tether.errors import TetherError
+from tether.experience import make_experience
 from tether.rundir import RunDir, checkpoint_problem
-from tether.trainer import (
-    SkipCounter,
-    TooManySkips,
-    build_policy,
-    make_experience,
-    ppo_update,
-    sampling_params,
-    train,
-)
+from tether.state import SkipCounter, TooManySkips
+from tether.trainer import build_policy, sampling_params, train
+from tether.update import ppo_update
 
 
 def _cfg(model, prompts, reward, out, **kw):

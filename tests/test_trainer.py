@@ -7,17 +7,10 @@ import pytest
 import torch
 from conftest import assert_close_nested, tiny_run_config
 
+from tether.experience import make_experience, reference_pass
 from tether.rewards.python import PythonReward
-from tether.trainer import (
-    batch_indices,
-    build_policy,
-    make_experience,
-    micro_batch_size,
-    ppo_update,
-    reference_pass,
-    sampling_params,
-    train,
-)
+from tether.trainer import batch_indices, build_policy, sampling_params, train
+from tether.update import micro_batch_size, ppo_update
 
 
 def _cfg(model, prompts, reward_file, out, **kw):
@@ -299,7 +292,7 @@ def test_early_stop_on_approx_kl(tiny_llama, prompts_file, vowel_reward, tmp_pat
 def test_running_moments_match_numpy_over_batches():
     import numpy as np
 
-    from tether.trainer import RunningMoments
+    from tether.state import RunningMoments
 
     rng = np.random.default_rng(0)
     batches = [list(rng.normal(3.0, 2.0, size=n)) for n in (5, 16, 1, 9)]

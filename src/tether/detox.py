@@ -20,14 +20,14 @@ import yaml
 from tether import distributed
 from tether.config import DetoxConfig, EvalConfig, config_to_yaml
 from tether.data import PromptRecord, load_prompts
-from tether.errors import TetherError
+from tether.errors import TetherError, warn
 from tether.evaluate import Embedder, Metric, evaluate, text_metric
 from tether.policy import Policy
 from tether.report import EVAL_DIR, RUN_INFO, write_report
 from tether.rewards import RewardModel, load_reward
 from tether.rundir import CONFIG, RunDir, atomic_write_text, write_jsonl
 from tether.tracking import check_tracker
-from tether.trainer import build_policy, sampling_params, train, warn
+from tether.trainer import build_policy, sampling_params, train
 
 
 @dataclasses.dataclass

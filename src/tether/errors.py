@@ -1,9 +1,12 @@
 """User-facing errors: the CLI prints their message on one line and exits with code 2."""
 
 import errno
+import sys
 import sysconfig
 import traceback
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 
 class TetherError(Exception):
@@ -46,3 +49,8 @@ def format_cause_chain(exc: BaseException) -> str:
         e.__suppress_context__ = False
         e = e.__cause__ or e.__context__
     return "".join(traceback.format_exception(exc))
+
+
+def warn(msg: str) -> None:
+    """A warning on stderr that does not break the progress bar."""
+    tqdm.write(f"warning: {msg}", file=sys.stderr)

@@ -1,0 +1,159 @@
+"""Steps 3-5 of a step: the reference's log-probs (and the exact KL for `full`), the rewards
+with the KL where it goes, and every estimator's advantages, into one `Experience`."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from tether import distributed, ppo
+from tether.config import TrainConfig
+from tether.policy import Policy, PolicyOutput
+from tether.rollout import Experience, Rollout
+from tether.state import TrainState
+
+
+def train_scores_of(
+    scores: list[float], rollout: Rollout, state: TrainState, cfg: TrainConfig
+) -> list[float]:
+    """The scores the update sees: normalised by the running statistics with --score-norm,
+    less --missing-eos-penalty for a completion cut at max_new_tokens."""
+    out = state.score_moments.normalize(scores) if cfg.score_norm else list(scores)
+    if cfg.missing_eos_penalty is not None:
+        finished = rollout.finished.tolist()
+        out = [
+            s if done else s - cfg.missing_eos_penalty
+            for s, done in zip(out, finished, strict=True)
+        ]
+    return out
+
+
+@torch.no_grad()
+def full_kl_pass(
+    policy: Policy, rollout: Rollout, cfg: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`Policy.reference_logprobs`, and the exact per-token KL(rollout policy || reference) over
+    the whole vocabulary (`--kl-estimator full`): each chunk is passed twice, adapter on and off,
+    and only that chunk's (rows, t, v) logits of the two live at once."""
+    shape = rollout.response_ids.shape
+    ref_lp = torch.zeros(shape, device=rollout.response_ids.device)
+    kl = torch.zeros(shape, device=rollout.response_ids.device)
+    for idx in rollout.rows_by_length().split(cfg.forward_batch_size):
+        chunk = rollout.select(idx)
+        logits = policy(chunk, with_values=False, with_logits=True).logits
+        with policy.reference():
+            ref = policy(chunk, with_values=False, with_logits=True)
+        t = ref.logprobs.shape[1]
+        ref_lp[idx, :t] = ref.logprobs
+        kl[idx, :t] = ppo.full_kl(logits, ref.logits, cfg.kl_chunk_size)
+    return ref_lp, kl
+
+
+def rollout_correction(
+    policy: Policy, rollout: Rollout, rollout_out: PolicyOutput, cfg: TrainConfig
+) -> tuple[PolicyOutput, torch.Tensor | None, dict[str, float]]:
+    """For a rollout sampled with `--rollout-dtype` bfloat16/int8: the old policy's log-probs
+    (and values) in training numerics, one pass without gradient, which the update's ratios
+    and the KL then use; the truncated importance-sampling weights min(pi_train / pi_rollout,
+    --tis-cap) on the policy loss (per completion for rloo); and the mismatch, logged every step.
+    A float32 rollout is training's own: returned as it is, no weights, nothing logged."""
+    if cfg.rollout_dtype == "float32":
+        return rollout_out, None, {}
+    valid = rollout.valid_mask
+    train = policy.score(rollout, cfg.has_critic, batch_size=cfg.forward_batch_size)
+    weights = ppo.truncated_is_weights(
+        train.logprobs,
+        rollout_out.logprobs,
+        valid,
+        cfg.tis_cap,
+        per_sequence=cfg.loss_aggregation is None,
+    )
+    mismatch = ppo.rollout_mismatch(train.logprobs, rollout_out.logprobs, valid, cfg.tis_cap)
+    mismatch = {k: v.item() for k, v in mismatch.items()}
+    # the largest over every process (the row's other figures are averaged over them later)
+    mismatch["rollout_max_ratio"] = max(distributed.gather_floats([mismatch["rollout_max_ratio"]]))
+    corrected = PolicyOutput(train.logprobs, train.values, rollout_out.entropy).masked(valid)
+    return corrected, weights, mismatch
+
+
+def reference_pass(
+    policy: Policy, rollout: Rollout, cfg: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The reference's log-probs, and the exact KL where `--kl-estimator full` asks for it."""
+    if cfg.kl_estimator == "full":
+        return full_kl_pass(policy, rollout, cfg)
+    return policy.reference_logprobs(rollout, batch_size=cfg.forward_batch_size), None
+
+
+@torch.no_grad()
+def make_experience(
+    rollout: Rollout,
+    rollout_out: PolicyOutput,
+    ref_logprobs: torch.Tensor,
+    scores: list[float],
+    kl_coef: float,
+    cfg: TrainConfig,
+    kl: torch.Tensor | None = None,
+    is_weights: torch.Tensor | None = None,
+) -> Experience:
+    """Rewards and advantages of the configured estimator.
+
+    `rollout_out` holds the rollout policy's log-probs (and values, with a critic), taken from
+    the sampling pass; `ref_logprobs` come from `Policy.reference_logprobs`; `kl` is the exact KL
+    of `full_kl_pass`, else the configured estimator is applied to the two log-probs;
+    `is_weights` are `rollout_correction`'s, carried to the update as they are.
+    """
+    valid = rollout.valid_mask
+    old_logprobs, old_values = rollout_out.logprobs, rollout_out.values
+    score_t = torch.tensor(scores, dtype=torch.float32, device=old_logprobs.device)
+    if kl is None:
+        if cfg.kl_estimator == "full":
+            raise ValueError("kl_estimator full: pass the exact KL that reference_pass returns")
+        kl = ppo.kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator)
+    kl = torch.where(valid.bool(), kl, torch.zeros_like(kl))
+    # 4. rewards: the score on the last token, - beta * KL_t on every token when it goes there
+    penalty_coef = kl_coef if cfg.kl_penalty == "reward" else 0.0
+    rewards = ppo.shaped_rewards(score_t, kl, penalty_coef, valid)
+    # 5. advantages
+    advantages, returns = estimate_advantages(rewards, old_values, valid, cfg)
+    loss_mask = valid
+    if cfg.mask_truncated_completions:
+        loss_mask = valid * rollout.finished.unsqueeze(1).to(valid.dtype)
+    return Experience(
+        rollout,
+        old_logprobs,
+        ref_logprobs,
+        old_values,
+        score_t,
+        kl,
+        rewards,
+        advantages,
+        returns,
+        loss_mask,
+        is_weights,
+    )
+
+
+def estimate_advantages(
+    rewards: torch.Tensor, values: torch.Tensor | None, valid: torch.Tensor, cfg: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(b, t) advantages of `cfg.advantage`, and the critic's targets (None without a critic)."""
+    # per-batch normalisations see the global batch (every process's rows) under a multi-process
+    # launch, as one process training on all of them would
+    if cfg.advantage == "gae":
+        advantages, returns = ppo.gae_advantages(rewards, values, valid, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = distributed.on_global_batch(ppo.masked_whiten, advantages, valid)
+        return advantages, returns
+    if cfg.advantage == "reinforce++":
+        reinforce_pp = functools.partial(ppo.reinforce_pp_advantages, gamma=cfg.gamma)
+        return distributed.on_global_batch(reinforce_pp, rewards, valid), None
+    # grpo / rloo: one reward per completion, score - beta * sum_t KL_t with the KL in the reward
+    seq_rewards = ppo.masked_sum(rewards, valid, dim=1)
+    if cfg.advantage == "grpo":
+        seq_adv = ppo.group_advantages(seq_rewards, cfg.group_size, scale=cfg.grpo_std)
+    else:
+        seq_adv = ppo.rloo_advantages(seq_rewards, cfg.group_size)
+    advantages = seq_adv.unsqueeze(1).expand_as(rewards)  # every token carries its completion's
+    return torch.where(valid.bool(), advantages, torch.zeros_like(advantages)), None
