@@ -33,7 +33,7 @@ locale:
 		$(SUDO) locale-gen; fi
 
 test: locale $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

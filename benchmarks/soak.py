@@ -5,7 +5,7 @@ step exactly once) and, with --compare, the same adapter and metrics as an unint
     python benchmarks/soak.py                      # 200 steps, checkpoint every 10, 3 kills
     python benchmarks/soak.py --steps 50 --kills 5 --no-compare
 
-Each run is `python -m tether.cli train` in its own process (the code of this checkout), with
+Each run is `python -m tether train` in its own process (the code of this checkout), with
 one intra-op thread. Exit status 0 when every check passed, 1 otherwise.
 """
 
@@ -34,7 +34,7 @@ def train_argv(work: Path, out: Path, args: argparse.Namespace) -> list[str]:
     return [
         sys.executable,
         "-m",
-        "tether.cli",
+        "tether",
         "train",
         "--policy",
         str(work / "model"),

@@ -93,7 +93,7 @@ def test_unknown_model_type_names_it(argv, tmp_path, capsys):
 def test_a_real_process_prints_one_line_and_no_traceback(argv, tmp_path):
     bad = with_option(argv, "--prompts", _prompts(tmp_path, b'{"prompt": "ok"}\n\n{"prompt": 1,\n'))
     proc = subprocess.run(
-        [sys.executable, "-m", "tether.cli", *bad],
+        [sys.executable, "-m", "tether", *bad],
         env={**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1"},
         capture_output=True,
         text=True,
