@@ -199,9 +199,10 @@ def run_one(args: argparse.Namespace) -> dict:
     """One configuration in this process; returns the figures as a dict."""
     import torch
 
-    from tether.config import TrainConfig, config_to_yaml
+    from tether.config import TrainConfig
     from tether.data import load_prompts
     from tether.guard import Guard, GuardSettings
+    from tether.options import config_to_yaml
     from tether.rewards import load_reward
     from tether.rundir import RunDir
     from tether.state import TrainState
@@ -210,7 +211,7 @@ def run_one(args: argparse.Namespace) -> dict:
 
     libraries_mb = rss_mb()  # torch, transformers, peft and tether imported, no model yet
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(
+        cfg = TrainConfig.from_flat(
             policy=args.policy,
             reward=f"python:{ROOT / 'examples' / 'rewards.py'}:positive_words",
             prompts=f"jsonl:{PROMPTS}",
@@ -238,10 +239,10 @@ def run_one(args: argparse.Namespace) -> dict:
         policy = build_policy(cfg)
         base = policy.model.base_model.model
         n_weights = sum(p.numel() * p.element_size() for p in base.parameters())
-        records = load_prompts(cfg.prompts)
-        reward = load_reward(cfg.reward)
+        records = load_prompts(cfg.task.prompts)
+        reward = load_reward(cfg.task.reward)
         state = TrainState.create(policy, cfg)
-        sampling = sampling_params(cfg)
+        sampling = sampling_params(cfg.sampling)
         rows = [
             ppo_step(policy, reward, state, records, sampling, cfg, step)
             for step in range(args.steps)
@@ -256,16 +257,18 @@ def run_one(args: argparse.Namespace) -> dict:
         flops = FlopCounter(base)
         # batch_size completions a step: batch_size / group_size prompts, each sampled
         # group_size times (group_size is 1 for gae)
-        group = getattr(cfg, "group_size", None) or 1
+        group = cfg.rl.group_size
         prompt_lens = [
             policy.encode_prompts([records[i].prompt])[1].sum().item()
             for step in range(1, args.steps)
-            for i in batch_indices(len(records), cfg.batch_size // group, cfg.seed, step)
+            for i in batch_indices(
+                len(records), cfg.rl.batch_size // group, cfg.training.seed, step
+            )
             for _ in range(group)
         ]
         fwd = statistics.mean(flops.forward(p, args.max_new_tokens) for p in prompt_lens)
-        fwd *= cfg.batch_size
-        phase_flops = {"gen": fwd, "forward": fwd, "update": 2 * fwd * cfg.ppo_epochs}
+        fwd *= cfg.rl.batch_size
+        phase_flops = {"gen": fwd, "forward": fwd, "update": 2 * fwd * cfg.rl.ppo_epochs}
 
         extra = {}
         if args.memory:
@@ -278,8 +281,8 @@ def run_one(args: argparse.Namespace) -> dict:
             run.prepare(config_to_yaml(cfg), resume=False)
             settings = GuardSettings(
                 judge_every=args.judge_every,
-                probe_batch_size=cfg.batch_size,
-                probe_seed=cfg.seed + 4321,  # as train() does
+                probe_batch_size=cfg.rl.batch_size,
+                probe_seed=cfg.training.seed + 4321,  # as train() does
             )
             probes = records[: args.probe_prompts]
             guard = Guard(settings, run, policy, reward, None, probes, sampling)
@@ -293,15 +296,15 @@ def run_one(args: argparse.Namespace) -> dict:
             phases["io"] = extra["metrics_line_s"] + extra["checkpoint_s"] / args.save_every
         peak_mb = peak_rss_mb()  # the run's, before the decoding figures' own buffers
         if args.reference == "shared" and not args.memory:
-            prompts = [records[i].prompt for i in range(cfg.batch_size)]
-            extra.update(decoding(policy, prompts, sampling, cfg.rollout_dtype))
+            prompts = [records[i].prompt for i in range(cfg.rl.batch_size)]
+            extra.update(decoding(policy, prompts, sampling, cfg.rl.rollout_dtype))
 
     step_s = median("step_seconds")
     return {
         "reference": args.reference,
         "policy": args.policy,
         "rollout_dtype": args.rollout_dtype,
-        "advantage": getattr(cfg, "advantage", "gae"),
+        "advantage": cfg.rl.advantage,
         "group_size": group,
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,

@@ -58,7 +58,7 @@ def worker(args: argparse.Namespace) -> None:
 
     n = distributed.world_size()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = TrainConfig(
+        cfg = TrainConfig.from_flat(
             policy=args.policy,
             reward=f"python:{ROOT / 'examples' / 'rewards.py'}:positive_words",
             prompts=f"jsonl:{PROMPTS}",
@@ -88,7 +88,7 @@ def worker(args: argparse.Namespace) -> None:
             "engine": policy.engine,
             "processes": n,
             "threads": torch.get_num_threads(),
-            "batch_per_process": cfg.batch_size,
+            "batch_per_process": cfg.rl.batch_size,
             "base_weights_mb": base_bytes / 2**20,
             "rss_built_mb": built_rss / 1024,
             "peak_rss_steps_mb": _status_kb("VmHWM") / 1024,

@@ -3,19 +3,21 @@ tokenizer, saved to a temp dir once per session: real Hugging Face code paths, s
 
 from __future__ import annotations
 
-import contextlib
+import ast
 import csv
+import dataclasses
+import inspect
 import json
 import os
 import string
-import sys
-from collections.abc import Iterator
+import textwrap
 from pathlib import Path
 
 import pytest
 import torch
 
 from tether.config import TrainConfig
+from tether.options import options
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -242,7 +244,7 @@ def tiny_run_config(model: Path, prompts: Path, out: Path, **kw) -> TrainConfig:
         save_every=0,
         judge_every=0,
     )
-    return TrainConfig(**{**values, **kw})
+    return TrainConfig.from_flat(**{**values, **kw})
 
 
 @pytest.fixture
@@ -312,48 +314,77 @@ def train_args(tiny_llama, prompts_file, reward_file, tmp_path):
     ]
 
 
-# the config's own machinery reads every field (checks, YAML, equality): not a use
-_CONFIG_MACHINERY = {"config.py", "dataclasses.py"}
-_CONSUMER_METHODS = {"load_safety", "has_critic"}  # config methods that commands call
+SRC = Path(__file__).resolve().parents[1] / "src" / "tether"
+# the config modules read every field (checks, YAML, config.yaml): no consumer
+_CONFIG_MODULES = {"config.py", "options.py", "option_groups.py"}
 
 
-@contextlib.contextmanager
-def option_reads() -> Iterator[set[str]]:
-    """The config fields that code outside tether.config reads while the block runs, by field
-    name, on any command's config (a nested group's fields by their own names)."""
-    from tether import config
-
-    seen: set[str] = set()
-
-    def recording(self, name):
-        value = object.__getattribute__(self, name)
-        if name in object.__getattribute__(self, "__dataclass_fields__"):
-            code = sys._getframe(1).f_code
-            if (
-                Path(code.co_filename).name not in _CONFIG_MACHINERY
-                or code.co_name in _CONSUMER_METHODS
-            ):
-                seen.add(name)
-        return value
-
-    config._Options.__getattribute__ = recording
-    try:
-        yield seen
-    finally:
-        del config._Options.__getattribute__
+def _attribute_reads(sources: list[Path]) -> set[tuple[str, str]]:
+    """(holder, field) for every `holder.field` and `x.holder.field` in the sources."""
+    reads = set()
+    for path in sources:
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Attribute):
+                inner = node.value
+                if isinstance(inner, ast.Attribute):
+                    reads.add((inner.attr, node.attr))
+                elif isinstance(inner, ast.Name):
+                    reads.add((inner.id, node.attr))
+    return reads
 
 
-def assert_every_option_read(command: str, seen: set[str], nested: bool = True) -> None:
-    """Each option of `command` was read by the command (a nested option `rl_steps` by the
-    run it configures: `steps`); `nested=False` leaves nested groups to another check."""
-    from tether.config import COMMANDS, options
+def _method_reads(klass: type, name: str) -> set[str]:
+    """The fields a group's method or property reads as `self.<field>`."""
+    member = inspect.getattr_static(klass, name)
+    fn = member.fget if isinstance(member, property) else member
+    tree = ast.parse(textwrap.dedent(inspect.getsource(fn)))
+    return {
+        n.attr
+        for n in ast.walk(tree)
+        if isinstance(n, ast.Attribute) and isinstance(n.value, ast.Name) and n.value.id == "self"
+    }
 
-    unread = [
-        o.flag
-        for o in options(COMMANDS[command])
-        if o.path[-1] not in seen and (nested or len(o.path) == 1)
-    ]
-    assert not unread, f"tether {command} never reads {', '.join(unread)}"
+
+def unread_options(cls: type, extra_sources: tuple[Path, ...] = ()) -> list[str]:
+    """The flags of command config `cls` that no consumer reads, by a look at the source: an
+    option of a group is read where some module outside the config modules has
+    `<holder>.<field>` (`cfg.rl.lr`, `rl.lr`), <holder> being a name under which any command
+    holds that group (cai's KL group is `rl_kl`, the TrainConfig it builds reads it as `kl`), or
+    calls a method of the group that reads the field (`cfg.model.load_safety()`); an option of
+    the command's own as `cfg.<field>`. `extra_sources`: more modules to count as consumers."""
+    from tether.config import COMMANDS
+
+    sources = [p for p in SRC.rglob("*.py") if p.name not in _CONFIG_MODULES]
+    reads = _attribute_reads([*sources, *extra_sources])
+    holders: dict[type, set[str]] = {}
+    for command in {*COMMANDS.values(), cls}:
+        for f in dataclasses.fields(command):
+            if "group" in f.metadata:
+                holders.setdefault(f.metadata["group"], set()).add(f.name)
+    unread = []
+    for opt in options(cls):
+        if len(opt.path) == 1:
+            read = ("cfg", opt.spec.name) in reads
+        else:
+            names = holders[opt.owner]
+            used = {attr for holder, attr in reads if holder in names}
+            methods = [
+                m for m in used if m in vars(opt.owner) and m not in opt.owner.__dataclass_fields__
+            ]
+            read = opt.spec.name in used or any(
+                opt.spec.name in _method_reads(opt.owner, m) for m in methods
+            )
+        if not read:
+            unread.append(opt.flag)
+    return unread
+
+
+def assert_every_option_read(command: str) -> None:
+    """Each option of `command` has a consumer in tether's source (see `unread_options`)."""
+    from tether.config import COMMANDS
+
+    unread = unread_options(COMMANDS[command])
+    assert not unread, f"tether {command}: nothing reads {', '.join(unread)}"
 
 
 def resume_argv(model, prompts, reward, out, steps, **extra) -> list[str]:

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from conftest import assert_every_option_read, option_reads
+from conftest import assert_every_option_read
 
 from tether.cai import pipeline
 from tether.cai.chat import ChatModel, option_letters
@@ -24,9 +24,10 @@ from tether.cai.redteam import (
 from tether.cai.revise import critique_messages, revision_messages
 from tether.cai.sft import sft_example
 from tether.cli import main
-from tether.config import CaiConfig, build_config, options
+from tether.config import CaiConfig, build_config
 from tether.errors import TetherError
 from tether.models import load_model
+from tether.options import options
 
 P = Principle("toy", "Is it rude?", "Make it polite.", "Which answer is more polite?")
 
@@ -129,12 +130,10 @@ def _cfg(tmp_path, tiny_llama, reward_file, **kw):
 
 def test_cai_run_end_to_end_and_resumes(tmp_path, tiny_llama, reward_file, monkeypatch, capsys):
     cfg = _cfg(tmp_path, tiny_llama, reward_file)
-    with option_reads() as seen:
-        report = pipeline.run_pipeline(cfg)
-    # each option of `tether cai` is used by a stage; the `--rl-` group goes whole to the RL
-    # run's TrainConfig (test_cai_rl_takes_the_estimator), whose every option train reads
-    # (test_options.py::test_train_reads_every_option)
-    assert_every_option_read("cai", seen, nested=False)
+    report = pipeline.run_pipeline(cfg)
+    # each option of `tether cai` is used by a stage; the `--rl-` groups go whole to the RL
+    # run's TrainConfig (test_cai_rl_takes_the_estimator), whose consumers read them
+    assert_every_option_read("cai")
     assert list(report["models"]) == ["base", "SL-CAI", "RL-CAI"]
     assert report["models"]["base"]["harmless_pm_win_rate_vs_base"] == 0.5
     assert "harmful: PM score" in summary_table(report)
@@ -213,14 +212,14 @@ def test_cai_rl_takes_the_estimator(tmp_path, monkeypatch):
     given = {"out": str(tmp_path / "cai"), "rl_advantage": "rloo", "rl_group_size": 2}
     cfg = build_config(CaiConfig, None, given)
     rl = pipeline.rl_config(cfg, tmp_path / "prompts.jsonl", tmp_path / "run")
-    assert (rl.advantage, rl.group_size, rl.kl_penalty, rl.has_critic) == (
+    assert (rl.rl.advantage, rl.rl.group_size, rl.kl.kl_penalty, rl.rl.has_critic) == (
         "rloo",
         2,
         "reward",
         False,
     )
     default = pipeline.rl_config(CaiConfig(out=str(tmp_path / "cai")), tmp_path / "p", tmp_path)
-    assert (default.advantage, default.group_size) == ("gae", 1)
+    assert (default.rl.advantage, default.rl.group_size) == ("gae", 1)
     # every `--rl-` option reaches the RL run: each set to a value other than its default
     changed = dict(advantage="grpo", group_size=2, grpo_std=False, missing_eos_penalty=0.5)
     changed |= dict(loss_aggregation="seq-mean-token-mean", mask_truncated_completions=True)
@@ -232,8 +231,9 @@ def test_cai_rl_takes_the_estimator(tmp_path, monkeypatch):
     changed |= dict(rollout_dtype="int8", tis_cap=3.0)
     changed |= dict(kl_coef=0.3, target_kl=2.0, kl_horizon=500, kl_penalty="loss")
     changed |= dict(kl_estimator="k2", kl_chunk_size=64)
-    assert {o.path[-1] for o in options(CaiConfig) if o.path[0] == "rl"} == set(changed)
+    assert {o.saved[-1] for o in options(CaiConfig) if o.saved[0] == "rl"} == set(changed)
     given = {"out": str(tmp_path / "cai"), **{f"rl_{k}": v for k, v in changed.items()}}
     rl = pipeline.rl_config(build_config(CaiConfig, None, given), tmp_path, tmp_path)
+    default = CaiConfig(out="x").flat()
     for leaf, value in changed.items():
-        assert getattr(rl, leaf) == value != getattr(CaiConfig(out="x").rl, leaf), leaf
+        assert rl.flat()[leaf] == value != default[f"rl_{leaf}"], leaf

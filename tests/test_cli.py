@@ -85,9 +85,9 @@ def test_none_turns_off_an_option_that_is_on_by_default():
 
     base = ["train", "--policy", "p", "--reward", "r", "--prompts", "q", "--out", "o"]
     parse = build_parser().parse_args
-    assert _config(parse(base)).max_importance_ratio == 10.0
-    assert _config(parse([*base, "--max-importance-ratio", "none"])).max_importance_ratio is None
-    assert _config(parse([*base, "--max-importance-ratio", "4"])).max_importance_ratio == 4.0
+    assert _config(parse(base)).rl.max_importance_ratio == 10.0
+    assert _config(parse([*base, "--max-importance-ratio", "none"])).rl.max_importance_ratio is None
+    assert _config(parse([*base, "--max-importance-ratio", "4"])).rl.max_importance_ratio == 4.0
 
 
 def test_missing_prompt_file(train_args, capsys):

@@ -2,7 +2,6 @@
 built in seconds, but their report.json is the one tether writes: report.py's own build_report
 on synthetic per-prompt rows, and config.yaml is config_to_yaml of a DetoxConfig."""
 
-import dataclasses
 import json
 import random
 import subprocess
@@ -15,8 +14,9 @@ from conftest import one_line_error
 
 from tether.cli import main
 from tether.compare import compare_runs, estimator_summary, summary_table, write_compare_html
-from tether.config import DetoxConfig, config_to_yaml
+from tether.config import DetoxConfig
 from tether.errors import TetherError
+from tether.options import config_to_yaml, options
 from tether.report import build_report
 
 TETHER = str(Path(sys.executable).parent / "tether")
@@ -69,11 +69,11 @@ def make_run(
         "timing_seconds": {"baseline": 30.0, "ppo": 600.0 + seed, "aligned": 31.0, "total": 665.0},
     }
     (run / "run_info.json").write_text(json.dumps(info))
-    fields = {f.name for f in dataclasses.fields(DetoxConfig)}
+    fields = {o.name for o in options(DetoxConfig)}
     kw = {"out": str(run), "seed": seed, "similarity": similarity, **cfg}
     if advantage is not None and "advantage" in fields:
         kw["advantage"] = advantage
-    config = yaml.safe_load(config_to_yaml(DetoxConfig(**kw)))
+    config = yaml.safe_load(config_to_yaml(DetoxConfig.from_flat(**kw)))
     config.pop("advantage", None)
     if advantage is not None:
         config["advantage"] = advantage

@@ -63,7 +63,7 @@ def recording_restore(run, policy, state):  # what a resumed run starts from, ga
     return step
 tether.trainer.restore = recording_restore
 
-result = train(TrainConfig(**json.loads(sys.argv[2])))
+result = train(TrainConfig.from_flat(**json.loads(sys.argv[2])))
 r = distributed.rank()
 trainable = [(n, p) for n, p in result.policy.named_parameters() if p.requires_grad]
 weights = {n: distributed.full(p).detach().contiguous() for n, p in trainable}
@@ -280,12 +280,14 @@ def test_two_processes_end_where_one_process_on_the_global_batch_ends(
     torch.set_num_threads(1)  # as in the subprocesses
     try:
         whole = {"batch_size": 8, "mini_batch_size": 8, "gradient_accumulation_steps": 4}
-        one = train(TrainConfig(**{**shape, **whole, "out": str(tmp_path / "one")}))
+        one = train(TrainConfig.from_flat(**{**shape, **whole, "out": str(tmp_path / "one")}))
         half_prompts = tmp_path / "half.jsonl"  # rank 0's share: records[0::2]
         half_prompts.write_text("".join(prompts_file.read_text().splitlines(True)[0::2]))
         half = {**shape, **per_process, "prompts": f"jsonl:{half_prompts}"}
-        half_run = train(TrainConfig(**{**half, "out": str(tmp_path / "half")}))
-        start = _trainable(build_policy(TrainConfig(**{**shape, "out": str(tmp_path / "x")})))
+        half_run = train(TrainConfig.from_flat(**{**half, "out": str(tmp_path / "half")}))
+        start = _trainable(
+            build_policy(TrainConfig.from_flat(**{**shape, "out": str(tmp_path / "x")}))
+        )
     finally:
         torch.set_num_threads(threads)
     w_one, w_half = _trainable(one.policy), _trainable(half_run.policy)
@@ -400,7 +402,7 @@ def test_a_killed_sharded_run_resumes_where_an_uninterrupted_one_ends(
     assert f"resumed from {ckpt} (step 3)" in capsys.readouterr().err
     assert [r["step"] for r in _rows(killed)] == list(range(steps + 1))
     # ... with the optimiser state the two processes saved, under the same names
-    cfg = TrainConfig(**_flags(argv(killed)))
+    cfg = TrainConfig.from_flat(**_flags(argv(killed)))
     policy = build_policy(cfg)
     state = TrainState.create(policy, cfg)
     saved = load_trainer_state(ckpt)
@@ -447,7 +449,7 @@ def test_a_one_process_checkpoint_resumes_in_two_sharded_processes(
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        train(TrainConfig(**shape, out=str(out), steps=3))
+        train(TrainConfig.from_flat(**shape, out=str(out), steps=3))
     finally:
         torch.set_num_threads(threads)
     rows_before = _rows(out)
@@ -462,7 +464,7 @@ def test_a_one_process_checkpoint_resumes_in_two_sharded_processes(
 
     # both processes started from the checkpoint: its adapter, its optimiser state
     saved = load_trainer_state(ckpt)["optimizer"]["state"]
-    at_ckpt = build_policy(TrainConfig(**shape, out=str(tmp_path / "x"), steps=5))
+    at_ckpt = build_policy(TrainConfig.from_flat(**shape, out=str(tmp_path / "x"), steps=5))
     at_ckpt.load_trainable(ckpt)
     for r in (0, 1):
         restored = torch.load(tmp_path / f"restored{r}.pt", weights_only=True)

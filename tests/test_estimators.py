@@ -168,7 +168,7 @@ def test_full_kl_pass_equals_kl_div_of_the_two_distributions(tiny_model, tmp_pat
             if "lora_B" in n:
                 p.normal_(0, 0.3)
     rollout, _, _ = policy.generate(
-        ["hello there", "the cat", "good", "see you"], sampling_params(cfg)
+        ["hello there", "the cat", "good", "see you"], sampling_params(cfg.sampling)
     )
     ref_lp, kl = full_kl_pass(policy, rollout, cfg)
     with torch.no_grad():
@@ -181,7 +181,7 @@ def test_full_kl_pass_equals_kl_div_of_the_two_distributions(tiny_model, tmp_pat
     valid = rollout.valid_mask.bool()
     torch.testing.assert_close(kl[valid], expected[valid], atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(
-        ref_lp, policy.reference_logprobs(rollout, batch_size=cfg.forward_batch_size)
+        ref_lp, policy.reference_logprobs(rollout, batch_size=cfg.rl.forward_batch_size)
     )
     assert kl[valid].min() >= 0 and kl[valid].max() > 1e-3
 
@@ -199,7 +199,7 @@ def test_length_guards_penalise_and_mask_truncated_completions(tiny_llama, tmp_p
         mini_batch_size=4,
     )
     policy = build_policy(cfg)
-    rollout, gen_out, _ = policy.generate(["hello"] * 8, sampling_params(cfg))
+    rollout, gen_out, _ = policy.generate(["hello"] * 8, sampling_params(cfg.sampling))
     # which rows ended with EOS, read off the tokens themselves
     last = rollout.response_ids.gather(1, ppo.last_valid_index(rollout.valid_mask)[:, None])
     ended = (last.squeeze(1) == policy.tokenizer.eos_token_id).tolist()
@@ -215,7 +215,7 @@ def test_length_guards_penalise_and_mask_truncated_completions(tiny_llama, tmp_p
     exp = make_experience(
         rollout,
         gen_out,
-        policy.reference_logprobs(rollout, batch_size=cfg.forward_batch_size),
+        policy.reference_logprobs(rollout, batch_size=cfg.rl.forward_batch_size),
         scores,
         0.05,
         cfg,

@@ -8,7 +8,6 @@ import pytest
 import torch
 from conftest import tiny_run_config
 
-from tether.config import TrainConfig
 from tether.errors import TetherError
 from tether.experience import make_experience
 from tether.rundir import RunDir, checkpoint_problem
@@ -29,11 +28,11 @@ def setup(tiny_llama, prompts_file, reward_file, tmp_path):
     cfg = _cfg(tiny_llama, prompts_file, reward_file, tmp_path / "run")
     torch.manual_seed(0)
     policy = build_policy(cfg)
-    rollout, gen_out, _ = policy.generate(["hello", "the cat"] * 4, sampling_params(cfg))
+    rollout, gen_out, _ = policy.generate(["hello", "the cat"] * 4, sampling_params(cfg.sampling))
     exp = make_experience(
         rollout,
         gen_out,
-        policy.reference_logprobs(rollout, batch_size=cfg.forward_batch_size),
+        policy.reference_logprobs(rollout, batch_size=cfg.rl.forward_batch_size),
         [1.0, 0.0] * 4,
         0.05,
         cfg,
@@ -108,7 +107,7 @@ def test_extreme_importance_ratio_skips_the_minibatch(setup, capsys):
 def test_ratio_check_can_be_turned_off(setup):
     cfg, policy, exp, opt, sched = setup
     exp.old_logprobs[:2] -= 5.0
-    cfg = TrainConfig(**{**cfg.__dict__, "max_importance_ratio": None})
+    cfg = cfg.replace(max_importance_ratio=None)
     stats = ppo_update(policy, opt, sched, exp, cfg, torch.Generator().manual_seed(0))
     assert stats["skipped_minibatches"] == 0
 

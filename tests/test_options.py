@@ -1,15 +1,20 @@
 """Each command shows and takes only the options it uses: the help lists its option groups, a
-tiny run of the command reads every option it accepts, and an option of another command is
-refused in one line that names the commands that take it. (`cai`'s options are checked by its
-end-to-end test in test_cai.py, which runs the whole pipeline.)"""
+tiny run of the command runs and every option it accepts has a consumer in tether's source, and
+an option of another command is refused in one line that names the commands that take it.
+(`cai`'s options are checked by its end-to-end test in test_cai.py, which runs the whole
+pipeline.)"""
 
 import json
+from dataclasses import dataclass
+from typing import ClassVar
 
 import pytest
-from conftest import assert_every_option_read, option_reads
+from conftest import assert_every_option_read, unread_options
 
 from tether.cli import build_parser, main
-from tether.config import COMMANDS, DetoxConfig, EvalConfig, TrainConfig, options
+from tether.config import COMMANDS, DetoxConfig, EvalConfig, TrainConfig
+from tether.option_groups import RLOptions
+from tether.options import group, opt, options
 
 
 def _help(capsys, *argv: str) -> str:
@@ -25,8 +30,8 @@ def test_eval_help_lists_only_what_eval_uses(capsys):
     for flag in ("--lr", "--steps", "--advantage", "--kl-coef", "--judge-every", "--resume"):
         assert f"{flag} " not in text
     assert len(options(EvalConfig)) < len(options(DetoxConfig)) - 30
-    for group in ("model and LoRA:", "sampling:", "evaluation on held-out prompts:"):
-        assert group in text
+    for title in ("model and LoRA:", "sampling:", "evaluation on held-out prompts:"):
+        assert title in text
 
 
 def test_cai_help_shows_the_rl_options_in_one_group(capsys):
@@ -108,12 +113,11 @@ def test_train_reads_every_option(tiny_llama, inputs, tmp_path):
     prompts, scorers = inputs
     run = ["train", *_scored(tiny_llama, prompts, scorers), "--out", str(tmp_path / "run")]
     run += ["--steps", "1", "--batch-size", "4", "--judge-every", "1", "--probe-prompts", "2"]
-    with option_reads() as seen:
-        assert main(run) == 0  # gae: critic, GAE, KL in the reward
-        grpo = ["--steps", "2", "--advantage", "grpo", "--group-size", "2", "--kl-estimator"]
-        grpo += ["full", "--rollout-dtype", "int8"]
-        assert main([*run[:-8], *grpo, "--resume", "--force"]) == 0
-    assert_every_option_read("train", seen)
+    assert main(run) == 0  # gae: critic, GAE, KL in the reward
+    grpo = ["--steps", "2", "--advantage", "grpo", "--group-size", "2", "--kl-estimator"]
+    grpo += ["full", "--rollout-dtype", "int8"]
+    assert main([*run[:-8], *grpo, "--resume", "--force"]) == 0
+    assert_every_option_read("train")
 
 
 def test_detox_and_eval_read_every_option(tiny_llama, inputs, tmp_path):
@@ -124,15 +128,13 @@ def test_detox_and_eval_read_every_option(tiny_llama, inputs, tmp_path):
         steps = ["--steps", "1", "--batch-size", "4", "--judge-every", "1", "--probe-prompts", "2"]
         return ["detox", *scored, "--out", str(tmp_path / out), *steps, *extra]
 
-    with option_reads() as seen:
-        assert main(detox("run")) == 0  # gae
-        grpo = ["--advantage", "grpo", "--group-size", "2", "--kl-estimator", "full"]
-        assert main(detox("grpo", *grpo, "--rollout-dtype", "bfloat16")) == 0
-    assert_every_option_read("detox", seen)
+    assert main(detox("run")) == 0  # gae
+    grpo = ["--advantage", "grpo", "--group-size", "2", "--kl-estimator", "full"]
+    assert main(detox("grpo", *grpo, "--rollout-dtype", "bfloat16")) == 0
+    assert_every_option_read("detox")
     trained = ["--trained", str(tmp_path / "run" / "final")]
-    with option_reads() as seen:
-        assert main(["eval", *scored, "--out", str(tmp_path / "ev"), *trained]) == 0
-    assert_every_option_read("eval", seen)
+    assert main(["eval", *scored, "--out", str(tmp_path / "ev"), *trained]) == 0
+    assert_every_option_read("eval")
 
 
 def test_hacking_demo_reads_every_option(tiny_llama, inputs, tmp_path):
@@ -143,11 +145,10 @@ def test_hacking_demo_reads_every_option(tiny_llama, inputs, tmp_path):
         scored = _scored(tiny_llama, prompts, scorers)
         return ["hacking-demo", *scored, "--out", str(tmp_path / out), *steps, *extra]
 
-    with option_reads() as seen:
-        assert main(demo("gae")) == 0
-        grpo = ["--advantage", "grpo", "--group-size", "2", "--kl-estimator", "full"]
-        assert main(demo("grpo", *grpo, "--rollout-dtype", "int8")) == 0
-    assert_every_option_read("hacking-demo", seen)
+    assert main(demo("gae")) == 0
+    grpo = ["--advantage", "grpo", "--group-size", "2", "--kl-estimator", "full"]
+    assert main(demo("grpo", *grpo, "--rollout-dtype", "int8")) == 0
+    assert_every_option_read("hacking-demo")
 
 
 def test_train_rm_reads_every_option(tiny_llama, tmp_path):
@@ -156,6 +157,36 @@ def test_train_rm_reads_every_option(tiny_llama, tmp_path):
     pairs.write_text("".join(json.dumps(r) + "\n" for r in rows))
     argv = ["train-rm", "--pairs", str(pairs), "--out", str(tmp_path / "pm"), "--base"]
     argv += [str(tiny_llama), "--epochs", "1", "--no-progress"]
-    with option_reads() as seen:
-        assert main(argv) == 0
-    assert_every_option_read("train-rm", seen)
+    assert main(argv) == 0
+    assert_every_option_read("train-rm")
+
+
+def test_every_option_of_every_command_has_a_consumer():
+    for name, cls in COMMANDS.items():
+        assert unread_options(cls) == [], name
+
+
+@dataclass
+class _Unread:
+    title: ClassVar[str] = "nobody's"
+
+    nobody_reads_this: int = opt(1, "an option no module reads")
+    temperature: float = opt(1.0, "a name that modules read, but never through this group")
+
+
+@dataclass
+class _FakeCommand:
+    title: ClassVar[str] = "fake"
+
+    rl: RLOptions = group(RLOptions)
+    unread: _Unread = group(_Unread)
+    nor_this: int = opt(0, "an own option no module reads")
+
+
+def test_unread_options_reports_a_field_nobody_reads(tmp_path):
+    """The negative control: the check can fail, per field, through the group's holder name."""
+    assert unread_options(_FakeCommand) == ["--nobody-reads-this", "--temperature", "--nor-this"]
+    # a consumer that reads two of them through the group's holder name (or `cfg`) reads them
+    consumer = tmp_path / "consumer.py"
+    consumer.write_text("def f(cfg):\n    return cfg.unread.nobody_reads_this, cfg.nor_this\n")
+    assert unread_options(_FakeCommand, (consumer,)) == ["--temperature"]

@@ -16,7 +16,7 @@ from tether.trainer import train
 def test_half_precision_base_trains_float32_adapter(
     dtype, tiny_t5, prompts_file, scorers_file, tmp_path
 ):
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_flat(
         policy=str(tiny_t5),
         # varies from the first batch on, so the first update is real
         reward=f"python:{scorers_file}:vowels",

@@ -35,7 +35,7 @@ def _cfg(argv) -> TrainConfig:
         name = flag[2:].replace("-", "_")
         typ = fields[name].type
         kw[name] = int(value) if typ == "int" else float(value) if "float" in typ else value
-    return TrainConfig(**kw, progress=False)
+    return TrainConfig.from_flat(**kw, progress=False)
 
 
 def _cli(argv, **kw):

@@ -150,10 +150,10 @@ def test_pickled_starting_adapter_is_refused_unless_allowed(tiny_llama, tmp_path
     adapter.mkdir()
     (adapter / "adapter_config.json").write_text("{}")
     (adapter / "adapter_model.bin").write_bytes(b"not even read")
-    cfg = TrainConfig(
+    cfg = TrainConfig.from_flat(
         policy=str(tiny_llama), reward="python:x.py:f", prompts="jsonl:p", out=str(tmp_path / "o")
     )
     with pytest.raises(TetherError, match="holds only adapter_model.bin"):
-        build_policy(TrainConfig(**{**cfg.__dict__, "adapter": str(adapter)}))
+        build_policy(cfg.replace(adapter=str(adapter)))
     with pytest.raises(TetherError, match="holds no adapter_model.safetensors"):
         build_policy(cfg).load_trainable(adapter)

@@ -55,7 +55,7 @@ def test_one_ppo_step_on_the_default(tmp_path):
     reward = tmp_path / "r.py"
     reward.write_text("def f(p, c):\n    return [float('good' in x.lower()) for x in c]\n")
     result = train(
-        TrainConfig(
+        TrainConfig.from_flat(
             policy="smollm2",
             reward=f"python:{reward}:f",
             prompts=f"jsonl:{prompts}",

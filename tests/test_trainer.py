@@ -163,7 +163,7 @@ def test_gradient_accumulation_equals_full_minibatch(
         policy = build_policy(cfg)
         torch.manual_seed(0)
         rollout, gen_out, _ = policy.generate(
-            ["hello there", "the cat sat", "good day", "see you"] * 2, sampling_params(cfg)
+            ["hello there", "the cat sat", "good day", "see you"] * 2, sampling_params(cfg.sampling)
         )
         scores = reward.score(rollout.prompts, rollout.completions)
         ref_logprobs, kl = reference_pass(policy, rollout, cfg)
@@ -182,7 +182,7 @@ def test_gradient_accumulation_equals_full_minibatch(
 def test_micro_batch_size_default_is_two_on_cpu_and_whole_elsewhere(tiny_llama, tmp_path):
     def micro(mini, accum, device):
         cfg = _cfg(tiny_llama, "unused", "unused", tmp_path, batch_size=8, mini_batch_size=mini)
-        cfg.gradient_accumulation_steps = accum
+        cfg.rl.gradient_accumulation_steps = accum
         return micro_batch_size(cfg, torch.device(device))
 
     assert [micro(4, None, "cpu"), micro(1, None, "cpu"), micro(4, None, "cuda")] == [2, 1, 4]
@@ -203,11 +203,11 @@ def test_nan_loss_minibatch_is_skipped(tiny_llama, prompts_file, tmp_path, capsy
         ppo_epochs=1,
     )
     policy = build_policy(cfg)
-    rollout, gen_out, _ = policy.generate(["hello"] * 8, sampling_params(cfg))
+    rollout, gen_out, _ = policy.generate(["hello"] * 8, sampling_params(cfg.sampling))
     exp = make_experience(
         rollout,
         gen_out,
-        policy.reference_logprobs(rollout, batch_size=cfg.forward_batch_size),
+        policy.reference_logprobs(rollout, batch_size=cfg.rl.forward_batch_size),
         [1.0] * 8,
         0.05,
         cfg,

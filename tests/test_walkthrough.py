@@ -15,14 +15,14 @@ RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 def test_smollm2_recipe_is_the_embedded_default():
     from_file = build_config(DetoxConfig, str(RECIPES / "detox-smollm2.yaml"), {"out": "x"})
-    assert from_file == DetoxConfig(out="x")
+    assert from_file == DetoxConfig.from_flat(out="x")
 
 
 def test_flan_t5_recipe_also_configures_eval():
     """The README's `tether eval --config recipes/detox-flan-t5.yaml --trained ...`."""
     cfg = build_config(EvalConfig, str(RECIPES / "detox-flan-t5.yaml"), {"out": "x"})
-    assert cfg.policy == "google/flan-t5-base" and cfg.prompts == "dialogsum@200-1000"
-    assert cfg.reward == "hf:facebook/roberta-hate-speech-dynabench-r4-target:nothate@logit"
+    assert cfg.model.policy == "google/flan-t5-base" and cfg.task.prompts == "dialogsum@200-1000"
+    assert cfg.task.reward == "hf:facebook/roberta-hate-speech-dynabench-r4-target:nothate@logit"
 
 
 def test_train_seq2seq_from_an_sft_adapter_starts_at_zero_kl(

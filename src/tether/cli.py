@@ -1,5 +1,6 @@
-"""Command line: a thin layer over the library. Options are generated from the config dataclass,
-so the CLI, the YAML files and config.yaml can never disagree about a name."""
+"""Command line: a thin layer over the library. Options are generated with argparse from the
+command configs (tether.config) through their flat option table (tether.options), so the CLI,
+the YAML files and config.yaml can never disagree about a name."""
 
 from __future__ import annotations
 
@@ -10,17 +11,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
-from tether.config import (
-    COMMANDS,
-    Option,
-    build_config,
-    closest_key,
-    commands_taking,
-    field_type,
-    option_help,
-    options,
-)
+from tether.config import COMMANDS, build_config
 from tether.errors import WRITE_ERRNOS, TetherError, format_cause_chain
+from tether.options import Option, closest_key, commands_taking, field_type, options
 
 
 class _Parser(argparse.ArgumentParser):
@@ -34,7 +27,7 @@ class _Parser(argparse.ArgumentParser):
         flags = [a.split("=")[0] for a in extras if a.startswith("--")]
         if self.command and flags:
             name = flags[0][2:].replace("-", "_")
-            takers = commands_taking(name)
+            takers = commands_taking(name, COMMANDS)
             if takers and self.command not in takers:
                 takers = ", ".join(takers)
                 self.error(f"{flags[0]} is not an option of {self.command} ({takers} take it)")
@@ -64,17 +57,15 @@ def _add_config_options(parser: _Parser, command: str) -> None:
     parser.set_defaults(config_cls=cls)
     groups: dict[str, argparse._ArgumentGroup] = {}
     for opt in options(cls):
-        if opt.group not in groups:
-            groups[opt.group] = parser.add_argument_group(opt.group)
-        _add_option(groups[opt.group], opt)
+        if opt.title not in groups:
+            groups[opt.title] = parser.add_argument_group(opt.title)
+        _add_option(groups[opt.title], opt)
 
 
 def _add_option(group: argparse._ArgumentGroup, opt: Option) -> None:
-    typ, optional, choices, is_list = field_type(opt.owner, opt.spec)
-    required = opt.spec.metadata.get("required")
-    default = opt.spec.default
-    help_text = option_help(opt.owner, opt.spec.name)
-    help_text += "" if required else f" (default: {default})"
+    typ, optional, choices, is_list = field_type(opt)
+    default = opt.default
+    help_text = opt.help + ("" if opt.required else f" (default: {default})")
     kw: dict[str, Any] = {"dest": opt.name, "default": argparse.SUPPRESS, "help": help_text}
     if typ is bool:
         group.add_argument(opt.flag, action=argparse.BooleanOptionalAction, **kw)
@@ -209,7 +200,7 @@ def cmd_hacking_demo(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     print(summary_table(hacking_demo(cfg)))
-    print(f"report: {Path(cfg.out) / REPORT_HTML}")
+    print(f"report: {Path(cfg.run.out) / REPORT_HTML}")
     return 0
 
 

@@ -18,16 +18,17 @@ from typing import Any
 import yaml
 
 from tether import distributed
-from tether.config import DetoxConfig, EvalConfig, config_to_yaml
+from tether.config import DetoxConfig, EvalConfig
 from tether.data import PromptRecord, load_prompts
 from tether.errors import TetherError, warn
 from tether.evaluate import Embedder, Metric, evaluate, text_metric
+from tether.options import config_to_yaml
 from tether.policy import Policy
 from tether.report import EVAL_DIR, RUN_INFO, write_report
 from tether.rewards import RewardModel, load_reward
 from tether.rundir import CONFIG, RunDir, atomic_write_text, write_jsonl
 from tether.tracking import check_tracker
-from tether.trainer import build_policy, sampling_params, train
+from tether.trainer import build_policy, load_policy, sampling_params, train
 
 
 @dataclasses.dataclass
@@ -48,16 +49,16 @@ class _Setup:
 
 
 def _setup(cfg: DetoxConfig, reward: RewardModel, judge: RewardModel) -> _Setup:
-    records = load_prompts(cfg.prompts, "heldout", cfg.heldout_fraction)
-    if len(records) < cfg.eval_prompts:
+    records = load_prompts(cfg.task.prompts, "heldout", cfg.task.heldout_fraction)
+    if len(records) < cfg.eval.eval_prompts:
         warn(
-            f"{cfg.prompts} holds only {len(records)} held-out prompts; "
-            f"evaluating all of them, not {cfg.eval_prompts}"
+            f"{cfg.task.prompts} holds only {len(records)} held-out prompts; "
+            f"evaluating all of them, not {cfg.eval.eval_prompts}"
         )
-    embedder = Embedder() if cfg.similarity else None
-    run = RunDir(distributed.run_root(cfg.out))  # rank 0's is --out, see distributed.py
+    embedder = Embedder() if cfg.eval.similarity else None
+    run = RunDir(distributed.run_root(cfg.run.out))  # rank 0's is --out, see distributed.py
     return _Setup(
-        run, [text_metric(reward), text_metric(judge)], records[: cfg.eval_prompts], embedder
+        run, [text_metric(reward), text_metric(judge)], records[: cfg.eval.eval_prompts], embedder
     )
 
 
@@ -68,14 +69,14 @@ def _run_eval(
     rows = evaluate(
         policy,
         setup.eval_records,
-        sampling_params(cfg),
+        sampling_params(cfg.sampling),
         setup.metrics,
         setup.embedder,
-        cfg.eval_batch_size,
-        cfg.eval_seed,
+        cfg.eval.eval_batch_size,
+        cfg.eval.eval_seed,
         as_reference=as_reference,
         desc=name,
-        progress=cfg.progress,
+        progress=cfg.run.progress,
     )
     path = setup.run.root / EVAL_DIR / f"{name}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -92,10 +93,10 @@ def _finish(setup: _Setup, cfg: DetoxConfig, adapter: str, timing: dict[str, flo
         "judge_metric": judge.name,
         "judge_lower_is_better": judge.lower_is_better,
         "reference": "starting policy: the base model with the PPO adapter disabled"
-        + (f" (starting adapter {cfg.adapter} merged in)" if cfg.adapter else ""),
+        + (f" (starting adapter {cfg.model.adapter} merged in)" if cfg.model.adapter else ""),
         "evaluated_adapter": adapter,
-        "decoding": dataclasses.asdict(sampling_params(cfg)),
-        "eval_seed": cfg.eval_seed,
+        "decoding": dataclasses.asdict(sampling_params(cfg.sampling)),
+        "eval_seed": cfg.eval.eval_seed,
         "timing_seconds": timing,
     }
     atomic_write_text(setup.run.root / RUN_INFO, json.dumps(info, indent=2))
@@ -109,22 +110,24 @@ def detox(
     cfg: DetoxConfig, reward: RewardModel | None = None, judge: RewardModel | None = None
 ) -> DetoxResult:
     t_start = time.perf_counter()
-    check_tracker(cfg.report_to)
+    check_tracker(cfg.training.report_to)
     distributed.check_supported()
-    reward = reward or load_reward(cfg.reward, cfg.device, **cfg.load_safety())
-    judge = judge or load_reward(cfg.judge, cfg.device, **cfg.load_safety())
-    train_records = load_prompts(cfg.prompts, "train", cfg.heldout_fraction)
+    reward = reward or load_reward(cfg.task.reward, cfg.model.device, **cfg.model.load_safety())
+    judge = judge or load_reward(cfg.task.judge, cfg.model.device, **cfg.model.load_safety())
+    train_records = load_prompts(cfg.task.prompts, "train", cfg.task.heldout_fraction)
     setup = _setup(cfg, reward, judge)
-    setup.run.check(config_to_yaml(cfg), cfg.resume, cfg.force)
+    setup.run.check(config_to_yaml(cfg), cfg.training.resume, cfg.training.force)
     policy = build_policy(cfg)  # a model that does not load leaves no run directory behind
-    setup.run.prepare(config_to_yaml(cfg), cfg.resume, cfg.force)
+    setup.run.prepare(config_to_yaml(cfg), cfg.training.resume, cfg.training.force)
     timing: dict[str, float] = {}
 
     # 1. baseline: the starting policy (adapter disabled), unless a resumed run already has it
     t0 = time.perf_counter()
     baseline_path = setup.run.root / EVAL_DIR / "baseline.jsonl"
     # rank 0's run directory decides: with several processes every one evaluates, or none
-    baseline = distributed.on_main(lambda: _saved_rows(baseline_path)) if cfg.resume else None
+    baseline = (
+        distributed.on_main(lambda: _saved_rows(baseline_path)) if cfg.training.resume else None
+    )
     if baseline is None:
         baseline = _run_eval(policy, setup, cfg, as_reference=True, name="baseline")
     timing["baseline"] = time.perf_counter() - t0
@@ -153,13 +156,15 @@ def evaluate_adapter(cfg: EvalConfig) -> DetoxResult:
     t_start = time.perf_counter()
     setup = _setup(
         cfg,
-        load_reward(cfg.reward, cfg.device, **cfg.load_safety()),
-        load_reward(cfg.judge, cfg.device, **cfg.load_safety()),
+        load_reward(cfg.task.reward, cfg.model.device, **cfg.model.load_safety()),
+        load_reward(cfg.task.judge, cfg.model.device, **cfg.model.load_safety()),
     )
     if cfg.trained is not None:
         cfg = _with_adapter_shape(cfg, Path(cfg.trained))
     setup.run.prepare_eval(config_to_yaml(cfg))
-    policy = build_policy(cfg, value_head=False)  # evaluation needs no critic
+    # evaluation needs no critic; `tether eval` has no --seed: the adapter it scores is loaded
+    # over LoRA's seeded A matrices (or disabled for the baseline)
+    policy = load_policy(cfg.model, cfg.sampling, seed=0, value_head=False)
     timing = {}
     t0 = time.perf_counter()
     baseline = _run_eval(policy, setup, cfg, as_reference=True, name="baseline")
@@ -186,8 +191,7 @@ def _with_adapter_shape(cfg: EvalConfig, trained: Path) -> EvalConfig:
         )
     _check_same_start(cfg, trained)
     targets = saved.get("target_modules")
-    return dataclasses.replace(
-        cfg,
+    return cfg.replace(
         lora_r=int(saved["r"]),
         lora_alpha=int(saved["lora_alpha"]),
         lora_target_modules=sorted(targets) if isinstance(targets, list | set) else None,
@@ -202,11 +206,11 @@ def _check_same_start(cfg: EvalConfig, trained: Path) -> None:
     except (OSError, yaml.YAMLError):
         return  # an adapter dir from elsewhere: nothing to compare with
     started_from = run_cfg.get("adapter")
-    if started_from != cfg.adapter:
+    if started_from != cfg.model.adapter:
         fix = f"pass --adapter {started_from}" if started_from else "drop --adapter"
         raise TetherError(
             f"--trained {trained} was trained from starting adapter {started_from} (its "
-            f"{CONFIG}), but this eval starts from {cfg.adapter}: {fix}"
+            f"{CONFIG}), but this eval starts from {cfg.model.adapter}: {fix}"
         )
 
 

@@ -19,11 +19,11 @@ def train_scores_of(
 ) -> list[float]:
     """The scores the update sees: normalised by the running statistics with --score-norm,
     less --missing-eos-penalty for a completion cut at max_new_tokens."""
-    out = state.score_moments.normalize(scores) if cfg.score_norm else list(scores)
-    if cfg.missing_eos_penalty is not None:
+    out = state.score_moments.normalize(scores) if cfg.rl.score_norm else list(scores)
+    if cfg.rl.missing_eos_penalty is not None:
         finished = rollout.finished.tolist()
         out = [
-            s if done else s - cfg.missing_eos_penalty
+            s if done else s - cfg.rl.missing_eos_penalty
             for s, done in zip(out, finished, strict=True)
         ]
     return out
@@ -39,14 +39,14 @@ def full_kl_pass(
     shape = rollout.response_ids.shape
     ref_lp = torch.zeros(shape, device=rollout.response_ids.device)
     kl = torch.zeros(shape, device=rollout.response_ids.device)
-    for idx in rollout.rows_by_length().split(cfg.forward_batch_size):
+    for idx in rollout.rows_by_length().split(cfg.rl.forward_batch_size):
         chunk = rollout.select(idx)
         logits = policy(chunk, with_values=False, with_logits=True).logits
         with policy.reference():
             ref = policy(chunk, with_values=False, with_logits=True)
         t = ref.logprobs.shape[1]
         ref_lp[idx, :t] = ref.logprobs
-        kl[idx, :t] = ppo.full_kl(logits, ref.logits, cfg.kl_chunk_size)
+        kl[idx, :t] = ppo.full_kl(logits, ref.logits, cfg.kl.kl_chunk_size)
     return ref_lp, kl
 
 
@@ -58,18 +58,18 @@ def rollout_correction(
     and the KL then use; the truncated importance-sampling weights min(pi_train / pi_rollout,
     --tis-cap) on the policy loss (per completion for rloo); and the mismatch, logged every step.
     A float32 rollout is training's own: returned as it is, no weights, nothing logged."""
-    if cfg.rollout_dtype == "float32":
+    if cfg.rl.rollout_dtype == "float32":
         return rollout_out, None, {}
     valid = rollout.valid_mask
-    train = policy.score(rollout, cfg.has_critic, batch_size=cfg.forward_batch_size)
+    train = policy.score(rollout, cfg.rl.has_critic, batch_size=cfg.rl.forward_batch_size)
     weights = ppo.truncated_is_weights(
         train.logprobs,
         rollout_out.logprobs,
         valid,
-        cfg.tis_cap,
-        per_sequence=cfg.loss_aggregation is None,
+        cfg.rl.tis_cap,
+        per_sequence=cfg.rl.loss_aggregation is None,
     )
-    mismatch = ppo.rollout_mismatch(train.logprobs, rollout_out.logprobs, valid, cfg.tis_cap)
+    mismatch = ppo.rollout_mismatch(train.logprobs, rollout_out.logprobs, valid, cfg.rl.tis_cap)
     mismatch = {k: v.item() for k, v in mismatch.items()}
     # the largest over every process (the row's other figures are averaged over them later)
     mismatch["rollout_max_ratio"] = max(distributed.gather_floats([mismatch["rollout_max_ratio"]]))
@@ -81,9 +81,9 @@ def reference_pass(
     policy: Policy, rollout: Rollout, cfg: TrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The reference's log-probs, and the exact KL where `--kl-estimator full` asks for it."""
-    if cfg.kl_estimator == "full":
+    if cfg.kl.kl_estimator == "full":
         return full_kl_pass(policy, rollout, cfg)
-    return policy.reference_logprobs(rollout, batch_size=cfg.forward_batch_size), None
+    return policy.reference_logprobs(rollout, batch_size=cfg.rl.forward_batch_size), None
 
 
 @torch.no_grad()
@@ -108,17 +108,17 @@ def make_experience(
     old_logprobs, old_values = rollout_out.logprobs, rollout_out.values
     score_t = torch.tensor(scores, dtype=torch.float32, device=old_logprobs.device)
     if kl is None:
-        if cfg.kl_estimator == "full":
+        if cfg.kl.kl_estimator == "full":
             raise ValueError("kl_estimator full: pass the exact KL that reference_pass returns")
-        kl = ppo.kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator)
+        kl = ppo.kl_estimate(old_logprobs, ref_logprobs, cfg.kl.kl_estimator)
     kl = torch.where(valid.bool(), kl, torch.zeros_like(kl))
     # 4. rewards: the score on the last token, - beta * KL_t on every token when it goes there
-    penalty_coef = kl_coef if cfg.kl_penalty == "reward" else 0.0
+    penalty_coef = kl_coef if cfg.kl.kl_penalty == "reward" else 0.0
     rewards = ppo.shaped_rewards(score_t, kl, penalty_coef, valid)
     # 5. advantages
     advantages, returns = estimate_advantages(rewards, old_values, valid, cfg)
     loss_mask = valid
-    if cfg.mask_truncated_completions:
+    if cfg.rl.mask_truncated_completions:
         loss_mask = valid * rollout.finished.unsqueeze(1).to(valid.dtype)
     return Experience(
         rollout,
@@ -138,22 +138,22 @@ def make_experience(
 def estimate_advantages(
     rewards: torch.Tensor, values: torch.Tensor | None, valid: torch.Tensor, cfg: TrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(b, t) advantages of `cfg.advantage`, and the critic's targets (None without a critic)."""
+    """(b, t) advantages of `cfg.rl.advantage`, and the critic's targets (None without a critic)."""
     # per-batch normalisations see the global batch (every process's rows) under a multi-process
     # launch, as one process training on all of them would
-    if cfg.advantage == "gae":
-        advantages, returns = ppo.gae_advantages(rewards, values, valid, cfg.gamma, cfg.lam)
-        if cfg.whiten_advantages:
+    if cfg.rl.advantage == "gae":
+        advantages, returns = ppo.gae_advantages(rewards, values, valid, cfg.rl.gamma, cfg.rl.lam)
+        if cfg.rl.whiten_advantages:
             advantages = distributed.on_global_batch(ppo.masked_whiten, advantages, valid)
         return advantages, returns
-    if cfg.advantage == "reinforce++":
-        reinforce_pp = functools.partial(ppo.reinforce_pp_advantages, gamma=cfg.gamma)
+    if cfg.rl.advantage == "reinforce++":
+        reinforce_pp = functools.partial(ppo.reinforce_pp_advantages, gamma=cfg.rl.gamma)
         return distributed.on_global_batch(reinforce_pp, rewards, valid), None
     # grpo / rloo: one reward per completion, score - beta * sum_t KL_t with the KL in the reward
     seq_rewards = ppo.masked_sum(rewards, valid, dim=1)
-    if cfg.advantage == "grpo":
-        seq_adv = ppo.group_advantages(seq_rewards, cfg.group_size, scale=cfg.grpo_std)
+    if cfg.rl.advantage == "grpo":
+        seq_adv = ppo.group_advantages(seq_rewards, cfg.rl.group_size, scale=cfg.rl.grpo_std)
     else:
-        seq_adv = ppo.rloo_advantages(seq_rewards, cfg.group_size)
+        seq_adv = ppo.rloo_advantages(seq_rewards, cfg.rl.group_size)
     advantages = seq_adv.unsqueeze(1).expand_as(rewards)  # every token carries its completion's
     return torch.where(valid.bool(), advantages, torch.zeros_like(advantages)), None

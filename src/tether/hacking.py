@@ -9,7 +9,6 @@ completions, and every flag the guard raised.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -18,9 +17,10 @@ from typing import Any
 import yaml
 
 from tether import distributed, pages
-from tether.config import HackingDemoConfig, config_to_yaml
+from tether.config import HackingDemoConfig
 from tether.errors import TetherError
 from tether.guard import GUARD_DIR, run_summary
+from tether.options import config_to_yaml
 from tether.report import guard_plot
 from tether.rewards import load_reward
 from tether.rundir import RunDir, atomic_write_text, read_jsonl
@@ -33,12 +33,12 @@ REPORT_HTML = "hacking_report.html"
 
 def arm_configs(cfg: HackingDemoConfig) -> dict[str, HackingDemoConfig]:
     """The two arms: identical except for the leash (and the unleashed arm's learning rate)."""
-    root = Path(cfg.out)
+    root = Path(cfg.run.out)
     return {
-        "no-leash": dataclasses.replace(
-            cfg, out=str(root / "no-leash"), kl_coef=0.0, target_kl=None, lr=cfg.unleashed_lr
+        "no-leash": cfg.replace(
+            out=str(root / "no-leash"), kl_coef=0.0, target_kl=None, lr=cfg.unleashed_lr
         ),
-        "leash": dataclasses.replace(cfg, out=str(root / "leash")),
+        "leash": cfg.replace(out=str(root / "leash")),
     }
 
 
@@ -46,20 +46,20 @@ def hacking_demo(cfg: HackingDemoConfig) -> dict[str, Any]:
     if distributed.world_size() > 1:
         raise TetherError("hacking-demo runs in one process: launch it without accelerate launch")
     reward, judge = (
-        load_reward(cfg.reward, cfg.device, **cfg.load_safety()),
-        load_reward(cfg.judge, cfg.device, **cfg.load_safety()),
+        load_reward(cfg.task.reward, cfg.model.device, **cfg.model.load_safety()),
+        load_reward(cfg.task.judge, cfg.model.device, **cfg.model.load_safety()),
     )
-    root = Path(cfg.out)
+    root = Path(cfg.run.out)
     if root.exists() and any(root.iterdir()):
         raise TetherError(f"--out {root} is not empty; pick a new dir for the demo")
     RunDir(root).prepare(config_to_yaml(cfg), resume=False)
     policy = build_policy(cfg)
     reference = None
     for name, arm in arm_configs(cfg).items():
-        print(f"{name}: kl_coef {arm.kl_coef}, lr {arm.lr}", file=sys.stderr)
+        print(f"{name}: kl_coef {arm.kl.kl_coef}, lr {arm.rl.lr}", file=sys.stderr)
         policy.reset_adapter()  # both arms start from the same policy (LoRA A is seeded)
         train(arm, reward, policy, judge=judge, guard_reference=reference)
-        reference = read_jsonl(Path(arm.out) / GUARD_DIR / "reference.jsonl")
+        reference = read_jsonl(Path(arm.run.out) / GUARD_DIR / "reference.jsonl")
     return write_demo_report(root)
 
 

@@ -127,20 +127,22 @@ class TrainState:
     @classmethod
     def create(cls, policy: Policy, cfg: TrainConfig) -> TrainState:
         optimizer = torch.optim.AdamW(
-            policy.trainable_parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay
+            policy.trainable_parameters(), lr=cfg.rl.lr, weight_decay=cfg.rl.weight_decay
         )
-        total_updates = cfg.steps * cfg.ppo_epochs * (cfg.batch_size // cfg.mini_batch_size)
+        total_updates = (
+            cfg.rl.steps * cfg.rl.ppo_epochs * (cfg.rl.batch_size // cfg.rl.mini_batch_size)
+        )
         scheduler = get_scheduler(
-            cfg.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=total_updates
+            cfg.rl.lr_scheduler, optimizer, num_warmup_steps=0, num_training_steps=total_updates
         )
-        kl_ctl = make_kl_controller(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+        kl_ctl = make_kl_controller(cfg.kl.kl_coef, cfg.kl.target_kl, cfg.kl.kl_horizon)
         return cls(
             policy,
             optimizer,
             scheduler,
             kl_ctl,
             RunningMoments(),
-            SkipCounter(cfg.max_consecutive_skips),
+            SkipCounter(cfg.rl.max_consecutive_skips),
         )
 
     def check_reward_scale(
@@ -149,7 +151,7 @@ class TrainState:
         """Warn once when the KL penalty in the reward dwarfs the spread of the scores the update
         sees: the advantages then mostly reward a short, reference-like completion, not a better
         one (a 0-0.05 toy reward at kl_coef 0.05 shrank completions and never rose)."""
-        if self.scale_warned or cfg.kl_penalty != "reward" or kl_coef == 0 or len(scores) < 2:
+        if self.scale_warned or cfg.kl.kl_penalty != "reward" or kl_coef == 0 or len(scores) < 2:
             return
         penalty = kl_coef * seq_kl.abs().mean().item()
         spread = scores.std().item()
@@ -158,7 +160,7 @@ class TrainState:
             self.scale_warned = True
             fix = (
                 "lower --kl-coef or --lr (the scores are normalised already)"
-                if cfg.score_norm
+                if cfg.rl.score_norm
                 else "pass --score-norm (or --kl-penalty loss, or a lower --kl-coef)"
             )
             warn(

@@ -8,7 +8,6 @@ trackers on the main process only, so a multi-process run logs once.
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +56,11 @@ def check_tracker(report_to: str) -> None:
 
 
 def _hparams(config: Any) -> dict[str, str | int | float | bool]:
-    """The run config as tracker hyper-parameters: scalars as they are, the rest as text
-    (TensorBoard's hparams refuse None and lists)."""
+    """The run config as tracker hyper-parameters by flat option name: scalars as they are, the
+    rest as text (TensorBoard's hparams refuse None and lists)."""
     return {
         k: v if isinstance(v, str | int | float | bool) else str(v)
-        for k, v in dataclasses.asdict(config).items()
+        for k, v in config.flat().items()
     }
 
 

@@ -26,10 +26,11 @@ from peft import LoraConfig, TaskType, get_peft_model
 from tqdm.auto import tqdm
 
 from tether import ppo
-from tether.config import RewardModelConfig, config_to_yaml
+from tether.config import RewardModelConfig
 from tether.data import jsonl_objects, text_bucket
 from tether.errors import TetherError
 from tether.models import resolve_device
+from tether.options import config_to_yaml
 from tether.policy import default_lora_targets
 from tether.rewards.pm import PM_INFO, load_scorer, pm_text, score_texts
 from tether.rundir import atomic_dir

@@ -22,12 +22,14 @@ import torch
 from tqdm.auto import tqdm
 
 from tether import distributed, ppo
-from tether.config import TrainConfig, config_to_yaml
+from tether.config import TrainConfig
 from tether.data import PromptRecord, load_prompts
 from tether.errors import TetherError, warn
 from tether.experience import make_experience, reference_pass, rollout_correction, train_scores_of
 from tether.guard import BEST, GUARD_JSON, Guard, GuardSettings
 from tether.models import load_model, resolve_device
+from tether.option_groups import ModelOptions, SamplingOptions
+from tether.options import config_to_yaml
 from tether.policy import LoraSettings, Policy
 from tether.rewards import RewardModel, checked_scores, load_reward
 from tether.rollout import Experience, SamplingParams, step_seed
@@ -48,43 +50,58 @@ class TrainResult:
 
 
 def build_policy(cfg: TrainConfig, value_head: bool | None = None) -> Policy:
-    """The configured policy; seeded, because LoRA's A matrices are drawn at build time. It has
-    a value head when the estimator has a critic, unless `value_head` says otherwise."""
+    """The policy of a training run: with a value head when the estimator has a critic, unless
+    `value_head` says otherwise."""
+    critic = cfg.rl.has_critic if value_head is None else value_head
+    return load_policy(cfg.model, cfg.sampling, cfg.training.seed, critic)
+
+
+def load_policy(
+    model: ModelOptions, sampling: SamplingOptions, seed: int, value_head: bool
+) -> Policy:
+    """The configured policy; seeded, because LoRA's A matrices are drawn at build time."""
     if (
-        cfg.adapter
-        and not cfg.allow_bin_weights
-        and (Path(cfg.adapter) / "adapter_model.bin").is_file()
-        and not (Path(cfg.adapter) / "adapter_model.safetensors").is_file()
+        model.adapter
+        and not model.allow_bin_weights
+        and (Path(model.adapter) / "adapter_model.bin").is_file()
+        and not (Path(model.adapter) / "adapter_model.safetensors").is_file()
     ):
         raise TetherError(
-            f"--adapter {cfg.adapter} holds only adapter_model.bin (a pickle); tether reads "
+            f"--adapter {model.adapter} holds only adapter_model.bin (a pickle); tether reads "
             "safetensors only by default: pass --allow-bin-weights to read it with "
             "torch.load(weights_only=True)"
         )
-    # LoRA's A matrices are drawn here. `tether eval` has no --seed: the adapter it scores is
-    # loaded over them (or disabled for the baseline)
-    torch.manual_seed(getattr(cfg, "seed", 0))
+    torch.manual_seed(seed)  # LoRA's A matrices are drawn here
     loaded = load_model(
-        cfg.policy, dtype=cfg.dtype, device=resolve_device(cfg.device), **cfg.load_safety()
+        model.policy,
+        dtype=model.dtype,
+        device=resolve_device(model.device),
+        **model.load_safety(),
     )
-    lora = LoraSettings(cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout, cfg.lora_target_modules)
+    lora = LoraSettings(
+        model.lora_r, model.lora_alpha, model.lora_dropout, model.lora_target_modules
+    )
     policy = Policy(
         loaded,
         lora=lora,
-        adapter=cfg.adapter,
-        reference=cfg.reference,
-        temperature=cfg.temperature,
-        max_prompt_tokens=cfg.max_prompt_tokens,
-        chat_template=cfg.chat_template,
-        value_head=cfg.has_critic if value_head is None else value_head,
+        adapter=model.adapter,
+        reference=model.reference,
+        temperature=sampling.temperature,
+        max_prompt_tokens=sampling.max_prompt_tokens,
+        chat_template=sampling.chat_template,
+        value_head=value_head,
     )
     policy.distribute(distributed.engine())  # DDP / FSDP2 under a multi-process launch
     return policy
 
 
-def sampling_params(cfg: TrainConfig) -> SamplingParams:
+def sampling_params(sampling: SamplingOptions) -> SamplingParams:
     return SamplingParams(
-        cfg.max_new_tokens, cfg.min_new_tokens, cfg.temperature, cfg.top_k, cfg.top_p
+        sampling.max_new_tokens,
+        sampling.min_new_tokens,
+        sampling.temperature,
+        sampling.top_k,
+        sampling.top_p,
     )
 
 
@@ -128,34 +145,42 @@ def train(
     With guard probes on, training uses the prompt source's train split and the probes come from
     its held-out split.
     """
-    check_tracker(cfg.report_to)
+    check_tracker(cfg.training.report_to)
     distributed.check_supported()
-    run = RunDir(distributed.run_root(cfg.out))
+    run = RunDir(distributed.run_root(cfg.run.out))
     config_yaml = config_to_yaml(cfg)
-    probing = cfg.judge_every > 0
+    probing = cfg.guard.judge_every > 0
     split = "train" if probing else "all"
-    records = records or load_prompts(cfg.prompts, split, cfg.heldout_fraction)
+    records = records or load_prompts(cfg.task.prompts, split, cfg.task.heldout_fraction)
     records = _shard(records)
     probe_records = _probe_records(cfg) if probing else []
-    reward = reward or load_reward(cfg.reward, cfg.device, **cfg.load_safety())
-    if judge is None and cfg.judge:
-        judge = load_reward(cfg.judge, cfg.device, **cfg.load_safety())
+    reward = reward or load_reward(cfg.task.reward, cfg.model.device, **cfg.model.load_safety())
+    if judge is None and cfg.task.judge:
+        judge = load_reward(cfg.task.judge, cfg.model.device, **cfg.model.load_safety())
     if not prepared:
-        run.check(config_yaml, cfg.resume, cfg.force)  # before the model loads: fail fast
+        run.check(
+            config_yaml, cfg.training.resume, cfg.training.force
+        )  # before the model loads: fail fast
     policy = policy or build_policy(cfg)
     policy.distribute(distributed.engine())  # (a policy from build_policy already is)
     if not prepared:  # ... and create the directory only once the model loaded
-        run.prepare(config_yaml, cfg.resume, cfg.force)
-    sampling = sampling_params(cfg)
+        run.prepare(config_yaml, cfg.training.resume, cfg.training.force)
+    sampling = sampling_params(cfg.sampling)
 
     state = TrainState.create(policy, cfg)
     if distributed.world_size() > 1:  # processes share the leash and the score statistics
         state.kl_ctl = distributed.SyncedKLController(state.kl_ctl)
         state.score_moments = distributed.SyncedMoments(state.score_moments)
-    start_step = restore(run, policy, state) if cfg.resume else 0
+    start_step = restore(run, policy, state) if cfg.training.resume else 0
     metrics = distributed.on_main(lambda: [r for r in run.read_metrics() if r["step"] < start_step])
     guard = Guard(
-        GuardSettings(cfg.judge_every, cfg.kl_budget, cfg.on_hack, cfg.batch_size, cfg.seed + 4321),
+        GuardSettings(
+            cfg.guard.judge_every,
+            cfg.guard.kl_budget,
+            cfg.guard.on_hack,
+            cfg.rl.batch_size,
+            cfg.training.seed + 4321,
+        ),
         run,
         policy,
         reward,
@@ -164,16 +189,16 @@ def train(
         sampling,
         reference_rows=guard_reference,
     )
-    guard.start(resumed_step=start_step - 1 if cfg.resume else None)
-    tracker = Tracker(cfg.report_to, run.root, cfg, start_step)
+    guard.start(resumed_step=start_step - 1 if cfg.training.resume else None)
+    tracker = Tracker(cfg.training.report_to, run.root, cfg, start_step)
 
     bar = tqdm(
-        range(start_step, cfg.steps),
+        range(start_step, cfg.rl.steps),
         desc="ppo",
         unit="step",
-        disable=not cfg.progress or not distributed.is_main(),
+        disable=not cfg.run.progress or not distributed.is_main(),
         initial=start_step,
-        total=cfg.steps,
+        total=cfg.rl.steps,
         file=sys.stderr,
     )
     action, n_flags, step = None, 0, start_step - 1
@@ -183,7 +208,7 @@ def train(
         except TooManySkips as e:
             last = run.latest_checkpoint()
             raise TetherError(
-                f"step {step}: {cfg.max_consecutive_skips} mini-batches in a row skipped (the "
+                f"step {step}: {cfg.rl.max_consecutive_skips} mini-batches in a row skipped (the "
                 f"last for {e}); stopped. Last complete checkpoint: "
                 f"{last or 'none (no checkpoint was written yet)'}; lower --lr or fix the input, "
                 "then --resume"
@@ -191,7 +216,7 @@ def train(
         row = distributed.mean_over_processes(row)
         t_guard = time.perf_counter()
         # the same verdict on every process: the row is their mean, the probes rank 0's
-        action = guard.after_step(step, row, last=step == cfg.steps - 1)
+        action = guard.after_step(step, row, last=step == cfg.rl.steps - 1)
         row["guard_seconds"] = time.perf_counter() - t_guard  # this process's own
         for flag in row["guard"]["flags"]:
             warn(f"step {step}: guard flag {flag['flag']}: {flag['message']}")
@@ -207,7 +232,11 @@ def train(
         )
         if action:
             break
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+        if (
+            cfg.training.save_every
+            and (step + 1) % cfg.training.save_every == 0
+            and step + 1 < cfg.rl.steps
+        ):
             if weights_finite(policy):
                 # best/ travels with the checkpoint: a resumed run starts from the same best
                 run.save_checkpoint(
@@ -232,7 +261,7 @@ def train(
         warn(f"guard: stopped after step {step} (--on-hack stop)")
     summary = {**guard.report(), **ending, "flags": n_flags}
     atomic_write_text(run.root / GUARD_JSON, json.dumps(summary, indent=2))
-    return TrainResult(Path(cfg.out), metrics, policy, summary)
+    return TrainResult(Path(cfg.run.out), metrics, policy, summary)
 
 
 def _shard(records: list[PromptRecord]) -> list[PromptRecord]:
@@ -248,12 +277,14 @@ def _shard(records: list[PromptRecord]) -> list[PromptRecord]:
 def _probe_records(cfg: TrainConfig) -> list[PromptRecord]:
     """The guard's probe set: the first prompts of the held-out split."""
     try:
-        return load_prompts(cfg.prompts, "heldout", cfg.heldout_fraction)[: cfg.probe_prompts]
+        return load_prompts(cfg.task.prompts, "heldout", cfg.task.heldout_fraction)[
+            : cfg.guard.probe_prompts
+        ]
     except TetherError as e:
         if "holds no heldout prompts" not in str(e):
             raise
         raise TetherError(
-            f"{e}: the guard probes held-out prompts every --judge-every {cfg.judge_every} steps; "
+            f"{e}: the guard probes held-out prompts every --judge-every {cfg.guard.judge_every} steps; "
             "give more prompts, raise --heldout-fraction, or pass --judge-every 0"
         ) from None
 
@@ -275,18 +306,18 @@ def ppo_step(
 ) -> dict[str, Any]:
     """One step of the configured estimator; returns its metrics row."""
     t0 = time.perf_counter()
-    torch.manual_seed(step_seed(cfg.seed, step))
-    n_prompts = cfg.batch_size // cfg.group_size
-    batch = [records[i] for i in batch_indices(len(records), n_prompts, cfg.seed, step)]
+    torch.manual_seed(step_seed(cfg.training.seed, step))
+    n_prompts = cfg.rl.batch_size // cfg.rl.group_size
+    batch = [records[i] for i in batch_indices(len(records), n_prompts, cfg.training.seed, step)]
     # a group's G completions are consecutive rows: [p0] * G + [p1] * G + ...
-    prompts = [r.prompt for r in batch for _ in range(cfg.group_size)]
+    prompts = [r.prompt for r in batch for _ in range(cfg.rl.group_size)]
 
     # 1. rollout
-    rollout, rollout_out, n_truncated = policy.generate(prompts, sampling, cfg.rollout_dtype)
+    rollout, rollout_out, n_truncated = policy.generate(prompts, sampling, cfg.rl.rollout_dtype)
     release_freed_memory()
     if n_truncated:
         warn(
-            f"step {step}: {n_truncated} prompt(s) longer than max_prompt_tokens {cfg.max_prompt_tokens} were cut from the left"
+            f"step {step}: {n_truncated} prompt(s) longer than max_prompt_tokens {cfg.sampling.max_prompt_tokens} were cut from the left"
         )
     t_gen = time.perf_counter()
     # 2. score
@@ -309,14 +340,14 @@ def ppo_step(
     state.check_reward_scale(exp.scores, seq_kl, kl_coef, cfg)
     t_adv = time.perf_counter()
     # 6. update
-    gen = torch.Generator().manual_seed(step_seed(cfg.seed, step))
+    gen = torch.Generator().manual_seed(step_seed(cfg.training.seed, step))
     stats = ppo_update(
         policy, state.optimizer, state.scheduler, exp, cfg, gen, state.skips, kl_coef
     )
     release_freed_memory()
     t_update = time.perf_counter()
     # 7. KL control, on the mean per-sequence KL of this batch
-    state.kl_ctl.update(seq_kl.mean().item(), cfg.batch_size)
+    state.kl_ctl.update(seq_kl.mean().item(), cfg.rl.batch_size)
 
     # 8. metrics (on the raw scores, whatever the update saw)
     monitored = {
@@ -352,19 +383,19 @@ def metrics_row(
     shape."""
     valid = exp.rollout.valid_mask
     score_t = torch.tensor(scores)
-    critic = cfg.has_critic
+    critic = cfg.rl.has_critic
     explained = ppo.explained_variance(exp.old_values, exp.returns, valid) if critic else None
     # the keys in the order metrics.jsonl has always had them
     return {
         "step": step,
-        "advantage": cfg.advantage,
+        "advantage": cfg.rl.advantage,
         "reward_mean": score_t.mean().item(),
         "reward_std": score_t.std().item() if len(score_t) > 1 else 0.0,
         "kl_mean": seq_kl.mean().item(),
         "kl_coef": kl_coef,
         "policy_loss": stats["policy_loss"],
         **({"value_loss": stats.get("value_loss", 0.0)} if critic else {}),
-        **({"kl_loss": stats.get("kl_loss", 0.0)} if cfg.kl_penalty == "loss" else {}),
+        **({"kl_loss": stats.get("kl_loss", 0.0)} if cfg.kl.kl_penalty == "loss" else {}),
         "clipfrac": stats["clipfrac"],
         **({"vf_clipfrac": stats.get("vf_clipfrac", 0.0)} if critic else {}),
         "approx_kl": stats["approx_kl"],

@@ -25,9 +25,9 @@ def micro_batch_size(cfg: TrainConfig, device: torch.device) -> int:
     measures both), and the whole mini-batch on an accelerator, where bigger matmuls are faster
     and memory is budgeted by the batch sizes.
     """
-    if cfg.gradient_accumulation_steps is None:
-        return min(2, cfg.mini_batch_size) if device.type == "cpu" else cfg.mini_batch_size
-    return cfg.mini_batch_size // cfg.gradient_accumulation_steps
+    if cfg.rl.gradient_accumulation_steps is None:
+        return min(2, cfg.rl.mini_batch_size) if device.type == "cpu" else cfg.rl.mini_batch_size
+    return cfg.rl.mini_batch_size // cfg.rl.gradient_accumulation_steps
 
 
 def ppo_update(
@@ -52,9 +52,9 @@ def ppo_update(
     micro = micro_batch_size(cfg, policy.device)
     guard = MiniBatchGuard(cfg, policy.trainable_parameters(), skips)
     stats = UpdateStats()
-    for _epoch in range(cfg.ppo_epochs):
+    for _epoch in range(cfg.rl.ppo_epochs):
         stats.epochs_run += 1
-        for mb_idx in torch.randperm(len(exp), generator=generator).split(cfg.mini_batch_size):
+        for mb_idx in torch.randperm(len(exp), generator=generator).split(cfg.rl.mini_batch_size):
             mb = exp.select(mb_idx)
             norm = _normalisers(mb, cfg)
             optimizer.zero_grad(set_to_none=True)
@@ -71,15 +71,15 @@ def ppo_update(
                         mu.old_logprobs,
                         mu.advantages,
                         mu.loss_mask,
-                        cfg.cliprange,
-                        cfg.loss_aggregation,
+                        cfg.rl.cliprange,
+                        cfg.rl.loss_aggregation,
                         kl=kl,
-                        kl_coef=cfg.kl_coef if kl_coef is None else kl_coef,
+                        kl_coef=cfg.kl.kl_coef if kl_coef is None else kl_coef,
                         values=out.values,
                         old_values=mu.old_values,
                         returns=mu.returns,
-                        cliprange_value=cfg.cliprange_value,
-                        vf_coef=cfg.vf_coef,
+                        cliprange_value=cfg.rl.cliprange_value,
+                        vf_coef=cfg.rl.vf_coef,
                         is_weights=mu.is_weights,
                         **norm,
                     )
@@ -95,7 +95,7 @@ def ppo_update(
             scheduler.step()
             mb_stats = distributed.mean_over_processes(mb_stats)  # the global mini-batch's
             stats.add(mb_stats)
-            if cfg.early_stop_kl is not None and mb_stats["approx_kl"] > cfg.early_stop_kl:
+            if cfg.rl.early_stop_kl is not None and mb_stats["approx_kl"] > cfg.rl.early_stop_kl:
                 stats.early_stopped = True
                 break
         if stats.early_stopped:
@@ -115,7 +115,7 @@ def _normalisers(mb: Experience, cfg: TrainConfig) -> dict[str, Any]:
     return {
         "n_tokens": distributed.global_sum(mb.loss_mask.sum()).clamp(min=1) / n,
         "n_sequences": len(mb),
-        "max_len": cfg.max_new_tokens,
+        "max_len": cfg.sampling.max_new_tokens,
     }
 
 
@@ -124,15 +124,15 @@ def _policy_pass(
 ) -> tuple[PolicyOutput, torch.Tensor | None]:
     """The policy's forward for the loss, and the KL to the reference when it goes in the loss
     (the full KL runs the reference on the same micro-batch, adapter off, without grad)."""
-    full = cfg.kl_penalty == "loss" and cfg.kl_estimator == "full"
-    out = policy(mu.rollout, with_values=cfg.has_critic, with_logits=full)
-    if cfg.kl_penalty != "loss":
+    full = cfg.kl.kl_penalty == "loss" and cfg.kl.kl_estimator == "full"
+    out = policy(mu.rollout, with_values=cfg.rl.has_critic, with_logits=full)
+    if cfg.kl.kl_penalty != "loss":
         return out, None
     if not full:
-        return out, ppo.kl_estimate(out.logprobs, mu.ref_logprobs, cfg.kl_estimator)
+        return out, ppo.kl_estimate(out.logprobs, mu.ref_logprobs, cfg.kl.kl_estimator)
     with torch.no_grad(), policy.reference():
         ref_logits = policy(mu.rollout, with_values=False, with_logits=True).logits
-    return out, ppo.full_kl(out.logits, ref_logits, cfg.kl_chunk_size)
+    return out, ppo.full_kl(out.logits, ref_logits, cfg.kl.kl_chunk_size)
 
 
 @dataclass
@@ -169,7 +169,7 @@ class MiniBatchGuard:
     """The numeric guards of a mini-batch, and the processes' agreement on them.
 
     A mini-batch whose loss or gradient is not finite (NaN/inf logits end up in both), or whose
-    mean per-token ratio new/old is beyond `cfg.max_importance_ratio` either way (above it or
+    mean per-token ratio new/old is beyond `cfg.rl.max_importance_ratio` either way (above it or
     below its inverse), is skipped (no optimiser step) and counted; `skips` counts them in a row
     across calls and raises TooManySkips at its limit. With several processes every one goes
     through the same backward passes and they skip or step together (see `check`,
@@ -180,9 +180,9 @@ class MiniBatchGuard:
         self, cfg: TrainConfig, params: list[torch.nn.Parameter], skips: SkipCounter | None
     ) -> None:
         self.params = params
-        self.max_grad_norm = cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf
-        self.max_ratio = cfg.max_importance_ratio
-        ratio = cfg.max_importance_ratio
+        self.max_grad_norm = cfg.rl.max_grad_norm if cfg.rl.max_grad_norm > 0 else math.inf
+        self.max_ratio = cfg.rl.max_importance_ratio
+        ratio = cfg.rl.max_importance_ratio
         self.max_log_ratio = math.log(ratio) if ratio is not None else math.inf
         self.skips = skips
         self.n_procs = distributed.world_size()

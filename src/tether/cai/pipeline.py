@@ -14,6 +14,7 @@ their inputs changed.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 import shutil
@@ -32,9 +33,18 @@ from tether.cai.feedback import ai_feedback
 from tether.cai.redteam import harmless_prompts, load_redteam, split_prompts
 from tether.cai.revise import revise
 from tether.cai.sft import train_sl_cai
-from tether.config import CaiConfig, RewardModelConfig, TrainConfig, config_dict, config_to_yaml
+from tether.config import CaiConfig, RewardModelConfig, TrainConfig
 from tether.errors import TetherError
 from tether.models import load_model, merge_adapter, resolve_device
+from tether.option_groups import (
+    GuardOptions,
+    ModelOptions,
+    RunOptions,
+    SamplingOptions,
+    TaskOptions,
+    TrainingOptions,
+)
+from tether.options import config_to_yaml
 from tether.rewards import load_reward
 from tether.rundir import RunDir, atomic_dir, atomic_write_text, read_jsonl, write_jsonl
 
@@ -187,31 +197,38 @@ def stage_train_pm(cfg: CaiConfig, out: Path) -> dict[str, Any]:
 def rl_config(cfg: CaiConfig, prompts_file: Path, run_dir: Path) -> TrainConfig:
     """PPO against the preference model, starting from (and leashed to) the SL-CAI model."""
     return TrainConfig(
-        policy=cfg.policy,
-        adapter=str(_needs(cfg, "sft") / "adapter"),
-        reward=f"pm:{_needs(cfg, 'train-pm') / 'model'}",
-        prompts=f"jsonl:{prompts_file}",
-        out=str(run_dir),
-        **config_dict(cfg.rl),  # the estimator and the KL leash, nested in the pipeline's config
-        max_new_tokens=cfg.max_new_tokens,
-        lora_r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        seed=cfg.seed,
-        save_every=1,  # an adapter of a few MB: a killed `cai rl` loses at most one step
-        judge=cfg.judge,
-        # the guard probes the held-out red-team prompts once, after the last step
-        judge_every=cfg.rl.steps if cfg.judge else 0,
-        probe_prompts=cfg.eval_prompts,
-        heldout_fraction=cfg.heldout_fraction,
-        device=cfg.device,
-        progress=cfg.progress,
+        model=ModelOptions(
+            policy=cfg.policy,
+            adapter=str(_needs(cfg, "sft") / "adapter"),
+            lora_r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            device=cfg.device,
+        ),
+        task=TaskOptions(
+            reward=f"pm:{_needs(cfg, 'train-pm') / 'model'}",
+            prompts=f"jsonl:{prompts_file}",
+            judge=cfg.judge,
+            heldout_fraction=cfg.heldout_fraction,
+        ),
+        run=RunOptions(out=str(run_dir), progress=cfg.progress),
+        # the estimator and the KL leash, the pipeline's `--rl-` groups as they are
+        rl=dataclasses.replace(cfg.rl),
+        kl=dataclasses.replace(cfg.rl_kl),
+        sampling=SamplingOptions(max_new_tokens=cfg.max_new_tokens),
+        guard=GuardOptions(
+            # the guard probes the held-out red-team prompts once, after the last step
+            judge_every=cfg.rl.steps if cfg.judge else 0,
+            probe_prompts=cfg.eval_prompts,
+        ),
+        # save_every 1: an adapter of a few MB, a killed `cai rl` loses at most one step
+        training=TrainingOptions(seed=cfg.seed, save_every=1),
     )
 
 
 def _resumable_rl(rl_cfg: TrainConfig) -> bool:
-    """Whether an interrupted PPO run in `rl_cfg.out` can go on: it holds a complete checkpoint
+    """Whether an interrupted PPO run in `rl_cfg.run.out` can go on: it holds a complete checkpoint
     and was written with the same config (a changed config starts the stage over)."""
-    run = RunDir(rl_cfg.out)
+    run = RunDir(rl_cfg.run.out)
     try:
         run.check(config_to_yaml(rl_cfg), resume=True)
     except TetherError:
@@ -228,9 +245,9 @@ def stage_rl(cfg: CaiConfig, out: Path) -> dict[str, Any]:
     prompts_file = out / "prompts.jsonl"
     write_jsonl(prompts_file, [{"prompt": p} for p in sets["train"] + sets["heldout"]])
     rl_cfg = rl_config(cfg, prompts_file, out / "run")
-    rl_cfg.resume = _resumable_rl(rl_cfg)
-    if not rl_cfg.resume:  # an interrupted attempt that cannot go on: start the run over
-        shutil.rmtree(rl_cfg.out, ignore_errors=True)
+    rl_cfg.training.resume = _resumable_rl(rl_cfg)
+    if not rl_cfg.training.resume:  # an interrupted attempt that cannot go on: start the run over
+        shutil.rmtree(rl_cfg.run.out, ignore_errors=True)
     result = train(rl_cfg)
     last = result.metrics[-1]
     return {
