@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 import tether
 from tether.cli import main
 from tether.config import TrainConfig
+from tether.options import field_type, options
 from tether.rundir import COMPLETE, load_trainer_state
 from tether.state import TrainState
 from tether.trainer import build_policy, train
@@ -417,12 +418,11 @@ def test_a_killed_sharded_run_resumes_where_an_uninterrupted_one_ends(
 def _flags(argv: list[str]) -> dict[str, object]:
     """--name value pairs of a `train` command line, typed as TrainConfig takes them."""
     pairs = dict(zip(argv[1:-1:2], argv[2:-1:2], strict=True))
-    fields = TrainConfig.__dataclass_fields__
+    types = {o.name: field_type(o)[0] for o in options(TrainConfig)}
     out: dict[str, object] = {"progress": False}
     for flag, value in pairs.items():
         name = flag[2:].replace("-", "_")
-        typ = fields[name].type
-        out[name] = int(value) if typ == "int" else float(value) if "float" in typ else value
+        out[name] = types[name](value)
     return out
 
 

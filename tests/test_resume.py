@@ -21,6 +21,7 @@ import tether
 from tether.cli import main
 from tether.config import TrainConfig
 from tether.errors import TetherError
+from tether.options import field_type, options
 from tether.rundir import COMPLETE, RunDir, checkpoint_problem, load_trainer_state
 from tether.trainer import build_policy, train
 
@@ -29,12 +30,11 @@ SRC = str(Path(tether.__file__).resolve().parents[1])  # this checkout's src/, f
 
 def _cfg(argv) -> TrainConfig:
     pairs = dict(zip(argv[::2], argv[1::2], strict=True))
-    fields = TrainConfig.__dataclass_fields__
+    types = {o.name: field_type(o)[0] for o in options(TrainConfig)}
     kw = {}
     for flag, value in pairs.items():
         name = flag[2:].replace("-", "_")
-        typ = fields[name].type
-        kw[name] = int(value) if typ == "int" else float(value) if "float" in typ else value
+        kw[name] = types[name](value)
     return TrainConfig.from_flat(**kw, progress=False)
 
 

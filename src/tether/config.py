@@ -59,7 +59,9 @@ class _Command:
         return options.flat_values(self)
 
     def replace(self, **values: Any) -> Self:
-        """A copy with some options changed (flat names), resolved and checked again."""
+        """A copy with some options changed (flat names), checked again; the derived options
+        keep their resolved values unless given (as dataclasses.replace of the old flat
+        config did)."""
         return self.from_flat(**{**self.flat(), **values})
 
 

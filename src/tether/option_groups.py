@@ -324,7 +324,8 @@ def check_kl(kl: KLOptions) -> None:
 
 
 def resolve_rl(rl: RLOptions, kl: KLOptions) -> None:
-    """The estimator-dependent defaults, resolved once after parsing (and saved resolved)."""
+    """The estimator-dependent defaults, resolved once after parsing, in place (a command's
+    __post_init__ calls it; config.yaml saves them resolved)."""
     if rl.group_size is None:
         rl.group_size = 4 if rl.advantage in ("grpo", "rloo") else 1
     if rl.loss_aggregation is None and rl.advantage != "rloo":
