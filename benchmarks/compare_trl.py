@@ -4,6 +4,13 @@ LoRA, group size, KL coefficient and token counts.
     .venv/bin/python benchmarks/compare_trl.py              # make bench-trl
     .venv/bin/python benchmarks/compare_trl.py --smoke      # tiny shapes: does everything run?
     .venv/bin/python benchmarks/compare_trl.py --only tether-grpo,trl116-grpo --rounds 3
+    .venv/bin/python benchmarks/compare_trl.py --before ../before --llama-step both
+
+`--before DIR` adds each tether row as an earlier checkout DIR runs it (`git worktree add DIR
+REV`: its own benchmarks/ppo_step.py and src/, this interpreter), `@before` in the table, so a
+change is measured against what it replaced in the same run; `--llama-step both` adds each
+tether row with the Llama decoding step off (TETHER_LLAMA_STEP=0), `-nostep` in the table.
+`--save FILE` writes every run's figures with the date, the CPU and the versions as JSON.
 
 Three like-for-like pairs, each tether row run by benchmarks/ppo_step.py with this interpreter
 (the project venv) and each peer by benchmarks/peers/*.py in its own virtual environment under
@@ -32,8 +39,10 @@ warm-up step. The machine's other load shows in every figure: run it on a quiet 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import platform
 import statistics
 import subprocess
 import sys
@@ -161,21 +170,47 @@ def transformers4_copy(src: Path) -> Path:
     return dst
 
 
-def run(argv: list[str], label: str) -> dict:
+def cpu() -> str:
+    """The CPU model and the vector extensions that decide its fp32/bf16 kernels (lscpu)."""
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return platform.processor() or "unknown CPU"
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    model = fields.get("Model name", "unknown CPU").strip()
+    flags = set(fields.get("Flags", "").split())
+    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+    return (
+        f"{model}, {os.cpu_count()} CPUs, {' '.join(f for f in wanted if f in flags) or 'no AVX2'}"
+    )
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A way to run tether's rows: its table suffix, extra environment and checkout."""
+
+    suffix: str
+    env: tuple[tuple[str, str], ...] = ()
+    root: Path = ROOT
+
+
+def run(argv: list[str], label: str, env: dict[str, str] | None = None) -> dict:
     """One benchmark process; returns the JSON of its last stdout line."""
-    proc = subprocess.run(argv, capture_output=True, text=True, env=ENV, cwd=ROOT)
+    proc = subprocess.run(
+        argv, capture_output=True, text=True, env={**ENV, **(env or {})}, cwd=ROOT
+    )
     if proc.returncode:
         sys.exit(f"{label} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def tether_argv(args: argparse.Namespace, advantage: str | None) -> list[str]:
+def tether_argv(args: argparse.Namespace, advantage: str | None, root: Path = ROOT) -> list[str]:
     estimator = (
         [] if advantage is None else [f"--advantage={advantage}", f"--group-size={args.group_size}"]
     )
     return [
         sys.executable,
-        str(ROOT / "benchmarks" / "ppo_step.py"),
+        str(root / "benchmarks" / "ppo_step.py"),
         "--json",
         "--reference=shared",
         "--policy=smollm2",
@@ -215,33 +250,37 @@ def summarize(runs: list[dict]) -> dict:
     }
 
 
-def print_table(results: dict[str, list[dict]], versions: dict[str, str]) -> None:
+def print_table(
+    results: dict[str, list[dict]], versions: dict[str, str], tools: dict[str, str]
+) -> None:
+    """`results` and `versions` by row; `tools` says which tool each row runs."""
     rows = {tool: summarize(runs) for tool, runs in results.items()}
     print(
-        f"{'tool':<11} {'version':<36} {'s/step':>7} {'samples/s':>9} {'gen %':>6} "
+        f"{'tool':<18} {'version':<36} {'s/step':>7} {'samples/s':>9} {'gen %':>6} "
         f"{'peak RSS MB':>11} {'new tok':>7}"
     )
     for tool, r in rows.items():
         print(
-            f"{tool:<11} {versions[tool]:<36} {r['step_s']:>7.2f} {r['samples_per_s']:>9.2f} "
+            f"{tool:<18} {versions[tool]:<36} {r['step_s']:>7.2f} {r['samples_per_s']:>9.2f} "
             f"{100 * r['gen_s'] / r['step_s']:>5.0f}% {r['peak_rss_mb']:>11.0f} "
             f"{r['response_len']:>7.1f}"
         )
     threads = sorted({r["threads"] for runs in results.values() for r in runs})
     print(f"torch threads per process: {', '.join(map(str, threads))}")
-    pairs = [(t, p) for t, p in PAIRS if t in rows and p in rows]
+    peer_of = dict(PAIRS)
+    pairs = [(row, peer_of[tool]) for row, tool in tools.items() if peer_of.get(tool) in rows]
     if not pairs:
         return
     print(
         f"\nlike for like: speed x = tether samples/s / peer samples/s, RSS x = tether peak RSS / "
         f"peer peak RSS; bar = speed x >= {BAR_SPEED} and RSS x <= {BAR_RSS}"
     )
-    print(f"{'tether':<11} {'peer':<11} {'speed x':>7} {'RSS x':>6} {'bar':>4}")
+    print(f"{'tether':<18} {'peer':<11} {'speed x':>7} {'RSS x':>6} {'bar':>4}")
     for t, p in pairs:
         speed = rows[t]["samples_per_s"] / rows[p]["samples_per_s"]
         rss = rows[t]["peak_rss_mb"] / rows[p]["peak_rss_mb"]
         met = "met" if speed >= BAR_SPEED and rss <= BAR_RSS else "no"
-        print(f"{t:<11} {p:<11} {speed:>7.2f} {rss:>6.2f} {met:>4}")
+        print(f"{t:<18} {p:<11} {speed:>7.2f} {rss:>6.2f} {met:>4}")
 
 
 def peer_version(v: dict[str, str]) -> str:
@@ -274,6 +313,16 @@ def main() -> None:
     parser.add_argument(
         "--smoke", action="store_true", help="2 steps, batch 4, 8 tokens: check that all runs"
     )
+    parser.add_argument(
+        "--before", help="an earlier checkout whose tether rows run beside today's (@before)"
+    )
+    parser.add_argument(
+        "--llama-step",
+        choices=["on", "off", "both"],
+        default="on",
+        help="tether's Llama decoding step: on (the default), off, or both side by side (-nostep)",
+    )
+    parser.add_argument("--save", help="write every run's figures, date, CPU, versions as JSON")
     args = parser.parse_args()
     if args.smoke:
         args.steps, args.batch_size, args.max_new_tokens = 2, 4, 8
@@ -294,6 +343,16 @@ def main() -> None:
                 f"{args.group_size} (whole prompt groups a step)"
             )
 
+    variants = [Variant("")]
+    if args.before:
+        before = Path(args.before).resolve()
+        if not (before / "benchmarks" / "ppo_step.py").is_file():
+            parser.error(f"--before {args.before}: no benchmarks/ppo_step.py there")
+        variants.append(Variant("@before", (("PYTHONPATH", str(before / "src")),), before))
+    if args.llama_step in ("off", "both"):
+        off = Variant("-nostep", (("TETHER_LLAMA_STEP", "0"),))
+        variants = [off] if args.llama_step == "off" else [*variants, off]
+
     model = smollm2_dir()
     models = {"trl116": model, "trl116-grpo": model}
     if "trl011" in tools:
@@ -302,8 +361,15 @@ def main() -> None:
     tether_version = (
         f"tether {version('tether')}, tf {version('transformers')}, peft {version('peft')}"
     )
-    versions = dict.fromkeys(TETHER, tether_version)
-
+    # every row of the table: (row name, tool, variant), in the order they run within a round
+    rows = [
+        (tool + v.suffix, tool, v) if tool in TETHER else (tool, tool, None)
+        for tool in tools
+        for v in (variants if tool in TETHER else variants[:1])
+    ]
+    versions = {name: tether_version for name, tool, _ in rows if tool in TETHER}
+    machine = cpu()
+    print(f"CPU: {machine}", flush=True)
     print(
         f"SmolLM2-135M-Instruct fp32 CPU  batch {args.batch_size}  group {args.group_size} "
         f"(rloo, grpo)  kl_coef {args.kl_coef}  new tokens {args.max_new_tokens}  mini-batch "
@@ -311,19 +377,27 @@ def main() -> None:
         f"warm-up)  rounds {args.rounds}",
         flush=True,
     )
-    results: dict[str, list[dict]] = {t: [] for t in tools}
+    results: dict[str, list[dict]] = {name: [] for name, _, _ in rows}
     for rnd in range(1, args.rounds + 1):
-        for tool in tools:
-            if tool in TETHER:
-                argv = tether_argv(args, TETHER[tool])
+        for name, tool, variant in rows:
+            if variant is not None:
+                r = run(tether_argv(args, TETHER[tool], variant.root), name, dict(variant.env))
             else:
-                argv = peer_argv(pythons[tool], PEERS[tool], models[tool], args)
-            r = run(argv, tool)
-            if tool not in TETHER:
-                versions[tool] = peer_version(r["versions"])
-            results[tool].append(r)
-            print(f"round {rnd}/{args.rounds} {tool}: {r['step_s']:.2f} s/step", flush=True)
-    print_table(results, versions)
+                r = run(peer_argv(pythons[tool], PEERS[tool], models[tool], args), name)
+                versions[name] = peer_version(r["versions"])
+            results[name].append(r)
+            print(f"round {rnd}/{args.rounds} {name}: {r['step_s']:.2f} s/step", flush=True)
+    print_table(results, versions, {name: tool for name, tool, _ in rows})
+    if args.save:
+        record = {
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "cpu": machine,
+            "args": vars(args),
+            "versions": versions,
+            "runs": results,
+        }
+        Path(args.save).write_text(json.dumps(record, indent=2))
+        print(f"figures: {args.save}")
 
 
 if __name__ == "__main__":

@@ -9,17 +9,15 @@ side by side in one process on the embedded SmolLM2-135M (fp32):
   `F.linear`, at 16 rows (a decoding step of batch 16), 196 rows (an update micro-batch of
   2 x 98 positions) and 752 rows (a prefill of 16 x 47 prompt tokens), forward; and the
   input's gradient at 196 rows (the update's backward).
-- `loop`: a 16 x 48-token rollout (`Policy.generate`) by tether's lean decode loop
-  (`fastpath.decode`) against generate() running greedy over the same sampler, same layers.
+- `step`: a 16 x 48-token rollout (`Policy.generate`) by the Llama decoding step
+  (`tether.llama_step`) against generate() through the model's own forward over the same
+  sampler, same layers (TETHER_LLAMA_STEP=0).
 - `sampler`: one sampling step of 16 x vocabulary rows by inverse CDF (`fastpath.StepSampler`: one
   uniform per row) against `torch.multinomial` on the softmax (what `generate(do_sample=True)`
   does), plus the log-prob and entropy StepSampler records.
-- `cache`: a 16 x 48-token rollout (`Policy.generate`) through the model's own forward (what
-  T5 and other architectures take; `fastpath.LlamaStep` holds its own buffers) with the static
-  KV cache tether uses on CPU against the dynamic cache that grows by concatenation.
-- `fold`: the same rollout with the LoRA adapter (tether's default: r 16 on q/v) folded into the
-  base weights while decoding (`fastpath.folded_lora`) against LoRA's own layers, which run two
-  small matmuls beside each adapted one.
+- `fold`: the same rollout by the Llama step with the LoRA adapter (tether's default: r 16 on
+  q/v) folded into the base weights while decoding (`llama_step.folded_lora`) against LoRA's own
+  layers, which run two small matmuls beside each adapted one.
 - `judge`: HateSonar's ONNX session scoring 200 texts with one thread against onnxruntime's
   default pool.
 
@@ -118,10 +116,13 @@ def bench_sampler(policy, repeat: int) -> list[tuple[str, float, float]]:
     return [(label, median_seconds(multinomial, repeat), median_seconds(inverse_cdf, repeat))]
 
 
-def rollout_seconds(policy, reps: int, **replaced: object) -> float:
+def rollout_seconds(policy, reps: int, env: dict[str, str] | None = None, **replaced) -> float:
     """Median seconds of a 16 x 48-token rollout (`Policy.generate`, the fast path), with the
-    attributes `replaced` of tether.fastpath swapped in for the run."""
-    import tether.fastpath
+    environment `env` and the attributes `replaced` of tether.llama_step swapped in for the
+    run."""
+    import os
+
+    import tether.llama_step
     from tether.data import load_prompts
     from tether.rollout import SamplingParams
 
@@ -129,37 +130,21 @@ def rollout_seconds(policy, reps: int, **replaced: object) -> float:
     sampling = SamplingParams(max_new_tokens=48, min_new_tokens=48)
 
     def run() -> None:
-        saved = {name: getattr(tether.fastpath, name) for name in replaced}
+        saved = {name: getattr(tether.llama_step, name) for name in replaced}
+        saved_env = {k: os.environ.get(k) for k in env or {}}
         for name, value in replaced.items():
-            setattr(tether.fastpath, name, value)
+            setattr(tether.llama_step, name, value)
+        os.environ.update(env or {})
         try:
             torch.manual_seed(0)
             policy.generate(prompts, sampling)
         finally:
             for name, value in saved.items():
-                setattr(tether.fastpath, name, value)
+                setattr(tether.llama_step, name, value)
+            for k, v in saved_env.items():
+                os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
     return median_seconds(run, reps, warmup=1)
-
-
-def bench_cache(policy, repeat: int) -> list[tuple[str, float, float]]:
-    from transformers import DynamicCache
-
-    from tether.fastpath import LlamaStep
-
-    def dynamic_cache(config, max_cache_len: int):  # the lean loop's cache, but growing
-        return DynamicCache(config=config)
-
-    class ModelForward(LlamaStep):  # both arms decode through the model's own forward
-        @staticmethod
-        def applies(core, sharded: bool) -> bool:
-            return False
-
-    reps = max(1, repeat // 10)
-    dynamic = rollout_seconds(policy, reps, StaticCache=dynamic_cache, LlamaStep=ModelForward)
-    static = rollout_seconds(policy, reps, LlamaStep=ModelForward)
-    label = "rollout 16 x 48 tokens, the model's forward: dynamic vs static KV cache"
-    return [(label, dynamic, static)]
 
 
 def bench_fold(policy, repeat: int) -> list[tuple[str, float, float]]:
@@ -170,40 +155,18 @@ def bench_fold(policy, repeat: int) -> list[tuple[str, float, float]]:
     reps = max(1, repeat // 10)
     unfolded = rollout_seconds(policy, reps, folded_lora=beside)
     folded = rollout_seconds(policy, reps)
-    return [("rollout 16 x 48 tokens: LoRA beside each layer vs folded in", unfolded, folded)]
+    label = "rollout 16 x 48 tokens, the Llama step: LoRA beside each layer vs folded in"
+    return [(label, unfolded, folded)]
 
 
-def bench_loop(policy, repeat: int) -> list[tuple[str, float, float]]:
-    from transformers import GenerationConfig, LogitsProcessorList
-
-    from tether.fastpath import Sampled
-
-    def by_generate(model, input_ids, attention_mask, sampler, max_new_tokens, eos, pad, start, _):
-        # what tether's fast path did before the lean loop: generate() greedy over the sampler
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            generation_config=GenerationConfig(
-                do_sample=False,
-                max_new_tokens=max_new_tokens,
-                pad_token_id=pad,
-                eos_token_id=eos,
-                decoder_start_token_id=start,
-                cache_implementation="static",
-                disable_compile=True,
-                return_dict_in_generate=True,
-            ),
-            logits_processor=LogitsProcessorList([sampler]),
-        )
-        lp, ent = torch.cat(sampler.logprobs, 1), torch.cat(sampler.entropy, 1)
-        return Sampled(out.sequences, lp, ent)
+def bench_step(policy, repeat: int) -> list[tuple[str, float, float]]:
+    from tether.llama_step import ENV_VAR
 
     reps = max(1, repeat // 10)
-    generate = rollout_seconds(policy, reps, decode=by_generate)
-    lean = rollout_seconds(policy, reps)
-    return [
-        ("rollout 16 x 48 tokens: generate() over the sampler vs the lean loop", generate, lean)
-    ]
+    forward = rollout_seconds(policy, reps, env={ENV_VAR: "0"})
+    step = rollout_seconds(policy, reps, env={ENV_VAR: "1"})
+    label = "rollout 16 x 48 tokens: generate() through the model's forward vs the Llama step"
+    return [(label, forward, step)]
 
 
 def bench_judge(repeat: int) -> list[tuple[str, float, float]]:
@@ -226,13 +189,13 @@ def bench_judge(repeat: int) -> list[tuple[str, float, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", default="linears,sampler,loop,cache,fold,judge")
+    parser.add_argument("--only", default="linears,sampler,step,fold,judge")
     parser.add_argument("--repeat", type=int, default=20)
     args = parser.parse_args()
     wanted = set(args.only.split(","))
     rows: list[tuple[str, float, float]] = []
     policy = None
-    if wanted & {"linears", "sampler", "loop", "cache", "fold"}:
+    if wanted & {"linears", "sampler", "step", "fold"}:
         from tether.models import load_model
         from tether.policy import Policy
 
@@ -242,10 +205,8 @@ def main() -> None:
             rows += bench_linears(policy, args.repeat)
         if "sampler" in wanted:
             rows += bench_sampler(policy, args.repeat)
-    if "loop" in wanted:
-        rows += bench_loop(policy, args.repeat)
-    if "cache" in wanted:
-        rows += bench_cache(policy, args.repeat)
+    if "step" in wanted:
+        rows += bench_step(policy, args.repeat)
     if "fold" in wanted:
         rows += bench_fold(policy, args.repeat)
     if "judge" in wanted:

@@ -86,52 +86,35 @@ class FlopCounter:
         return 2 * self.linear * n + 4 * self.attn * n * (n + 1) / 2 + 2 * self.head * response_len
 
 
-def decoding(policy, prompts: list[str], sampling, rollout_dtype: str, repeat: int = 3) -> dict:
-    """Milliseconds per decoding step of `Policy.generate` (the lean loop) beside its floors,
-    measured here, now: (rollout of 49 tokens - rollout of 1 token) / 48, median of `repeat`;
-    the floor is every frozen linear layer's matmul at the batch's rows, grouped as the loop
-    runs them (one matmul for a Llama layer's q/k/v), with the kernels the
-    loop runs (`fastpath.frozen_linear`, or the --rollout-dtype layers), the 30 blocks' alone
-    and with the lm_head; and for comparison one layer at a time, and with torch's F.linear; and
-    the weight bytes read per step against this machine's copy bandwidth (a 2 x weights-sized
-    tensor copy)."""
+def decoding(policy, prompts: list[str], sampling, repeat: int = 3) -> dict:
+    """Milliseconds per decoding step of `Policy.generate` beside its floor, measured here, now:
+    (rollout of 49 tokens - rollout of 1 token) / 48, median of `repeat`; the floor is every
+    frozen linear layer's matmul at the batch's rows, one layer at a time, with the kernel the
+    step runs (`fastpath.frozen_linear`), the 30 blocks' alone and with the lm_head; and for
+    comparison with torch's F.linear; and the weight bytes read per step against this machine's
+    copy bandwidth (a 2 x weights-sized tensor copy)."""
     import torch
 
-    from tether import fastpath
+    from tether import fastpath, llama_step
     from tether.rollout import SamplingParams
 
     def rollout(n: int) -> float:
         fixed = SamplingParams(**{**sampling.__dict__, "max_new_tokens": n, "min_new_tokens": n})
         torch.manual_seed(0)
-        return _timed(lambda: policy.generate(prompts, fixed, rollout_dtype))
+        return _timed(lambda: policy.generate(prompts, fixed))
 
     rollout(2)  # warm-up
     steps = [(rollout(49) - rollout(1)) / 48 for _ in range(repeat)]
     base = policy.model.get_base_model()
     head = base.get_output_embeddings()
     layers = fastpath.frozen_linears(base)
-    cheap = fastpath.RolloutWeights(policy.model, rollout_dtype).forwards
-    # as the step runs them: one matmul for a Llama layer's q/k/v (fastpath.one_matmul),
-    # unless rollout-dtype layers run one by one
-    groups = [[m] for m in layers] if cheap else fastpath.matmul_groups(base)
-    xs = [torch.randn(len(prompts), g[0].in_features) for g in groups]
+    xs = [torch.randn(len(prompts), m.in_features) for m in layers]
 
-    # a group's stacked weights, built once outside the timing (a layer alone needs none)
-    stacked = [fastpath.one_matmul(tuple(g)) if len(g) > 1 else None for g in groups]
-
-    def matmuls(which, how: str = "step") -> float:
+    def matmuls(which, plain: bool = False) -> float:
         def run() -> None:
-            for group, x, one in zip(groups, xs, stacked, strict=True):
-                if not which(group[0]):
-                    continue
-                if how == "step" and len(group) > 1:
-                    one(x)
-                    continue
-                for m in group:
-                    if how == "flinear":
-                        torch.nn.functional.linear(x, m.weight)
-                    else:
-                        cheap.get(m, m.forward)(x)
+            for m, x in zip(layers, xs, strict=True):
+                if which(m):
+                    torch.nn.functional.linear(x, m.weight) if plain else m.forward(x)
 
         run()
         return statistics.median(_timed(run) for _ in range(7))
@@ -139,31 +122,21 @@ def decoding(policy, prompts: list[str], sampling, rollout_dtype: str, repeat: i
     with torch.no_grad():
         blocks = matmuls(lambda m: m is not head)
         everything = matmuls(lambda m: True)
-        one_by_one = matmuls(lambda m: True, how="layers")
-        plain = matmuls(lambda m: True, how="flinear")
-    nbytes = sum(_layer_bytes(m, cheap.get(m)) for m in layers)
+        flinear = matmuls(lambda m: True, plain=True)
+    nbytes = sum(m.weight.numel() * m.weight.element_size() for m in layers)
     big = torch.empty(nbytes // 4, dtype=torch.float32).normal_()
     out = torch.empty_like(big)
     copy_s = min(_timed(lambda: out.copy_(big)) for _ in range(5))
     return {
         "decode_ms": 1e3 * statistics.median(steps),
+        "llama_step": llama_step.applies(policy.model, sharded=False),
         "floor_blocks_ms": 1e3 * blocks,
         "floor_ms": 1e3 * everything,
-        "floor_layers_ms": 1e3 * one_by_one,
-        "floor_flinear_ms": 1e3 * plain,
+        "floor_flinear_ms": 1e3 * flinear,
         "decode_weight_mb": nbytes / 2**20,
         "copy_gbps": 2 * nbytes / copy_s / 1e9,  # bytes read + bytes written per second
         "bytes_floor_ms": 1e3 * copy_s / 2,  # reading the weights once at that rate
     }
-
-
-def _layer_bytes(layer, cheap) -> int:
-    """Bytes a decoding step reads for one layer: its weight, or the tensors its rollout-dtype
-    forward (a functools.partial over them) holds."""
-    import torch
-
-    tensors = [layer.weight] if cheap is None else [a for a in cheap.args if torch.is_tensor(a)]
-    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def rss_mb() -> float:
@@ -226,7 +199,6 @@ def run_one(args: argparse.Namespace) -> dict:
             lora_r=args.lora_r,
             lora_alpha=2 * args.lora_r,
             reference=args.reference,
-            rollout_dtype=args.rollout_dtype,
             progress=False,
             # only what was asked for, so that without these flags the run is what it always was
             **{
@@ -297,13 +269,12 @@ def run_one(args: argparse.Namespace) -> dict:
         peak_mb = peak_rss_mb()  # the run's, before the decoding figures' own buffers
         if args.reference == "shared" and not args.memory:
             prompts = [records[i].prompt for i in range(cfg.rl.batch_size)]
-            extra.update(decoding(policy, prompts, sampling, cfg.rl.rollout_dtype))
+            extra.update(decoding(policy, prompts, sampling))
 
     step_s = median("step_seconds")
     return {
         "reference": args.reference,
         "policy": args.policy,
-        "rollout_dtype": args.rollout_dtype,
         "advantage": cfg.rl.advantage,
         "group_size": group,
         "batch_size": args.batch_size,
@@ -366,10 +337,10 @@ def print_phases(r: dict) -> None:
     if "decode_ms" in r:
         n = r["batch_size"]
         print(
-            f"\ndecoding ({r['rollout_dtype']} rollout layers), {n} rows: {r['decode_ms']:.1f} ms a step; "
-            f"floor: the frozen layers' matmuls alone {r['floor_ms']:.1f} ms (blocks "
-            f"{r['floor_blocks_ms']:.1f} + lm_head {r['floor_ms'] - r['floor_blocks_ms']:.1f}; "
-            f"one layer at a time {r['floor_layers_ms']:.1f}; torch F.linear fp32 "
+            f"\ndecoding ({'the Llama step' if r['llama_step'] else 'the model forward'}), {n} rows: "
+            f"{r['decode_ms']:.1f} ms a step; floor: the frozen layers' matmuls alone "
+            f"{r['floor_ms']:.1f} ms (blocks {r['floor_blocks_ms']:.1f} + lm_head "
+            f"{r['floor_ms'] - r['floor_blocks_ms']:.1f}; torch F.linear fp32 "
             f"{r['floor_flinear_ms']:.1f}) -> {r['decode_ms'] / r['floor_ms']:.2f}x "
             f"the floor; {r['decode_weight_mb']:.0f} MB of weights a step at {r['copy_gbps']:.0f} GB/s "
             f"copy bandwidth = {r['bytes_floor_ms']:.1f} ms"
@@ -492,12 +463,6 @@ def main() -> None:
         "--kl-estimator",
         choices=["k1", "k2", "k3", "full"],
         help="per-token KL (default: tether's); full = exact over the vocabulary",
-    )
-    parser.add_argument(
-        "--rollout-dtype",
-        choices=["float32", "bfloat16", "int8"],
-        default="float32",
-        help="numerics of the frozen layers while sampling (tether's --rollout-dtype)",
     )
     parser.add_argument("--steps", type=int, default=5, help="including one warm-up step")
     parser.add_argument("--judge-every", type=int, default=10, help="guard probe interval")

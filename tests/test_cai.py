@@ -228,7 +228,6 @@ def test_cai_rl_takes_the_estimator(tmp_path, monkeypatch):
     changed |= dict(weight_decay=0.01, max_grad_norm=0.5, cliprange=0.3, cliprange_value=0.3)
     changed |= dict(vf_coef=0.2, gamma=0.99, lam=0.9, whiten_advantages=False, score_norm=False)
     changed |= dict(early_stop_kl=0.1, max_importance_ratio=5.0, max_consecutive_skips=3)
-    changed |= dict(rollout_dtype="int8", tis_cap=3.0)
     changed |= dict(kl_coef=0.3, target_kl=2.0, kl_horizon=500, kl_penalty="loss")
     changed |= dict(kl_estimator="k2", kl_chunk_size=64)
     assert {o.saved[-1] for o in options(CaiConfig) if o.saved[0] == "rl"} == set(changed)

@@ -118,10 +118,9 @@ def _run_driver(tmp_path: Path, config: Path, cfg: dict) -> tuple[list[dict], st
     [
         ("ddp", {}),
         ("ddp", {"advantage": "grpo", "group_size": 2, "kl_estimator": "full"}),
-        # sampled from int8 layers: each process quantizes its own gathered copy of the shards
-        ("fsdp2", {"advantage": "grpo", "group_size": 2, "rollout_dtype": "int8"}),
+        ("fsdp2", {"advantage": "grpo", "group_size": 2}),
     ],
-    ids=["gae", "grpo-full-kl-in-loss", "fsdp2-grpo-int8-rollouts"],
+    ids=["gae", "grpo-full-kl-in-loss", "fsdp2-grpo"],
 )
 def test_two_processes_train_the_same_weights_and_rank0_alone_writes(
     tiny_llama, prompts_file, reward_file, tmp_path, engine, estimator
@@ -159,9 +158,6 @@ def test_two_processes_train_the_same_weights_and_rank0_alone_writes(
 
     assert [shared(r) for r in ranks[0]["rows"]] == [shared(r) for r in ranks[1]["rows"]]
     assert len({row["kl_coef"] for row in ranks[0]["rows"]}) > 1
-    if "rollout_dtype" in estimator:  # the mismatch of int8 sampling, measured every step
-        assert all(0 < row["rollout_kl"] < 1.0 for row in ranks[0]["rows"])
-        assert all(row["rollout_max_ratio"] > 1 for row in ranks[0]["rows"])
     # rank 0 wrote the run directory once: 3 metric rows, not 6; rank 1 wrote nothing there
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [0, 1, 2]

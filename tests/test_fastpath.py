@@ -1,7 +1,6 @@
 """The CPU fast path against plain Hugging Face sampling (tether.fastpath): the same log-probs
-and entropy for the same tokens, the same sampling distribution, LoRA folding exact."""
-
-import functools
+and entropy for the same tokens, the same sampling distribution; the Llama decoding step
+(tether.llama_step) against the model's own forward, LoRA folding exact, the version gates."""
 
 import pytest
 import torch
@@ -14,7 +13,8 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from tether import fastpath
+import tether.llama_step as llama_step
+from tether import fastpath, torch_ops
 from tether.cai.chat import ChatModel
 from tether.errors import TetherError
 from tether.models import load_model
@@ -37,8 +37,8 @@ def _nudged_policy(path, fast: bool) -> Policy:
 
 def test_both_paths_give_the_same_tokens_logprobs_entropy_and_values(tiny_model):
     """Greedy decoding takes the argmax in both paths, so the tokens must be identical; then the
-    fast path's per-step log-probs and entropy (StepSampler, oneDNN head, LoRA folded, static
-    cache) must be the plain path's (taken from generate()'s output_logits afterwards), and both
+    fast path's per-step log-probs and entropy (StepSampler, oneDNN layers, for Llama the
+    decoding step with LoRA folded) must be the plain path's (taken from generate()'s output_logits afterwards), and both
     must be what one forward pass over prompt + response computes, to 5e-5. The EOS ban of
     min_new_tokens is on for the first 3 tokens."""
     fast, plain = _nudged_policy(tiny_model, True), _nudged_policy(tiny_model, False)
@@ -71,9 +71,9 @@ def test_both_paths_give_the_same_tokens_logprobs_entropy_and_values(tiny_model)
 
 
 @pytest.mark.parametrize("eos_early", [False, True], ids=["full-length", "rows-end-early"])
-def test_lean_loop_draws_the_tokens_generate_draws_with_the_same_sampler(tiny_model, eos_early):
-    """`fastpath.decode` against Hugging Face generate() running greedy over the same
-    StepSampler (one uniform per row per step from the global generator): for the same seed the
+def test_fast_path_draws_the_tokens_generate_draws_with_the_same_sampler(tiny_model, eos_early):
+    """The fast path (for Llama the decoding step's own loop, `llama_step.decode`) against
+    Hugging Face generate() running greedy over the same StepSampler (one uniform per row per step from the global generator): for the same seed the
     same forward passes must give the same tokens, and log-probs, entropy and the values read at
     the lm_head must agree to 1e-5; top-k and min_new_tokens are on (not with `eos_early`).
     With `eos_early` a frequent token is made the EOS so rows end at different steps: the
@@ -102,7 +102,6 @@ def test_lean_loop_draws_the_tokens_generate_draws_with_the_same_sampler(tiny_mo
                 eos_token_id=policy.eos_token_ids,
                 pad_token_id=policy.tokenizer.pad_token_id,
                 decoder_start_token_id=policy.decoder_start_token_id,
-                cache_implementation="static",
                 return_dict_in_generate=True,
             ),
             logits_processor=LogitsProcessorList([sampler]),
@@ -125,38 +124,34 @@ def test_lean_loop_draws_the_tokens_generate_draws_with_the_same_sampler(tiny_mo
         )
 
 
-@pytest.mark.parametrize("adapter", ["folded", "beside-bf16-layers", "off"])
+@pytest.mark.parametrize("adapter", ["folded", "off"])
 def test_llama_step_samples_what_the_models_own_forward_samples(
     tiny_llama, tiny_t5, monkeypatch, adapter
 ):
-    """The lean loop's Llama step (`fastpath.LlamaStep`, every step after the prefill) against
-    the same loop calling the model's own forward: prompts of different lengths (left padding),
-    sampled with top-k, the same seed, so the same tokens, and log-probs, entropy and values to
-    1e-5, for each way the LoRA layers run while sampling: folded into the base weights (the
-    default), beside bf16 rollout layers (`--rollout-dtype bfloat16`: the LoRA wrappers are
-    called) and disabled (the reference)."""
+    """The Llama decoding step (`llama_step.LlamaStep`, every step after the prefill) against
+    generate() over the model's own forward (its fallback): prompts of different lengths (left
+    padding), sampled with top-k, the same seed, so the same tokens, and log-probs, entropy and
+    values to 1e-5, for each way the LoRA layers run while sampling: folded into the base
+    weights (the default) and disabled (the reference)."""
     policy = _nudged_policy(tiny_llama, True)
-    core = policy.model.get_base_model()
-    assert fastpath.LlamaStep.applies(core, sharded=False)
-    assert not fastpath.LlamaStep.applies(core, sharded=True)  # FSDP2 gathers in module hooks
-    assert not fastpath.LlamaStep.applies(load_model(str(tiny_t5)).model, sharded=False)
+    assert llama_step.tested()  # the installed transformers is one the step was tested on
+    assert llama_step.applies(policy.model, sharded=False)
+    assert not llama_step.applies(policy.model, sharded=True)  # FSDP2 gathers in module hooks
+    assert not llama_step.applies(load_model(str(tiny_t5)).model, sharded=False)
     bf16 = load_model(str(tiny_llama), dtype="bfloat16").model
-    assert not fastpath.LlamaStep.applies(bf16, sharded=False)
+    assert not llama_step.applies(bf16, sharded=False)
     sampling = SamplingParams(max_new_tokens=10, min_new_tokens=2, temperature=0.9, top_k=20)
-    dtype = "bfloat16" if adapter == "beside-bf16-layers" else "float32"
-    applies, steps = fastpath.LlamaStep.applies, []
-    step = fastpath.LlamaStep.__call__
-    monkeypatch.setattr(fastpath.LlamaStep, "__call__", lambda *a: steps.append(1) or step(*a))
+    steps = []
+    step = llama_step.LlamaStep.__call__
+    monkeypatch.setattr(llama_step.LlamaStep, "__call__", lambda *a: steps.append(1) or step(*a))
 
     def sample(lean: bool):
-        monkeypatch.setattr(
-            fastpath.LlamaStep, "applies", staticmethod(applies if lean else lambda *a: False)
-        )
+        monkeypatch.setenv(llama_step.ENV_VAR, "1" if lean else "0")
         torch.manual_seed(0)
         if adapter == "off":
             with policy.reference():
                 return policy.generate(PROMPTS, sampling)
-        return policy.generate(PROMPTS, sampling, dtype)
+        return policy.generate(PROMPTS, sampling)
 
     (theirs, their_out, _), (ours, our_out, _) = sample(lean=False), sample(lean=True)
     assert len(steps) == ours.response_ids.shape[1] - 1  # every step after the prefill
@@ -165,6 +160,39 @@ def test_llama_step_samples_what_the_models_own_forward_samples(
     for name in ("logprobs", "entropy", "values"):
         x, y = getattr(our_out, name)[valid], getattr(their_out, name)[valid]
         torch.testing.assert_close(x, y, atol=1e-5, rtol=0, msg=name)
+
+
+def test_the_version_gates_fall_back_to_the_public_path(tiny_llama, monkeypatch):
+    """Outside the transformers releases it was tested on, the Llama step stands aside (the
+    model's own forward decodes); outside the tested torch releases tether's private-op
+    wrappers run the public ops, with the same results; TETHER_LLAMA_STEP=0 turns the step off
+    and an unreadable value is refused."""
+    model = load_model(str(tiny_llama)).model
+    assert llama_step.applies(model, sharded=False)
+    assert llama_step.tested("5.25.0") and not llama_step.tested("6.0.0")
+    assert not llama_step.tested("4.57.1")
+    monkeypatch.setattr(llama_step, "TESTED", ((9, 0), (9, 1)))
+    assert not llama_step.applies(model, sharded=False)
+    monkeypatch.undo()
+    monkeypatch.setenv(llama_step.ENV_VAR, "0")
+    assert not llama_step.applies(model, sharded=False)
+    monkeypatch.setenv(llama_step.ENV_VAR, "maybe")
+    with pytest.raises(TetherError, match="'maybe'"):
+        llama_step.enabled()
+    assert torch_ops._tested("2.13.0") and not torch_ops._tested("2.3.1")
+    assert not torch_ops._tested("3.0.0")
+    torch.manual_seed(0)
+    x, w = torch.randn(5, 16), torch.randn(7, 16)
+    out = torch.empty(5, 16)
+    private = torch_ops.onednn_linear(x, w, None), torch_ops.log_softmax_into(x, out).clone()
+    monkeypatch.setattr(torch_ops, "_PRIVATE", False)
+    monkeypatch.setattr(torch_ops, "_ONEDNN_LINEAR", None)
+    assert not torch_ops.has_onednn_linear()
+    public = torch_ops.onednn_linear(x, w, None), torch_ops.log_softmax_into(x, out)
+    assert public[1] is out
+    torch.testing.assert_close(public[0], x @ w.T, atol=1e-5, rtol=0)
+    for a, b in zip(private, public, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
 def _exact_first_token_probs(model, enc, sampling: SamplingParams, eos: int) -> torch.Tensor:
@@ -276,8 +304,8 @@ def test_inverse_cdf_draws_the_token_one_running_sum_over_the_row_draws(vocab):
 
 
 def test_the_llama_steps_norm_is_llamas_bit_for_bit():
-    """LlamaStep's norm (`fastpath._rms_norm`, torch's rms_norm) against LlamaRMSNorm's own
-    forward: equal bit for bit at activations of very different scales."""
+    """LlamaStep's norm (`llama_step._rms_norm`) against LlamaRMSNorm's own forward: equal bit
+    for bit at activations of very different scales."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
     torch.manual_seed(0)
@@ -286,70 +314,7 @@ def test_the_llama_steps_norm_is_llamas_bit_for_bit():
         norm.weight.normal_()
     for scale in (1e-3, 1.0, 30.0, 1e3):
         h = torch.randn(16, 576) * scale
-        assert torch.equal(fastpath._rms_norm(norm, h), norm(h)), scale
-
-
-def _groups(core) -> list[tuple]:
-    return [
-        (a.q_proj, a.k_proj, a.v_proj) for a in (layer.self_attn for layer in core.model.layers)
-    ]
-
-
-def test_one_matmul_and_the_add_inside_it_are_the_layers_own_bit_for_bit(tiny_llama, tiny_t5):
-    """`fastpath.one_matmul` over a Llama layer's q/k/v equals the layers'
-    outputs side by side, bit for bit, as one matmul over their stacked weights where each is
-    a plain frozen layer, and by calling each where LoRA runs beside them; the residual add
-    inside oneDNN's matmul (`_plus`) equals the add after it, bit for bit, with a bias too."""
-    model = load_model(str(tiny_llama)).model.eval().requires_grad_(False)  # frozen, as under LoRA
-    fastpath.use_onednn_linears(model)
-    sizes = [len(g) for g in fastpath.matmul_groups(model)]
-    assert sizes == [3, 1, 1, 1, 1] * model.config.num_hidden_layers + [1]  # + lm_head
-    t5 = load_model(str(tiny_t5)).model.requires_grad_(False)
-    assert {len(g) for g in fastpath.matmul_groups(t5)} == {1}
-    x = torch.randn(4, model.config.hidden_size)
-    with torch.no_grad():
-        for group in _groups(model):
-            one = fastpath.one_matmul(group)
-            assert isinstance(one, functools.partial)  # the one matmul, not the per-layer path
-            assert torch.equal(one(x), torch.cat([m(x) for m in group], -1))
-        for bias in (False, True):
-            layer = torch.nn.Linear(model.config.hidden_size, 8, bias=bias).requires_grad_(False)
-            fastpath.use_onednn_linears(layer)
-            h = torch.randn(4, 8)
-            assert torch.equal(fastpath._plus(layer)(x, h), h + layer(x)), bias
-        policy = _nudged_policy(tiny_llama, True)  # LoRA on q and v, running
-        core = policy.model.get_base_model()
-        group = _groups(core)[0]
-        one = fastpath.one_matmul(group)
-        assert not isinstance(one, functools.partial)
-        assert torch.equal(one(x), torch.cat([m(x) for m in group], -1))
-
-
-def test_the_llama_step_with_one_matmul_a_group_samples_what_it_samples_layer_by_layer(
-    tiny_llama, monkeypatch
-):
-    """The decoding step with q/k/v as one matmul and the residual adds
-    inside the matmuls, against the same step calling each layer and adding after it: the
-    same tokens, log-probs, entropy and values, bit for bit."""
-    policy = _nudged_policy(tiny_llama, True)
-    sampling = SamplingParams(max_new_tokens=10, min_new_tokens=2, temperature=0.9, top_k=20)
-    built = []
-    one_matmul = fastpath.one_matmul
-    monkeypatch.setattr(fastpath, "one_matmul", lambda m: built.append(one_matmul(m)) or built[-1])
-
-    def sample():
-        torch.manual_seed(0)
-        return policy.generate(PROMPTS, sampling)
-
-    fused, fused_out, _ = sample()
-    assert built and all(isinstance(one, functools.partial) for one in built)
-    monkeypatch.setattr(fastpath, "_frozen_layer", lambda call: None)  # each layer on its own
-    built.clear()
-    separate, separate_out, _ = sample()
-    assert built and not any(isinstance(one, functools.partial) for one in built)
-    assert torch.equal(fused.response_ids, separate.response_ids)
-    for name in ("logprobs", "entropy", "values"):
-        assert torch.equal(getattr(fused_out, name), getattr(separate_out, name)), name
+        assert torch.equal(llama_step._rms_norm(norm, h), norm(h)), scale
 
 
 def test_folded_lora_gives_the_adapters_logits_and_restores_the_base_bit_for_bit(tiny_model):
@@ -367,9 +332,9 @@ def test_folded_lora_gives_the_adapters_logits_and_restores_the_base_bit_for_bit
         adapted = model(**enc, **extra).logits
         with model.disable_adapter():
             reference = model(**enc, **extra).logits
-            with fastpath.folded_lora(model):
+            with llama_step.folded_lora(model):
                 still_reference = model(**enc, **extra).logits
-        with fastpath.folded_lora(model):
+        with llama_step.folded_lora(model):
             changed = [n for n, p in model.named_parameters() if not torch.equal(p, base.get(n, p))]
             folded = model(**enc, **extra).logits
     assert changed  # it did fold, into the base weights

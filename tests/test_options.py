@@ -115,7 +115,7 @@ def test_train_reads_every_option(tiny_llama, inputs, tmp_path):
     run += ["--steps", "1", "--batch-size", "4", "--judge-every", "1", "--probe-prompts", "2"]
     assert main(run) == 0  # gae: critic, GAE, KL in the reward
     grpo = ["--steps", "2", "--advantage", "grpo", "--group-size", "2", "--kl-estimator"]
-    grpo += ["full", "--rollout-dtype", "int8"]
+    grpo += ["full"]
     assert main([*run[:-8], *grpo, "--resume", "--force"]) == 0
     assert_every_option_read("train")
 
@@ -130,7 +130,7 @@ def test_detox_and_eval_read_every_option(tiny_llama, inputs, tmp_path):
 
     assert main(detox("run")) == 0  # gae
     grpo = ["--advantage", "grpo", "--group-size", "2", "--kl-estimator", "full"]
-    assert main(detox("grpo", *grpo, "--rollout-dtype", "bfloat16")) == 0
+    assert main(detox("grpo", *grpo)) == 0
     assert_every_option_read("detox")
     trained = ["--trained", str(tmp_path / "run" / "final")]
     assert main(["eval", *scored, "--out", str(tmp_path / "ev"), *trained]) == 0
@@ -147,7 +147,7 @@ def test_hacking_demo_reads_every_option(tiny_llama, inputs, tmp_path):
 
     assert main(demo("gae")) == 0
     grpo = ["--advantage", "grpo", "--group-size", "2", "--kl-estimator", "full"]
-    assert main(demo("grpo", *grpo, "--rollout-dtype", "int8")) == 0
+    assert main(demo("grpo", *grpo)) == 0
     assert_every_option_read("hacking-demo")
 
 

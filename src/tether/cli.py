@@ -55,14 +55,15 @@ def _add_config_options(parser: _Parser, command: str) -> None:
         "--config", metavar="FILE.yaml", help="read options from YAML; the command line wins"
     )
     parser.set_defaults(config_cls=cls)
-    groups: dict[str, argparse._ArgumentGroup] = {}
+    groups: dict[str, Any] = {}  # title -> parser.add_argument_group(title)
     for opt in options(cls):
         if opt.title not in groups:
             groups[opt.title] = parser.add_argument_group(opt.title)
         _add_option(groups[opt.title], opt)
 
 
-def _add_option(group: argparse._ArgumentGroup, opt: Option) -> None:
+def _add_option(group: Any, opt: Option) -> None:
+    """Add `opt` to `group`, an argument group of the command's parser."""
     typ, optional, choices, is_list = field_type(opt)
     default = opt.default
     help_text = opt.help + ("" if opt.required else f" (default: {default})")

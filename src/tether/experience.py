@@ -50,33 +50,6 @@ def full_kl_pass(
     return ref_lp, kl
 
 
-def rollout_correction(
-    policy: Policy, rollout: Rollout, rollout_out: PolicyOutput, cfg: TrainConfig
-) -> tuple[PolicyOutput, torch.Tensor | None, dict[str, float]]:
-    """For a rollout sampled with `--rollout-dtype` bfloat16/int8: the old policy's log-probs
-    (and values) in training numerics, one pass without gradient, which the update's ratios
-    and the KL then use; the truncated importance-sampling weights min(pi_train / pi_rollout,
-    --tis-cap) on the policy loss (per completion for rloo); and the mismatch, logged every step.
-    A float32 rollout is training's own: returned as it is, no weights, nothing logged."""
-    if cfg.rl.rollout_dtype == "float32":
-        return rollout_out, None, {}
-    valid = rollout.valid_mask
-    train = policy.score(rollout, cfg.rl.has_critic, batch_size=cfg.rl.forward_batch_size)
-    weights = ppo.truncated_is_weights(
-        train.logprobs,
-        rollout_out.logprobs,
-        valid,
-        cfg.rl.tis_cap,
-        per_sequence=cfg.rl.loss_aggregation is None,
-    )
-    mismatch = ppo.rollout_mismatch(train.logprobs, rollout_out.logprobs, valid, cfg.rl.tis_cap)
-    mismatch = {k: v.item() for k, v in mismatch.items()}
-    # the largest over every process (the row's other figures are averaged over them later)
-    mismatch["rollout_max_ratio"] = max(distributed.gather_floats([mismatch["rollout_max_ratio"]]))
-    corrected = PolicyOutput(train.logprobs, train.values, rollout_out.entropy).masked(valid)
-    return corrected, weights, mismatch
-
-
 def reference_pass(
     policy: Policy, rollout: Rollout, cfg: TrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -95,14 +68,12 @@ def make_experience(
     kl_coef: float,
     cfg: TrainConfig,
     kl: torch.Tensor | None = None,
-    is_weights: torch.Tensor | None = None,
 ) -> Experience:
     """Rewards and advantages of the configured estimator.
 
     `rollout_out` holds the rollout policy's log-probs (and values, with a critic), taken from
     the sampling pass; `ref_logprobs` come from `Policy.reference_logprobs`; `kl` is the exact KL
-    of `full_kl_pass`, else the configured estimator is applied to the two log-probs;
-    `is_weights` are `rollout_correction`'s, carried to the update as they are.
+    of `full_kl_pass`, else the configured estimator is applied to the two log-probs.
     """
     valid = rollout.valid_mask
     old_logprobs, old_values = rollout_out.logprobs, rollout_out.values
@@ -131,7 +102,6 @@ def make_experience(
         advantages,
         returns,
         loss_mask,
-        is_weights,
     )
 
 

@@ -223,17 +223,6 @@ class RLOptions:
         "skip a mini-batch whose mean per-token PPO ratio new/old (1 in expectation) exceeds "
         "this or falls below its inverse (counted as skipped_ratio; null in YAML: no check)",
     )
-    rollout_dtype: Literal["float32", "bfloat16", "int8"] = opt(
-        "float32",
-        "numerics of the frozen base weights while sampling rollouts: float32 (as training), "
-        "bfloat16, or int8 (weight-only, bf16 activations); LoRA stays exact in fp32, and the "
-        "update corrects the mismatch by truncated importance sampling (--tis-cap)",
-    )
-    tis_cap: float = opt(
-        2.0,
-        "with --rollout-dtype bfloat16/int8: each token's policy loss is weighted by "
-        "min(pi_train / pi_rollout, this) (Yao et al. 2025, truncated importance sampling)",
-    )
     max_consecutive_skips: int = opt(
         8,
         "stop with an error after this many mini-batches in a row were skipped (non-finite "
@@ -285,8 +274,6 @@ def check_rl(rl: RLOptions) -> None:
         raise TetherError(f"max_importance_ratio must be > 1, got {rl.max_importance_ratio}")
     if rl.max_consecutive_skips < 1:
         raise TetherError(f"max_consecutive_skips must be >= 1, got {rl.max_consecutive_skips}")
-    if rl.tis_cap < 1:
-        raise TetherError(f"tis_cap must be >= 1 (1: no weight above 1), got {rl.tis_cap}")
 
 
 @dataclass

@@ -108,7 +108,6 @@ class Policy(torch.nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         self._ref_model = None
-        self._rollout_weights: dict[str, fastpath.RolloutWeights] = {}
         self._use_copy = False  # inside reference() with a full-copy reference
         if reference == "full-copy":
             # A second frozen model, as TRL's old PPOTrainer did without PEFT: for benchmarks.
@@ -326,13 +325,9 @@ class Policy(torch.nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, prompts: list[str], sampling: SamplingParams, rollout_dtype: str = "float32"
+        self, prompts: list[str], sampling: SamplingParams
     ) -> tuple[Rollout, PolicyOutput, int]:
         """Sample one completion per prompt, batched, with the KV cache.
-
-        `rollout_dtype` other than float32: the frozen base layers run in those numerics while
-        sampling (`fastpath.RolloutWeights`, built once per dtype), and the log-probs, entropy
-        and values returned are the rollout engine's, not training's (`--rollout-dtype`).
 
         The sampling pass also yields what PPO needs from the rollout policy, so no second
         forward is spent on it: log-probs of the sampled tokens (from the raw logits / temperature,
@@ -343,18 +338,6 @@ class Policy(torch.nn.Module):
             the rollout; its (b, t) log-probs, values (None without a value head or for a
             full-copy reference), entropy; and the number of prompts truncated to max_prompt_tokens.
         """
-        weights = None
-        if rollout_dtype != "float32":
-            if not self.fast_path:
-                raise TetherError(
-                    f"--rollout-dtype {rollout_dtype} samples from a whole copy of the weights in "
-                    "the fast path, which TETHER_FAST_PATH=0 turns off: use --rollout-dtype float32"
-                )
-            if rollout_dtype not in self._rollout_weights:
-                self._rollout_weights[rollout_dtype] = fastpath.RolloutWeights(
-                    self.model, rollout_dtype
-                )
-            weights = self._rollout_weights[rollout_dtype]
         prompt_ids, prompt_mask, n_truncated = self.encode_prompts(prompts)
         self._gen_hidden = []
         try:
@@ -369,7 +352,6 @@ class Policy(torch.nn.Module):
                 self.decoder_start_token_id,
                 fast=self.fast_path,
                 sharded=self.engine == "fsdp2",
-                weights=weights,
             )
         finally:
             hidden_steps, self._gen_hidden = self._gen_hidden, None

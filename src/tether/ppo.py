@@ -17,16 +17,11 @@ Sources:
   2402.14740, sec. 3.
 - REINFORCE++ (token-level KL in the reward, returns normalised over the batch): Hu 2025, arXiv
   2501.03262, sec. 3.
-- Truncated importance sampling for rollouts sampled in other numerics than training: F. Yao,
-  L. Liu, D. Zhang, C. Dong, J. Shang, J. Gao, "Your Efficient RL Framework Secretly Brings You
-  Off-Policy RL Training" (2025), fengyao.notion.site/off-policy-rl, sec. "Truncated Importance
-  Sampling": weight min(pi_train(y) / pi_rollout(y), C) on each token's loss, C = 2 there.
 """
 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Literal
 
 import torch
@@ -343,61 +338,6 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 # ----------------------------------------------------------------------------------------------
-# rollouts sampled in other numerics than training
-# ----------------------------------------------------------------------------------------------
-
-
-def truncated_is_weights(
-    train_logprobs: torch.Tensor,
-    rollout_logprobs: torch.Tensor,
-    valid_mask: torch.Tensor,
-    cap: float,
-    per_sequence: bool = False,
-) -> torch.Tensor:
-    """Truncated importance-sampling weights (Yao et al. 2025): the tokens were drawn from the
-    rollout engine's pi_rollout, the update's old policy is pi_train (the same weights in training
-    numerics), so each token's loss is weighted by min(pi_train(y_t) / pi_rollout(y_t), cap).
-
-    Args:
-        train_logprobs, rollout_logprobs: (b, t) log-probs of the sampled tokens.
-        valid_mask: (b, t).
-        cap: C >= 1, the truncation.
-        per_sequence: one weight per completion, min(prod_t ratio_t, cap), for an estimator whose
-            action is the whole completion (RLOO); returned (b, 1), else (b, t).
-    Returns:
-        the weights, 0 at padding (per token), no gradient.
-    """
-    log_ratio = torch.where(valid_mask.bool(), train_logprobs - rollout_logprobs, 0.0).detach()
-    if per_sequence:
-        log_ratio = log_ratio.sum(1, keepdim=True)
-        return torch.exp(log_ratio).clamp(max=cap)
-    weights = torch.exp(log_ratio).clamp(max=cap)
-    return torch.where(valid_mask.bool(), weights, torch.zeros_like(weights))
-
-
-def rollout_mismatch(
-    train_logprobs: torch.Tensor,
-    rollout_logprobs: torch.Tensor,
-    valid_mask: torch.Tensor,
-    cap: float,
-) -> dict[str, torch.Tensor]:
-    """How far the rollout engine's log-probs of the sampled tokens are from training's, with
-    r = pi_train / pi_rollout per valid token: `rollout_kl`, the mean of k3 = r - 1 - log r (an
-    estimate of KL(pi_rollout || pi_train) per token: the tokens come from pi_rollout, >= 0),
-    `rollout_max_ratio`, the largest r, and `tis_clipped_frac`, the share of tokens whose r is
-    above `cap` (cut by `truncated_is_weights`)."""
-    log_ratio = (train_logprobs - rollout_logprobs).detach()
-    k3 = torch.expm1(log_ratio) - log_ratio
-    valid = valid_mask.bool()
-    largest = torch.exp(log_ratio[valid]).max() if valid.any() else log_ratio.new_ones(())
-    return {
-        "rollout_kl": masked_mean(k3, valid_mask),
-        "rollout_max_ratio": largest,
-        "tis_clipped_frac": masked_mean((log_ratio > math.log(cap)).float(), valid_mask),
-    }
-
-
-# ----------------------------------------------------------------------------------------------
 # losses
 # ----------------------------------------------------------------------------------------------
 
@@ -558,15 +498,13 @@ def rl_loss(
     returns: torch.Tensor | None = None,
     cliprange_value: float = 0.2,
     vf_coef: float = 0.1,
-    is_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The loss of one (micro-)batch, for every estimator: the clipped surrogate, plus the KL
     penalty when it goes in the loss (GRPO, Shao et al. 2024, eq. 3), plus the clipped value loss
     when there is a critic.
 
-    L = agg(w_t L^CLIP_t + beta * KL_t) + vf_coef * token-mean(L^V_t), w_t the truncated IS
-    weights (1 when none are given); with `aggregation` None the whole completion is one action
-    (RLOO): L = sum_i w_i L^CLIP_i / n_sequences.
+    L = agg(L^CLIP_t + beta * KL_t) + vf_coef * token-mean(L^V_t); with `aggregation` None the
+    whole completion is one action (RLOO): L = sum_i L^CLIP_i / n_sequences.
 
     Args:
         logprobs: (b, t) log-probs under the policy being updated (carry the gradient).
@@ -580,9 +518,6 @@ def rl_loss(
             the loss.
         kl_coef: beta.
         values, old_values, returns: (b, t) for the value loss, None without a critic.
-        is_weights: truncated importance-sampling weights (`truncated_is_weights`) on each
-            token's clipped surrogate ((b, t)), or each completion's ((b, 1), `aggregation`
-            None); None: the rollout was sampled in training numerics.
     Returns:
         the scalar loss and detached diagnostics as () tensors (each a share of the mini-batch's
         value: micro-batches' diagnostics add up): policy_loss, clipfrac, approx_kl, and
@@ -600,15 +535,11 @@ def rl_loss(
         pg_seq, clipped_seq, _ = sequence_policy_loss(
             logprobs, old_logprobs, advantages[:, 0], loss_mask, cliprange
         )
-        if is_weights is not None:
-            pg_seq = pg_seq * is_weights[:, 0]
         kept = loss_mask.any(1)
         pg_loss = torch.where(kept, pg_seq, torch.zeros_like(pg_seq)).sum() / n_sequences
         clipfrac = (clipped_seq & kept).float().sum() / n_sequences
     else:
         pg, clipped, _ = policy_loss(logprobs, old_logprobs, advantages, loss_mask, cliprange)
-        if is_weights is not None:
-            pg = pg * is_weights
         pg_loss = agg(pg, mode=aggregation)
         clipfrac = agg(clipped.float(), mode="token-mean")
     loss = pg_loss

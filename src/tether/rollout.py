@@ -98,9 +98,6 @@ class Experience:
         returns: value targets (None without a critic).
         loss_mask: 1 where a token enters the loss: `valid_mask`, less truncated completions
             when those are masked out.
-        is_weights: truncated importance-sampling weights on the policy loss, (b, t) or (b, 1)
-            for a sequence-level estimator, where the rollout was sampled in other numerics than
-            training (--rollout-dtype); None otherwise.
     """
 
     rollout: Rollout
@@ -113,7 +110,6 @@ class Experience:
     advantages: torch.Tensor
     returns: torch.Tensor | None
     loss_mask: torch.Tensor
-    is_weights: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return len(self.rollout)

@@ -25,7 +25,7 @@ from tether import distributed, ppo
 from tether.config import TrainConfig
 from tether.data import PromptRecord, load_prompts
 from tether.errors import TetherError, warn
-from tether.experience import make_experience, reference_pass, rollout_correction, train_scores_of
+from tether.experience import make_experience, reference_pass, train_scores_of
 from tether.guard import BEST, GUARD_JSON, Guard, GuardSettings
 from tether.models import load_model, resolve_device
 from tether.option_groups import ModelOptions, SamplingOptions
@@ -313,7 +313,7 @@ def ppo_step(
     prompts = [r.prompt for r in batch for _ in range(cfg.rl.group_size)]
 
     # 1. rollout
-    rollout, rollout_out, n_truncated = policy.generate(prompts, sampling, cfg.rl.rollout_dtype)
+    rollout, rollout_out, n_truncated = policy.generate(prompts, sampling)
     release_freed_memory()
     if n_truncated:
         warn(
@@ -325,16 +325,12 @@ def ppo_step(
     t_score = time.perf_counter()
     # 3. reference log-probs (and the exact KL over the vocabulary for `full`)
     ref_logprobs, full_kl = reference_pass(policy, rollout, cfg)
-    # ... and, for a rollout sampled in other numerics, the old policy's in training numerics
-    rollout_out, is_weights, mismatch = rollout_correction(policy, rollout, rollout_out, cfg)
     release_freed_memory()
     t_fwd = time.perf_counter()
     # 4-5. rewards, advantages
     kl_coef = state.kl_ctl.value
     train_scores = train_scores_of(scores, rollout, state, cfg)
-    exp = make_experience(
-        rollout, rollout_out, ref_logprobs, train_scores, kl_coef, cfg, full_kl, is_weights
-    )
+    exp = make_experience(rollout, rollout_out, ref_logprobs, train_scores, kl_coef, cfg, full_kl)
     valid = rollout.valid_mask
     seq_kl = ppo.masked_sum(exp.kl, valid, dim=1)
     state.check_reward_scale(exp.scores, seq_kl, kl_coef, cfg)
@@ -365,7 +361,7 @@ def ppo_step(
     }
     row = metrics_row(step, cfg, scores, exp, rollout_out.entropy, seq_kl, kl_coef, stats)
     lr = state.scheduler.get_last_lr()[0]
-    return {**row, "lr": lr, "truncated_prompts": n_truncated, **mismatch, **seconds, **monitored}
+    return {**row, "lr": lr, "truncated_prompts": n_truncated, **seconds, **monitored}
 
 
 def metrics_row(

@@ -80,7 +80,6 @@ def ppo_update(
                         returns=mu.returns,
                         cliprange_value=cfg.rl.cliprange_value,
                         vf_coef=cfg.rl.vf_coef,
-                        is_weights=mu.is_weights,
                         **norm,
                     )
                     loss = guard.check(loss, out.logprobs, mu)
