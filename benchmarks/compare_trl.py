@@ -10,7 +10,9 @@ LoRA, group size, KL coefficient and token counts.
 REV`: its own benchmarks/ppo_step.py and src/, this interpreter), `@before` in the table, so a
 change is measured against what it replaced in the same run; `--llama-step both` adds each
 tether row with the Llama decoding step off (TETHER_LLAMA_STEP=0), `-nostep` in the table.
-`--save FILE` writes every run's figures with the date, the CPU and the versions as JSON.
+`--save FILE` writes every run's figures with the date, the CPU and the versions as JSON, and
+`--show FILE` prints the table of such a file again (the README's table comes from
+benchmarks/results/compare_trl.json).
 
 Three like-for-like pairs, each tether row run by benchmarks/ppo_step.py with this interpreter
 (the project venv) and each peer by benchmarks/peers/*.py in its own virtual environment under
@@ -185,6 +187,17 @@ def cpu() -> str:
     )
 
 
+def revision(root: Path) -> str:
+    """The checkout's commit, with `+dirty` where it has uncommitted changes."""
+    git = ["git", "-C", str(root)]
+    try:
+        rev = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True)
+    except OSError:
+        return "unknown"
+    return rev.strip() + ("+dirty" if dirty.stdout.strip() else "") or "unknown"
+
+
 @dataclass(frozen=True)
 class Variant:
     """A way to run tether's rows: its table suffix, extra environment and checkout."""
@@ -287,6 +300,20 @@ def peer_version(v: dict[str, str]) -> str:
     return f"trl {v['trl']}, tf {v['transformers']}, peft {v['peft']}"
 
 
+def show(path: Path) -> None:
+    """The table of a `--save` file, with the date, CPU and shape it was measured with."""
+    record = json.loads(path.read_text())
+    a = record["args"]
+    print(f"measured {record['date']} on {record['cpu']}")
+    print(
+        f"SmolLM2-135M-Instruct fp32 CPU  batch {a['batch_size']}  group {a['group_size']} "
+        f"(rloo, grpo)  kl_coef {a['kl_coef']}  new tokens {a['max_new_tokens']}  mini-batch "
+        f"{a['mini_batch_size']}  steps {a['steps']} (median of {a['steps'] - 1} after 1 "
+        f"warm-up)  rounds {a['rounds']}"
+    )
+    print_table(record["runs"], record["versions"], record["tools"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -323,7 +350,11 @@ def main() -> None:
         help="tether's Llama decoding step: on (the default), off, or both side by side (-nostep)",
     )
     parser.add_argument("--save", help="write every run's figures, date, CPU, versions as JSON")
+    parser.add_argument("--show", help="print the table of a file that --save wrote, and stop")
     args = parser.parse_args()
+    if args.show:
+        show(Path(args.show))
+        return
     if args.smoke:
         args.steps, args.batch_size, args.max_new_tokens = 2, 4, 8
     args.mini_batch_size = min(args.mini_batch_size, args.batch_size)
@@ -392,8 +423,10 @@ def main() -> None:
         record = {
             "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "cpu": machine,
+            "revisions": {v.suffix or "main": revision(v.root) for v in variants},
             "args": vars(args),
             "versions": versions,
+            "tools": {name: tool for name, tool, _ in rows},
             "runs": results,
         }
         Path(args.save).write_text(json.dumps(record, indent=2))
