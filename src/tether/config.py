@@ -87,6 +87,19 @@ EMBEDDED_TASK_HELP = {
 }
 
 
+def embedded_task() -> Any:
+    """The task group of a command that runs the embedded default: the proxy reward, the
+    prompt pool and the gold judge (which such a command always has)."""
+    return group(
+        TaskOptions,
+        reward="profanity@logit",
+        prompts="chitchat:toxic",
+        judge="hatesonar",
+        help=EMBEDDED_TASK_HELP,
+        never_none=("judge",),
+    )
+
+
 @dataclass
 class TrainConfig(_Command):
     """`tether train`: PPO against a reward, with a LoRA policy and a KL leash to the starting
@@ -112,14 +125,7 @@ class DetoxConfig(_Command):
     run shows", has its wall time)."""
 
     model: ModelOptions = group(ModelOptions, policy="smollm2")
-    task: TaskOptions = group(
-        TaskOptions,
-        reward="profanity@logit",
-        prompts="chitchat:toxic",
-        judge="hatesonar",
-        help=EMBEDDED_TASK_HELP,
-        never_none=("judge",),
-    )
+    task: TaskOptions = embedded_task()
     run: RunOptions = group(RunOptions)
     rl: RLOptions = group(
         RLOptions,
@@ -148,14 +154,7 @@ class EvalConfig(_Command):
     title: ClassVar[str] = "what to evaluate"
 
     model: ModelOptions = group(ModelOptions, policy="smollm2")
-    task: TaskOptions = group(
-        TaskOptions,
-        reward="profanity@logit",
-        prompts="chitchat:toxic",
-        judge="hatesonar",
-        help=EMBEDDED_TASK_HELP,
-        never_none=("judge",),
-    )
+    task: TaskOptions = embedded_task()
     run: RunOptions = group(RunOptions)
     sampling: SamplingOptions = group(SamplingOptions)
     eval: EvalOptions = group(EvalOptions)
@@ -180,14 +179,7 @@ class HackingDemoConfig(_Command):
     title: ClassVar[str] = "the unleashed arm"
 
     model: ModelOptions = group(ModelOptions, policy="smollm2")
-    task: TaskOptions = group(
-        TaskOptions,
-        reward="profanity@logit",
-        prompts="chitchat:toxic",
-        judge="hatesonar",
-        help=EMBEDDED_TASK_HELP,
-        never_none=("judge",),
-    )
+    task: TaskOptions = embedded_task()
     run: RunOptions = group(RunOptions)
     rl: RLOptions = group(
         RLOptions,

@@ -1,6 +1,7 @@
 """User-facing errors: the CLI prints their message on one line and exits with code 2."""
 
 import errno
+import os
 import sys
 import sysconfig
 import traceback
@@ -54,3 +55,14 @@ def format_cause_chain(exc: BaseException) -> str:
 def warn(msg: str) -> None:
     """A warning on stderr that does not break the progress bar."""
     tqdm.write(f"warning: {msg}", file=sys.stderr)
+
+
+def env_switch(var: str, on: str = "the default") -> bool:
+    """An on/off environment variable that is on unless set to 0 (or false/off/no); any other
+    value than those and 1/true/on/yes is refused with the value (`on` says what 1 means)."""
+    value = os.environ.get(var, "1").strip().lower()
+    if value in ("0", "false", "off", "no"):
+        return False
+    if value in ("", "1", "true", "on", "yes"):
+        return True
+    raise TetherError(f"{var} must be 1 ({on}) or 0, got {value!r}")

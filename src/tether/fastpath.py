@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +36,7 @@ from transformers import (
 )
 
 from tether import llama_step, ppo, torch_ops
-from tether.errors import TetherError
+from tether.errors import env_switch
 from tether.rollout import SamplingParams
 
 ENV_VAR = "TETHER_FAST_PATH"
@@ -46,14 +45,7 @@ ENV_VAR = "TETHER_FAST_PATH"
 def enabled(requested: bool | None = None) -> bool:
     """Whether to take the fast path: `requested` where a caller gives it (the `fast_path`
     argument of Policy and ChatModel), else on unless $TETHER_FAST_PATH says 0."""
-    if requested is not None:
-        return requested
-    value = os.environ.get(ENV_VAR, "1").strip().lower()
-    if value in ("0", "false", "off", "no"):
-        return False
-    if value in ("", "1", "true", "on", "yes"):
-        return True
-    raise TetherError(f"{ENV_VAR} must be 1 (the fast path, the default) or 0, got {value!r}")
+    return env_switch(ENV_VAR, on="the fast path, the default") if requested is None else requested
 
 
 # ----------------------------------------------------------------------------------------------

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 from collections.abc import Iterator
 
 import torch
@@ -30,7 +29,7 @@ import transformers
 from peft.tuners.lora import Linear as LoraLinear
 from transformers import DynamicCache
 
-from tether.errors import TetherError
+from tether.errors import env_switch
 
 ENV_VAR = "TETHER_LLAMA_STEP"
 # transformers releases (major, minor) this step has been tested against, first and last:
@@ -46,12 +45,7 @@ def tested(version: str = transformers.__version__) -> bool:
 
 def enabled() -> bool:
     """On unless $TETHER_LLAMA_STEP says 0."""
-    value = os.environ.get(ENV_VAR, "1").strip().lower()
-    if value in ("0", "false", "off", "no"):
-        return False
-    if value in ("", "1", "true", "on", "yes"):
-        return True
-    raise TetherError(f"{ENV_VAR} must be 1 (the default) or 0, got {value!r}")
+    return env_switch(ENV_VAR)
 
 
 def applies(model: torch.nn.Module, sharded: bool) -> bool:
