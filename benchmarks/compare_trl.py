@@ -41,16 +41,16 @@ warm-up step. The machine's other load shows in every figure: run it on a quiet 
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
+
+from results_io import cpu, measured_line, provenance, revision, table
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / ".bench"
@@ -172,32 +172,6 @@ def transformers4_copy(src: Path) -> Path:
     return dst
 
 
-def cpu() -> str:
-    """The CPU model and the vector extensions that decide its fp32/bf16 kernels (lscpu)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return platform.processor() or "unknown CPU"
-    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
-    model = fields.get("Model name", "unknown CPU").strip()
-    flags = set(fields.get("Flags", "").split())
-    wanted = ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
-    return (
-        f"{model}, {os.cpu_count()} CPUs, {' '.join(f for f in wanted if f in flags) or 'no AVX2'}"
-    )
-
-
-def revision(root: Path) -> str:
-    """The checkout's commit, with `+dirty` where it has uncommitted changes."""
-    git = ["git", "-C", str(root)]
-    try:
-        rev = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True).stdout
-        dirty = subprocess.run([*git, "status", "--porcelain"], capture_output=True, text=True)
-    except OSError:
-        return "unknown"
-    return rev.strip() + ("+dirty" if dirty.stdout.strip() else "") or "unknown"
-
-
 @dataclass(frozen=True)
 class Variant:
     """A way to run tether's rows: its table suffix, extra environment and checkout."""
@@ -264,54 +238,71 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def print_table(
-    results: dict[str, list[dict]], versions: dict[str, str], tools: dict[str, str]
+    results: dict[str, list[dict]],
+    versions: dict[str, str],
+    tools: dict[str, str],
+    markdown: bool = False,
 ) -> None:
     """`results` and `versions` by row; `tools` says which tool each row runs."""
+    if markdown:  # the docs show the current checkout only, not --before's rows
+        results = {k: v for k, v in results.items() if "@" not in k}
     rows = {tool: summarize(runs) for tool, runs in results.items()}
-    print(
-        f"{'tool':<18} {'version':<36} {'s/step':>7} {'samples/s':>9} {'gen %':>6} "
-        f"{'peak RSS MB':>11} {'new tok':>7}"
-    )
-    for tool, r in rows.items():
-        print(
-            f"{tool:<18} {versions[tool]:<36} {r['step_s']:>7.2f} {r['samples_per_s']:>9.2f} "
-            f"{100 * r['gen_s'] / r['step_s']:>5.0f}% {r['peak_rss_mb']:>11.0f} "
-            f"{r['response_len']:>7.1f}"
+    headers = ("tool", "version", "s/step", "samples/s", "gen %", "peak RSS MB", "new tok")
+    body = [
+        (
+            tool,
+            versions[tool],
+            f"{r['step_s']:.2f}",
+            f"{r['samples_per_s']:.2f}",
+            f"{100 * r['gen_s'] / r['step_s']:.0f}%",
+            f"{r['peak_rss_mb']:.0f}",
+            f"{r['response_len']:.1f}",
         )
+        for tool, r in rows.items()
+    ]
+    print(table(headers, body, markdown))
     threads = sorted({r["threads"] for runs in results.values() for r in runs})
-    print(f"torch threads per process: {', '.join(map(str, threads))}")
+    print(f"\ntorch threads per process: {', '.join(map(str, threads))}")
     peer_of = dict(PAIRS)
-    pairs = [(row, peer_of[tool]) for row, tool in tools.items() if peer_of.get(tool) in rows]
+    pairs = [
+        (row, peer_of[tool])
+        for row, tool in tools.items()
+        if row in rows and peer_of.get(tool) in rows
+    ]
     if not pairs:
         return
     print(
-        f"\nlike for like: speed x = tether samples/s / peer samples/s, RSS x = tether peak RSS / "
-        f"peer peak RSS; bar = speed x >= {BAR_SPEED} and RSS x <= {BAR_RSS}"
+        "\nlike for like: speed x = tether samples/s / peer samples/s, RSS x = tether peak RSS / "
+        "peer peak RSS"
+        + ("" if markdown else f"; bar = speed x >= {BAR_SPEED} and RSS x <= {BAR_RSS}")
+        + "\n"
     )
-    print(f"{'tether':<18} {'peer':<11} {'speed x':>7} {'RSS x':>6} {'bar':>4}")
+    body = []
     for t, p in pairs:
         speed = rows[t]["samples_per_s"] / rows[p]["samples_per_s"]
         rss = rows[t]["peak_rss_mb"] / rows[p]["peak_rss_mb"]
         met = "met" if speed >= BAR_SPEED and rss <= BAR_RSS else "no"
-        print(f"{t:<18} {p:<11} {speed:>7.2f} {rss:>6.2f} {met:>4}")
+        body.append((t, p, f"{speed:.2f}x", f"{rss:.2f}x", met)[: 4 if markdown else 5])
+    headers = ("tether", "peer", "speed x", "RSS x", "bar")[: 4 if markdown else 5]
+    print(table(headers, body, markdown))
 
 
 def peer_version(v: dict[str, str]) -> str:
     return f"trl {v['trl']}, tf {v['transformers']}, peft {v['peft']}"
 
 
-def show(path: Path) -> None:
+def show(path: Path, markdown: bool = False) -> None:
     """The table of a `--save` file, with the date, CPU and shape it was measured with."""
     record = json.loads(path.read_text())
     a = record["args"]
-    print(f"measured {record['date']} on {record['cpu']}")
+    print(measured_line(record) + ("\n" if markdown else ""))
     print(
         f"SmolLM2-135M-Instruct fp32 CPU  batch {a['batch_size']}  group {a['group_size']} "
         f"(rloo, grpo)  kl_coef {a['kl_coef']}  new tokens {a['max_new_tokens']}  mini-batch "
         f"{a['mini_batch_size']}  steps {a['steps']} (median of {a['steps'] - 1} after 1 "
-        f"warm-up)  rounds {a['rounds']}"
+        f"warm-up)  rounds {a['rounds']}\n"
     )
-    print_table(record["runs"], record["versions"], record["tools"])
+    print_table(record["runs"], record["versions"], record["tools"], markdown)
 
 
 def main() -> None:
@@ -351,9 +342,10 @@ def main() -> None:
     )
     parser.add_argument("--save", help="write every run's figures, date, CPU, versions as JSON")
     parser.add_argument("--show", help="print the table of a file that --save wrote, and stop")
+    parser.add_argument("--markdown", action="store_true", help="with --show: a Markdown table")
     args = parser.parse_args()
     if args.show:
-        show(Path(args.show))
+        show(Path(args.show), args.markdown)
         return
     if args.smoke:
         args.steps, args.batch_size, args.max_new_tokens = 2, 4, 8
@@ -421,8 +413,7 @@ def main() -> None:
     print_table(results, versions, {name: tool for name, tool, _ in rows})
     if args.save:
         record = {
-            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-            "cpu": machine,
+            **provenance(),
             "revisions": {v.suffix or "main": revision(v.root) for v in variants},
             "args": vars(args),
             "versions": versions,

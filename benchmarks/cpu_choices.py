@@ -30,11 +30,15 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+from results_io import measured_line, provenance, table
 
 
 def median_seconds(fn: Callable[[], object], repeat: int, warmup: int = 2) -> float:
@@ -187,11 +191,34 @@ def bench_judge(repeat: int) -> list[tuple[str, float, float]]:
     return [("HateSonar, 200 texts: default thread pool vs one thread", pool, one)]
 
 
+def print_rows(record: dict, markdown: bool = False) -> None:
+    """The table of a results record: each choice, plain vs tether's, and the speed-up."""
+    print(measured_line(record) + ("\n" if markdown else ""))
+    print(f"torch {record['torch']}, {record['threads']} threads; median of repeats\n")
+    headers = ("choice: plain vs tether", "plain ms", "tether ms", "speed-up")
+    body = [
+        (
+            r["choice"],
+            f"{1e3 * r['plain_s']:.1f}",
+            f"{1e3 * r['tether_s']:.1f}",
+            f"{r['plain_s'] / r['tether_s']:.2f}x",
+        )
+        for r in record["rows"]
+    ]
+    print(table(headers, body, markdown))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", default="linears,sampler,step,fold,judge")
     parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--save", metavar="FILE.json", help="also write the figures as JSON")
+    parser.add_argument("--show", metavar="FILE.json", help="print a saved table, and stop")
+    parser.add_argument("--markdown", action="store_true", help="with --show: a Markdown table")
     args = parser.parse_args()
+    if args.show:
+        print_rows(json.loads(Path(args.show).read_text()), args.markdown)
+        return
     wanted = set(args.only.split(","))
     rows: list[tuple[str, float, float]] = []
     policy = None
@@ -211,10 +238,16 @@ def main() -> None:
         rows += bench_fold(policy, args.repeat)
     if "judge" in wanted:
         rows += bench_judge(args.repeat)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; median of repeats")
-    print(f"{'choice: plain vs tether':<82} {'plain ms':>9} {'tether ms':>10} {'speed-up':>9}")
-    for label, plain, ours in rows:
-        print(f"{label:<82} {1e3 * plain:>9.1f} {1e3 * ours:>10.1f} {plain / ours:>8.2f}x")
+    record = {
+        **provenance(),
+        "command": "python benchmarks/cpu_choices.py " + " ".join(sys.argv[1:]),
+        "threads": torch.get_num_threads(),
+        "rows": [{"choice": c, "plain_s": p, "tether_s": t} for c, p, t in rows],
+    }
+    print_rows(record)
+    if args.save:
+        Path(args.save).write_text(json.dumps(record, indent=2))
+        print(f"figures: {args.save}")
 
 
 if __name__ == "__main__":
