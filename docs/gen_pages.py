@@ -81,7 +81,7 @@ measurement with the command above its table.
 ## Detox, over seeds
 
 `python benchmarks/headline.py run --seeds 0 1 2`: `tether detox` with every default, one seed
-after another, alone on the machine. Each change is the paired difference aligned - baseline
+after another; the wall-time row marks the runs that shared the cores with other work. Each change is the paired difference aligned - baseline
 over the baseline mean, with its 95% bootstrap confidence interval over prompts.
 
 ![detox over seeds](img/detox_seeds.png)

@@ -1,0 +1,334 @@
+"""The headline results: the detox default over several seeds, and the hacking demo's two arms.
+
+    python benchmarks/headline.py run --seeds 0 1 2      # tether detox per seed + hacking-demo,
+                                                          # then collect (about 1.5 h on 2 cores)
+    python benchmarks/headline.py collect --detox RUN... --hacking DIR   # finished runs -> files
+    python benchmarks/headline.py plot                    # the README's pictures (make figures)
+    python benchmarks/headline.py show [--markdown]       # the tables
+
+`collect` writes benchmarks/results/detox_seeds.json and hacking_demo.json: every change with
+its paired 95% bootstrap CI as `tether compare` reads it from each run's report.json, the
+guard's probes, the wall times, and the date, machine and tether version that measured them.
+`plot` draws docs/img/detox_seeds.png and docs/img/hacking_demo.png from those files alone, so
+the pictures change only when a result does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from results_io import ROOT, measured_line, provenance, table
+
+RESULTS = ROOT / "benchmarks" / "results"
+DETOX = RESULTS / "detox_seeds.json"
+HACKING = RESULTS / "hacking_demo.json"
+IMG = ROOT / "docs" / "img"
+# report.json section and key of each metric the picture shows, in order
+METRICS = (
+    ("proxy", "toxicity", "proxy", "proxy toxicity (the reward)"),
+    ("judge", "toxicity", "judge", "judge toxicity (HateSonar)"),
+    ("perplexity", "quality", "perplexity", "perplexity (reference model)"),
+    ("similarity", "quality", "similarity", "similarity to the dialogue"),
+    ("length", "quality", "response_tokens", "completion length (tokens)"),
+    ("eos", "quality", "eos_rate", "completions ending with EOS"),
+)
+
+
+def _finished(path: Path) -> str:
+    stamp = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.UTC)
+    return stamp.astimezone().isoformat(timespec="seconds")
+
+
+def _change(entry: dict) -> dict:
+    """A report.json entry as relative change and paired CI, both over |baseline mean|."""
+    base = abs(entry["before_mean"]) or float("nan")
+    return {
+        "before": entry["before_mean"],
+        "after": entry["after_mean"],
+        "change": entry["diff_mean"] / base,
+        "ci95": [entry["ci95_low"] / base, entry["ci95_high"] / base],
+        "ci_excludes_zero": entry["ci_excludes_zero"],
+    }
+
+
+def collect_detox(runs: list[Path], shared: tuple[Path, ...] = ()) -> dict:
+    """`shared`: runs that shared the machine's cores with other work (their wall time is not
+    the demo's)."""
+    rows = []
+    for run in runs:
+        report = json.loads((run / "report.json").read_text())
+        cfg = report["config"]
+        rows.append(
+            {
+                "run": run.name,
+                "seed": cfg["seed"],
+                "estimator": cfg["advantage"],
+                "finished": _finished(run / "report.json"),
+                "n_eval_prompts": report["n_eval_prompts"],
+                "metric_names": {
+                    "proxy": report["toxicity"]["proxy"]["metric"],
+                    "judge": report["toxicity"]["judge"]["metric"],
+                },
+                "changes": {
+                    key: _change(report[section][name])
+                    for key, section, name, _ in METRICS
+                    if name in report[section]
+                },
+                "minutes": {k: v / 60 for k, v in report["timing_seconds"].items()},
+                "alone": run.resolve() not in {p.resolve() for p in shared},
+                "recipe": {
+                    k: cfg[k]
+                    for k in ("steps", "batch_size", "lr", "kl_coef", "lora_r", "max_new_tokens")
+                },
+            }
+        )
+    return {**provenance(), "command": "tether detox --seed S", "runs": rows}
+
+
+def collect_hacking(root: Path) -> dict:
+    report = json.loads((root / "hacking_report.json").read_text())
+    arms = {}
+    for name, arm in report["arms"].items():
+        arms[name] = {
+            "kl_coef": arm["kl_coef"],
+            "target_kl": arm["target_kl"],
+            "lr": arm["lr"],
+            "steps": arm["steps"],
+            "probes": arm["guard"]["probes"],
+            "flags": arm["guard"]["flag_counts"],
+        }
+    return {
+        **provenance(),
+        "command": "tether hacking-demo",
+        "finished": _finished(root / "hacking_report.json"),
+        "arms": arms,
+    }
+
+
+def run(seeds: list[int], out: Path) -> None:
+    tether = str(Path(sys.executable).parent / "tether")
+    detox_runs = []
+    for seed in seeds:
+        target = out / f"detox-s{seed}"
+        if not (target / "report.json").is_file():
+            subprocess.run([tether, "detox", "--seed", str(seed), "--out", str(target)], check=True)
+        detox_runs.append(target)
+    if not (out / "hacking" / "hacking_report.json").is_file():
+        subprocess.run([tether, "hacking-demo", "--out", str(out / "hacking")], check=True)
+    save(collect_detox(detox_runs), DETOX)
+    save(collect_hacking(out / "hacking"), HACKING)
+
+
+def save(record: dict, path: Path) -> None:
+    path.write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {path.relative_to(ROOT)}")
+
+
+# ----------------------------------------------------------------------------------------------
+# tables and pictures, from the results files only
+# ----------------------------------------------------------------------------------------------
+
+
+def _wall(run: dict, digits: int = 1) -> str:
+    shared = "" if run.get("alone", True) else " (cores shared)"
+    return f"{run['minutes']['total']:.{digits}f} min{shared}"
+
+
+def _pct(change: dict) -> str:
+    lo, hi = change["ci95"]
+    star = " *" if change["ci_excludes_zero"] else ""
+    return f"{100 * change['change']:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}]{star}"
+
+
+def show(markdown: bool, only: str | None = None) -> None:
+    if only != "hacking":
+        show_detox(markdown)
+    if only != "detox":
+        show_hacking(markdown)
+
+
+def show_detox(markdown: bool) -> None:
+    detox = json.loads(DETOX.read_text())
+    runs = sorted(detox["runs"], key=lambda r: r["seed"])
+    print(measured_line(detox) + ("\n" if markdown else ""))
+    headers = ("change, after vs before (paired 95% CI)", *(f"seed {r['seed']}" for r in runs))
+    body = [
+        (label, *(_pct(r["changes"][key]) for r in runs))
+        for key, _, _, label in METRICS
+        if all(key in r["changes"] for r in runs)
+    ]
+    body.append(("wall time", *(_wall(r) for r in runs)))
+    print(table(headers, body, markdown))
+    n = runs[0]["n_eval_prompts"]
+    print(f"\n(n = {n} held-out prompts; * = the CI excludes zero)\n")
+
+
+def show_hacking(markdown: bool) -> None:
+    hacking = json.loads(HACKING.read_text())
+    print(measured_line(hacking) + ("\n" if markdown else ""))
+    headers = ("arm", "step", "sqrt KL", "proxy reward", "gold judge", "perplexity", "EOS rate")
+    body = [
+        (
+            name,
+            p["step"],
+            f"{p['sqrt_kl']:.2f}",
+            f"{p['proxy_mean']:.3f}",
+            f"{p['gold_mean']:.4f}",
+            f"{p['perplexity']:.1f}",
+            f"{p['eos_rate']:.2f}",
+        )
+        for name, arm in hacking["arms"].items()
+        for p in arm["probes"]
+    ]
+    print(table(headers, body, markdown))
+    flags = "; ".join(
+        f"{name}: {', '.join(f'{k} x{v}' for k, v in arm['flags'].items()) or 'none'}"
+        for name, arm in hacking["arms"].items()
+    )
+    print(f"\n(probe steps of 32 held-out prompts; step -1 is the starting policy; flags: {flags})")
+
+
+README = ROOT / "README.md"
+BLOCK = re.compile(r"(<!-- headline:begin[^>]*-->\n).*?(<!-- headline:end -->)", re.S)
+
+
+def readme_block() -> str:
+    """The README's generated part: the picture, the seeds' table, where it was measured."""
+    detox = json.loads(DETOX.read_text())
+    runs = sorted(detox["runs"], key=lambda r: r["seed"])
+    headers = ("change after RL (95% CI)", *(f"seed {r['seed']}" for r in runs))
+    body = [
+        (label.split(" (")[0], *(_pct(r["changes"][key]) for r in runs))
+        for key, _, _, label in METRICS
+        if all(key in r["changes"] for r in runs)
+    ]
+    body.append(("wall time of `tether detox`", *(_wall(r, digits=0) for r in runs)))
+    return (
+        "![the detox default over seeds: each change with its 95% CI](docs/img/detox_seeds.png)\n\n"
+        + table(headers, body, markdown=True)
+        + f"\n\n{measured_line(detox, commit=False)}; * = the CI excludes zero.\n"
+    )
+
+
+def update_readme() -> bool:
+    """Rewrite the README's generated block; False when it was already current."""
+    text = README.read_text()
+    if not BLOCK.search(text):
+        raise SystemExit("README.md has no <!-- headline:begin --> ... <!-- headline:end --> block")
+    new = BLOCK.sub(lambda m: m[1] + readme_block() + m[2], text)
+    if new != text:
+        README.write_text(new)
+    return new != text
+
+
+def plot() -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    IMG.mkdir(parents=True, exist_ok=True)
+    detox = json.loads(DETOX.read_text())
+    runs = sorted(detox["runs"], key=lambda r: r["seed"])
+    metrics = [m for m in METRICS if all(m[0] in r["changes"] for r in runs)]
+    fig, ax = plt.subplots(figsize=(8.5, 0.5 * len(metrics) * len(runs) ** 0.5 + 1.5))
+    offsets = [0.22 * (i - (len(runs) - 1) / 2) for i in range(len(runs))]
+    for run, off, colour in zip(runs, offsets, ("C0", "C1", "C2", "C3", "C4"), strict=False):
+        for row, (key, _, _, _) in enumerate(metrics):
+            c = run["changes"][key]
+            lo, hi = (100 * x for x in c["ci95"])
+            y = row + off
+            ax.plot([lo, hi], [y, y], color=colour, lw=2)
+            ax.plot(
+                100 * c["change"],
+                y,
+                "o",
+                color=colour,
+                mfc=colour if c["ci_excludes_zero"] else "white",
+                label=f"seed {run['seed']}" if row == 0 else None,
+            )
+    ax.axvline(0, color="black", lw=0.8)
+    ax.set_yticks(range(len(metrics)), [m[3] for m in metrics])
+    ax.invert_yaxis()
+    ax.set_xlabel("change after RL, % of the baseline mean, with the paired 95% CI")
+    n = runs[0]["n_eval_prompts"]
+    ax.set_title(
+        f"tether detox, embedded default: {len(runs)} seeds, {n} held-out prompts "
+        "(hollow: the CI spans 0)",
+        fontsize=10,
+    )
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
+    fig.text(0.01, 0.01, measured_line(detox, commit=False)[:110], fontsize=6, color="grey")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    paths = [IMG / "detox_seeds.png"]
+    fig.savefig(paths[0], dpi=110)
+    plt.close(fig)
+
+    hacking = json.loads(HACKING.read_text())
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    for ax, key, title in (
+        (axes[0], "proxy_mean", "proxy reward (what RL optimises)"),
+        (axes[1], "gold_mean", "gold judge, 1 - toxicity (what we want)"),
+        (axes[2], "perplexity", "reference perplexity (fluency; lower is better)"),
+    ):
+        for name, arm in hacking["arms"].items():
+            probes = arm["probes"]
+            ax.plot([p["sqrt_kl"] for p in probes], [p[key] for p in probes], "o-", label=name)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("sqrt(KL to the starting policy)", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.text(0.01, 0.01, measured_line(hacking, commit=False)[:110], fontsize=6, color="grey")
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    paths.append(IMG / "hacking_demo.png")
+    fig.savefig(paths[1], dpi=110)
+    plt.close(fig)
+    for p in paths:
+        print(f"wrote {p.relative_to(ROOT)}")
+    if update_readme():
+        print("wrote README.md (the headline block)")
+    return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p_run = sub.add_parser("run", help="run the seeds and the demo, then collect")
+    p_run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p_run.add_argument("--out", type=Path, default=ROOT / "runs" / "headline")
+    p_col = sub.add_parser("collect", help="results files from finished runs")
+    p_col.add_argument("--detox", type=Path, nargs="+", required=True, metavar="RUN")
+    p_col.add_argument("--hacking", type=Path, required=True, metavar="DIR")
+    p_col.add_argument(
+        "--shared",
+        type=Path,
+        nargs="*",
+        default=[],
+        metavar="RUN",
+        help="runs that shared the cores with other work: their wall time is marked",
+    )
+    sub.add_parser("plot", help="docs/img/*.png and the README block, from the results files")
+    p_show = sub.add_parser("show", help="print the tables of the results files")
+    p_show.add_argument("--markdown", action="store_true")
+    p_show.add_argument("--only", choices=("detox", "hacking"))
+    args = parser.parse_args()
+    if args.what == "run":
+        run(args.seeds, args.out)
+    elif args.what == "collect":
+        save(collect_detox(args.detox, tuple(args.shared)), DETOX)
+        save(collect_hacking(args.hacking), HACKING)
+    elif args.what == "plot":
+        plot()
+    else:
+        show(args.markdown, args.only)
+
+
+if __name__ == "__main__":
+    main()
