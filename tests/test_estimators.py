@@ -4,6 +4,7 @@ the reward-scale warning, and the combinations that are refused. Math against TR
 test_estimators_trl.py."""
 
 import json
+import math
 import statistics
 
 import pytest
@@ -14,7 +15,9 @@ from conftest import PROMPT_WORDS, one_line_error, tiny_run_config
 
 from tether import ppo
 from tether.cli import main
+from tether.config import CaiConfig, DetoxConfig, HackingDemoConfig
 from tether.data import load_prompts
+from tether.errors import TetherError
 from tether.experience import full_kl_pass, make_experience, train_scores_of
 from tether.rewards import load_reward
 from tether.rollout import Rollout, step_seed
@@ -420,3 +423,65 @@ def test_overlong_punishment_shapes_the_scores_by_hand(tiny_llama, tmp_path):
     # the negative control: without the buffer, only the missing EOS costs
     plain = train_scores_of([1.0] * 6, rollout, State(), cfg.replace(overlong_buffer=None))
     assert plain == pytest.approx([1.0] * 5 + [0.3], abs=1e-9)
+
+
+def test_the_new_options_reach_every_rl_command(tmp_path):
+    """Declared once in the RL and KL groups: detox and hacking-demo take them as they are,
+    cai's RL stage as --rl-...; cai refuses the same nonsense (its max_new_tokens bounds the
+    overlong buffer)."""
+    new = dict(
+        advantage="grpo",
+        policy_loss="sapo",
+        cliprange_high=0.28,
+        dynamic_sampling=True,
+        overlong_buffer=8,
+        kl_bias_correction=True,
+    )
+    for cls in (DetoxConfig, HackingDemoConfig):
+        cfg = cls.from_flat(out=str(tmp_path / cls.__name__), **new)
+        assert (cfg.rl.policy_loss, cfg.rl.loss_aggregation) == ("sapo", "seq-mean-token-mean")
+        assert cfg.kl.kl_bias_correction and cfg.rl.overlong_buffer == 8
+    cai = CaiConfig.from_flat(out=str(tmp_path / "cai"), **{f"rl_{k}": v for k, v in new.items()})
+    # (the stage's TrainConfig copies these two groups whole: cai.pipeline.rl_config)
+    assert cai.rl.policy_loss == "sapo" and cai.rl.cliprange_high == 0.28
+    assert cai.rl.dynamic_sampling and cai.rl_kl.kl_bias_correction
+    with pytest.raises(TetherError, match="max_new_tokens 48"):
+        CaiConfig.from_flat(out=str(tmp_path / "cai2"), rl_overlong_buffer=49)
+    with pytest.raises(TetherError, match="--advantage gae learns a per-token critic"):
+        CaiConfig.from_flat(out=str(tmp_path / "cai3"), rl_policy_loss="gspo")
+
+
+def test_kl_bias_correction_trains_with_the_weighted_k3_in_the_loss(
+    tiny_llama, prompts_file, vowel_reward, tmp_path, monkeypatch
+):
+    """--kl-bias-correction puts ppo.importance_weighted_k3 of the micro-batch in the loss (the
+    update's calls are recorded), and its value at the first mini-batch (ratio 1) is k3's."""
+    calls = []
+    weighted = ppo.importance_weighted_k3
+
+    def spy(logprobs, old_logprobs, ref_logprobs):
+        out = weighted(logprobs, old_logprobs, ref_logprobs)
+        calls.append((out.detach(), ppo.kl_estimate(logprobs, ref_logprobs, "k3").detach()))
+        return out
+
+    monkeypatch.setattr(ppo, "importance_weighted_k3", spy)
+    cfg = tiny_run_config(
+        tiny_llama,
+        prompts_file,
+        tmp_path / "run",
+        reward=f"python:{vowel_reward}:vowels",
+        advantage="grpo",
+        kl_bias_correction=True,
+        steps=2,
+        batch_size=8,
+        mini_batch_size=4,
+        lr=2e-2,
+        kl_coef=0.5,
+    )
+    rows = train(cfg).metrics
+    assert len(calls) == 2 * 2 * 2 * 2  # steps x epochs x mini-batches x micro-batches (CPU: 2)
+    torch.testing.assert_close(calls[0][0], calls[0][1], atol=1e-5, rtol=1e-5)
+    assert any(not torch.allclose(w, k3, atol=1e-5) for w, k3 in calls[4:])  # off-policy later
+    assert all(math.isfinite(r["kl_loss"]) for r in rows)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["kl_bias_correction"] is True
