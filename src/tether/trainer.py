@@ -1,8 +1,9 @@
 """The RL loop: one step, for every estimator (`--advantage gae|grpo|rloo|reinforce++`), and the
 run around it.
 
-(1) rollout, G completions per prompt -> (2) score -> (3) reference log-probs (and the exact KL
-for `full`) -> (4) rewards, KL-shaped when the KL goes in the reward -> (5) advantages ->
+(1) rollout, G completions per prompt -> (2) score (1-2 in rounds with --dynamic-sampling, until
+the groups differ) -> (3) reference log-probs (and the exact KL for `full`) -> (4) rewards,
+KL-shaped when the KL goes in the reward -> (5) advantages ->
 (6) epochs x mini-batches of clipped updates, KL in the loss when it goes there -> (7) KL
 control -> (8) log and checkpoint. Steps 3-5 live in tether.experience, 6 in tether.update, the
 state a resumed run needs in tether.state.
