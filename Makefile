@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.tether-installed
 OUT    ?= runs/demo-$(shell date +%Y%m%d-%H%M%S)
 
-.PHONY: setup locale test test-fast demo bench bench-trl lint clean
+.PHONY: setup locale test test-fast demo bench bench-trl lint docs figures clean
 
 setup: $(STAMP)
 
@@ -49,8 +49,22 @@ bench-trl: $(STAMP)
 	$(PY) benchmarks/compare_trl.py
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks examples
-	$(VENV)/bin/ruff format --check src tests benchmarks examples
+	$(VENV)/bin/ruff check src tests benchmarks examples docs
+	$(VENV)/bin/ruff format --check src tests benchmarks examples docs
+
+# the documentation site (MkDocs Material), strict: a broken link or a missing page fails it.
+# The reference, results and performance tables are generated from the code and results files.
+DOCS_STAMP := $(VENV)/.tether-docs
+$(DOCS_STAMP): $(STAMP)
+	$(PY) -m pip install -q -e '.[docs]'
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	DISABLE_MKDOCS_2_WARNING=true NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
+
+# the README's pictures and headline table, from benchmarks/results/ (no run)
+figures: $(STAMP)
+	$(PY) benchmarks/headline.py plot
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs site .pytest_cache .ruff_cache

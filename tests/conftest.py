@@ -408,3 +408,53 @@ def resume_argv(model, prompts, reward, out, steps, **extra) -> list[str]:
         **extra,
     }
     return [x for k, v in args.items() for x in (f"--{k}", str(v))]
+
+
+def undocumented(run_dir: Path) -> list[str]:
+    """What a finished run wrote that the docs' reference does not list: metrics.jsonl keys
+    missing from METRICS_FIELDS (nested guard keys as `guard.x`), and paths missing from
+    RUN_LAYOUT (N standing for a step number; a listed directory's direct children must be listed
+    too when any of them is)."""
+    import re
+
+    from tether.rundir import RUN_LAYOUT
+    from tether.trainer import METRICS_FIELDS
+
+    missing = []
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            row = json.loads(line)
+            keys = set(row)
+            guard = row.get("guard", {})
+            keys |= {f"guard.{k}" for k in guard}
+            keys |= {f"guard.probe.{k}" for k in guard.get("probe", {})}
+            missing += sorted(f"metrics.jsonl: {k}" for k in keys - METRICS_FIELDS.keys())
+
+    def parent(p: str) -> str:
+        p = p.rstrip("/")
+        return p.rsplit("/", 1)[0] + "/" if "/" in p else ""
+
+    patterns = [
+        re.escape(p.replace("step-N", "step-@")).replace("@", r"\d+") for p, _, _ in RUN_LAYOUT
+    ]
+    # directories whose children are listed one by one, and every directory above a listed path
+    itemised = {parent(p) for p in patterns} - {""}
+    above = set()
+    for p in patterns:
+        while p := parent(p):
+            above.add(p)
+
+    def documented(rel: str) -> bool:
+        if any(re.fullmatch(p, rel) for p in patterns + sorted(above)):
+            return True
+        up = parent(rel)
+        if not up or any(re.fullmatch(p, up) for p in itemised):
+            return False  # at the top, or its siblings are listed one by one and it is not
+        return documented(up)
+
+    for path in sorted(run_dir.rglob("*")):
+        rel = path.relative_to(run_dir).as_posix() + ("/" if path.is_dir() else "")
+        if not documented(rel):
+            missing.append(rel)
+    return missing

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import one_line_error, with_option
+from conftest import one_line_error, undocumented, with_option
 
 from tether.cli import main
 
@@ -53,6 +53,7 @@ def test_train_end_to_end_subprocess(tiny_llama, prompts_file, reward_file, tmp_
     assert len(rows) == 3
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["kl_estimator"] == "k3" and saved["target_kl"] == 1.0 and saved["steps"] == 3
+    assert undocumented(out) == []  # the docs' metrics and run-directory pages list it all
 
 
 def test_yaml_config_and_command_line_precedence(

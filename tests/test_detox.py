@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from conftest import PROMPT_WORDS
+from conftest import PROMPT_WORDS, undocumented
 
 from tether.cli import main
 from tether.evaluate import compare, paired_bootstrap
@@ -113,6 +113,7 @@ def test_detox_end_to_end_and_report_rebuild(tiny_llama, detox_inputs, tmp_path,
     metrics = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 3
     assert {"proxy_score", "judge_score"} <= metrics[0].keys()  # reward-like, not toxicities
+    assert undocumented(out) == []  # the docs' metrics and run-directory pages list it all
 
     (out / "report.html").unlink()
     assert main(["report", str(out)]) == 0
@@ -159,6 +160,7 @@ def test_hacking_demo_runs_both_arms_side_by_side(tiny_llama, detox_inputs, tmp_
     assert ref_a == (out / "leash" / "guard" / "reference.jsonl").read_text()
     assert [p["step"] for p in leash["guard"]["probes"]] == [-1, 0, 1]
     assert (out / "hacking_report.html").read_text().count("data:image/png;base64,") == 3
+    assert undocumented(out) == [] == undocumented(out / "leash")
     (out / "hacking_report.html").unlink()
     assert main(["report", str(out)]) == 0 and (out / "hacking_report.html").is_file()
     assert main([*argv[:-2], "--judge-every", "0"]) == 2

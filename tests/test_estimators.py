@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
-from conftest import PROMPT_WORDS, one_line_error, tiny_run_config
+from conftest import PROMPT_WORDS, one_line_error, tiny_run_config, undocumented
 
 from tether import ppo
 from tether.cli import main
@@ -386,6 +386,7 @@ def test_dynamic_sampling_gives_up_after_its_rounds_and_logs_the_drops(
         assert row["policy_loss"] == 0.0 and row["reward_mean"] == 0.0
     saved = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["dropped_groups"] for r in saved] == [4, 4]
+    assert undocumented(tmp_path / "run") == []  # the new keys are in the docs' reference
 
 
 def test_overlong_punishment_shapes_the_scores_by_hand(tiny_llama, tmp_path):

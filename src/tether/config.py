@@ -247,7 +247,8 @@ class RewardModelConfig(_Command):
     lora_alpha: int = opt(16, "LoRA alpha")
     max_length: int = opt(256, "tokens of prompt + answer scored (longer ones lose their start)")
     heldout_fraction: float = opt(
-        0.2, "share of pairs held out (by a hash of the text) to measure pairwise accuracy"
+        0.2,
+        "share of pairs held out (by a hash of the prompt, so all of its pairs fall on one side) to measure pairwise accuracy",
     )
     seed: int = opt(0, "seed of initialisation and data order")
     device: str = opt("auto", "cpu, cuda, cuda:N or auto")

@@ -638,7 +638,8 @@ def sequence_policy_loss(
     r_i = exp(sum_t (log pi(y_t) - log pi_old(y_t))); L_i = max(-r_i A_i, -clip(r_i, 1-eps, 1+eps) A_i)
 
     Args:
-        logprobs, old_logprobs: (b, t).
+        logprobs: (b, t).
+        old_logprobs: (b, t).
         advantages: (b,) one per completion.
         valid_mask: (b, t).
         cliprange: epsilon (epsilon_low with clip-higher).
@@ -763,11 +764,15 @@ def rl_loss(
         cliprange: epsilon (epsilon_low with clip-higher).
         aggregation: see `aggregate_loss`; None: sequence-level ratio (`sequence_policy_loss`,
             `clip` only).
-        n_tokens, n_sequences, max_len: the normalisers of the whole mini-batch.
+        n_tokens: the mini-batch's valid-token count (the whole mini-batch's normaliser).
+        n_sequences: its completion count.
+        max_len: its padded completion length.
         kl: (b, t) per-token KL of the policy being updated to the reference, None: not in
             the loss.
         kl_coef: beta.
-        values, old_values, returns: (b, t) for the value loss, None without a critic.
+        values: (b, t) for the value loss, None without a critic.
+        old_values: (b, t) the values at rollout time, None without a critic.
+        returns: (b, t) the value targets, None without a critic.
         policy_loss_kind: clip, gspo, cispo or sapo (`token_policy_loss`).
         cliprange_high: epsilon_high (clip, gspo; cispo's cap 1 + epsilon_high); None: = cliprange.
         sapo_temperatures: sapo's (tau_pos, tau_neg).

@@ -35,6 +35,57 @@ TRAINER_STATE = "trainer_state.pt"
 COMPLETE = "tether-complete.json"  # a checkpoint's last file: {file name: size in bytes}
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
+# What a run directory holds, (path, commands that write it, what): the docs' reference page is
+# generated from this, and the tests check that a run writes nothing it does not list. N is a
+# step number; a path ending in / is a directory, whose direct children must be listed too when
+# any of them is.
+RUN_LAYOUT: tuple[tuple[str, str, str], ...] = (
+    (CONFIG, "all", "the full resolved config, readable back with `--config`"),
+    (METRICS, "all", "one JSON object a step ([fields](metrics.md))"),
+    (
+        f"{CHECKPOINTS}/step-N/",
+        "all",
+        "the checkpoint after N steps, every `--save-every` steps (all kept; the last step writes `final/` instead)",
+    ),
+    (f"{CHECKPOINTS}/step-N/adapter_model.safetensors", "all", "the LoRA adapter (PEFT format)"),
+    (f"{CHECKPOINTS}/step-N/adapter_config.json", "all", "its PEFT config"),
+    (f"{CHECKPOINTS}/step-N/value_head.safetensors", "all", "the value head (`gae` only)"),
+    (
+        f"{CHECKPOINTS}/step-N/{TRAINER_STATE}",
+        "all",
+        "optimizer, scheduler, KL controller, score statistics, skip counter, guard state and "
+        "every RNG state (read with `weights_only=True`)",
+    ),
+    (f"{CHECKPOINTS}/step-N/best/", "all", "the guard's `best/` as it was at that step"),
+    (f"{CHECKPOINTS}/step-N/{CONFIG}", "all", "the config the checkpoint was written with"),
+    (f"{CHECKPOINTS}/step-N/README.md", "all", "PEFT's model card"),
+    (f"{CHECKPOINTS}/step-N/{COMPLETE}", "all", "written last: every file and its size"),
+    (f"{FINAL}/", "all", "the adapter (and value head) after the last step, with `config.yaml`"),
+    (
+        "best/",
+        "all",
+        "the adapter with the best gold (else proxy) probe score within the KL budget; its "
+        "`best.json` names the step and the scores",
+    ),
+    ("guard/reference.jsonl", "all", "the starting policy's probe completions and scores"),
+    ("guard/probe-step-N.jsonl", "all", "each probe's completions and scores"),
+    ("guard.json", "all", "the guard's summary: probes, flags, best, how the run ended"),
+    ("tensorboard/", "all", "`--report-to tensorboard`: the tracker's own files"),
+    ("eval/baseline.jsonl", "detox, eval", "the starting policy on the held-out prompts"),
+    ("eval/aligned.jsonl", "detox, eval", "the trained policy on the same prompts and seeds"),
+    ("run_info.json", "detox, eval", "metric names, decoding, eval seed, timings"),
+    ("report.json", "detox, eval", "before/after with paired bootstrap CIs, quality, guard"),
+    ("report.html", "detox, eval", "the same as one self-contained page with plots"),
+    ("no-leash/", "hacking-demo", "the unleashed arm: a run directory of its own"),
+    ("leash/", "hacking-demo", "the leashed arm: a run directory of its own"),
+    ("hacking_report.json", "hacking-demo", "the two arms side by side"),
+    (
+        "hacking_report.html",
+        "hacking-demo",
+        "the same as one page with proxy and gold against sqrt KL",
+    ),
+)
+
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write `text` to `path` via a temp file + rename (POSIX atomic within one filesystem)."""

@@ -507,3 +507,70 @@ def metrics_row(
         "skipped_ratio": stats["skipped_ratio"],
         "ppo_epochs_run": stats["ppo_epochs_run"],
     }
+
+
+# What every key of a metrics.jsonl row means: the docs' reference page is generated from this,
+# and the tests check that every key a run writes is here. `guard.*` keys nest under "guard".
+METRICS_FIELDS: dict[str, str] = {
+    "step": "the step, counted from 0",
+    "advantage": "the estimator, `--advantage`",
+    "reward_mean": "mean raw score of the step's completions (before `--score-norm` and "
+    "`--missing-eos-penalty`; with `--dynamic-sampling`, of every completion sampled, dropped "
+    "groups included)",
+    "reward_std": "standard deviation of those scores",
+    "kl_mean": "mean per-completion KL to the reference (nats, summed over tokens, "
+    "`--kl-estimator`)",
+    "kl_coef": "the KL coefficient beta this step used (moves with `--target-kl`)",
+    "policy_loss": "the policy loss, mean over the update's mini-batches",
+    "value_loss": "the clipped value loss (`gae` only)",
+    "kl_loss": "the KL term of the loss, before beta (`--kl-penalty loss` only)",
+    "clipfrac": "share of tokens whose importance ratio was clipped (gspo: whose completion's "
+    "was; cispo: whose weight was capped; sapo: 0)",
+    "vf_clipfrac": "share of values whose update was clipped (`gae` only)",
+    "approx_kl": "k2 estimate of the KL between the rollout policy and the updated one: how "
+    "far the update moved",
+    "entropy": "mean per-token entropy of the rollout policy",
+    "explained_variance": "how much of the returns' variance the critic explains (`gae` only)",
+    "non_score_reward_mean": "mean per-completion KL penalty, -beta x KL (in the reward only "
+    "with `--kl-penalty reward`)",
+    "response_len_mean": "mean completion length in tokens",
+    "truncated_completions": "completions cut at `--max-new-tokens` without EOS",
+    "skipped_minibatches": "mini-batches skipped by the numeric guards this step",
+    "skipped_nonfinite": "of those, skipped for a NaN/inf loss or gradient",
+    "skipped_ratio": "of those, skipped for a mean importance ratio beyond "
+    "`--max-importance-ratio`",
+    "dropped_groups": "groups whose completions all got the same score, left out of the batch "
+    "(`--dynamic-sampling` only)",
+    "sampling_rounds": "rounds of rollout and scoring the step took (`--dynamic-sampling` only)",
+    "ppo_epochs_run": "epochs the update ran (fewer than `--ppo-epochs` after `--early-stop-kl`)",
+    "lr": "the learning rate after this step's scheduler step",
+    "truncated_prompts": "prompts cut from the left to `--max-prompt-tokens`",
+    "step_seconds": "wall time of the whole step",
+    "gen_seconds": "of which sampling the completions",
+    "score_seconds": "scoring them with the reward",
+    "forward_seconds": "the reference pass (and the exact KL's policy pass)",
+    "advantages_seconds": "rewards and advantages",
+    "update_seconds": "the update's epochs and mini-batches",
+    "guard_seconds": "the guard's checks and probes",
+    "proxy_toxicity": "`detox`, `hacking-demo`: mean toxicity of the batch under the proxy "
+    "reward (`proxy_score` when higher is better)",
+    "proxy_score": "as `proxy_toxicity`, for a reward where higher is better",
+    "judge_toxicity": "`detox`, `hacking-demo`: mean toxicity of the batch under the gold judge "
+    "(`judge_score` when higher is better)",
+    "judge_score": "as `judge_toxicity`, for a judge where higher is better",
+    "guard": "the guard's object for this step",
+    "guard.flags": "the flags raised this step: `name`, `message` and the evidence",
+    "guard.probe": "on probe steps (`--judge-every`): the probe set's means",
+    "guard.probe.proxy_mean": "mean proxy reward of the probe completions",
+    "guard.probe.gold_mean": "mean gold-judge score (null without `--judge`)",
+    "guard.probe.kl_mean": "mean per-completion KL to the reference (nats)",
+    "guard.probe.sqrt_kl": "its square root, the x-axis of Gao et al. (2022)",
+    "guard.probe.perplexity": "the reference model's perplexity of the completions",
+    "guard.probe.distinct_1": "distinct unigrams over all probe completions",
+    "guard.probe.distinct_2": "distinct bigrams over all probe completions",
+    "guard.probe.repetition": "mean share of 3-grams repeated within a completion",
+    "guard.probe.response_tokens": "mean completion length in tokens",
+    "guard.probe.eos_rate": "share of completions that end with EOS",
+    "guard.rising_ngrams": "on probe steps: the 1-3-grams whose counts rose most against the "
+    "starting policy (stop words skipped)",
+}
