@@ -119,8 +119,19 @@ def _run_driver(tmp_path: Path, config: Path, cfg: dict) -> tuple[list[dict], st
         ("ddp", {}),
         ("ddp", {"advantage": "grpo", "group_size": 2, "kl_estimator": "full"}),
         ("fsdp2", {"advantage": "grpo", "group_size": 2}),
+        # frac_a is 0 for most tiny completions: constant groups, dropped and resampled in
+        # rounds that every rank must run alike (the sharded generation is collective)
+        (
+            "fsdp2",
+            {
+                "advantage": "grpo",
+                "group_size": 2,
+                "dynamic_sampling": True,
+                "max_extra_sampling_rounds": 2,
+            },
+        ),
     ],
-    ids=["gae", "grpo-full-kl-in-loss", "fsdp2-grpo"],
+    ids=["gae", "grpo-full-kl-in-loss", "fsdp2-grpo", "fsdp2-grpo-dynamic-sampling"],
 )
 def test_two_processes_train_the_same_weights_and_rank0_alone_writes(
     tiny_llama, prompts_file, reward_file, tmp_path, engine, estimator
@@ -158,6 +169,8 @@ def test_two_processes_train_the_same_weights_and_rank0_alone_writes(
 
     assert [shared(r) for r in ranks[0]["rows"]] == [shared(r) for r in ranks[1]["rows"]]
     assert len({row["kl_coef"] for row in ranks[0]["rows"]}) > 1
+    if estimator.get("dynamic_sampling"):  # groups were dropped, in more than one round
+        assert any(r["dropped_groups"] > 0 and r["sampling_rounds"] > 1 for r in ranks[0]["rows"])
     # rank 0 wrote the run directory once: 3 metric rows, not 6; rank 1 wrote nothing there
     lines = (run / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(x)["step"] for x in lines] == [0, 1, 2]

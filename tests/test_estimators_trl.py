@@ -294,9 +294,12 @@ def test_grpo_loss_matches_trl(
     )
     assert clipped.any() and (mask.bool() & ~clipped).any()
     if beta:
-        kl = ppo.kl_estimate(logprobs, ref, "k3")
-        # tether's kl_estimate is TRL's per_token_kl; the bias correction is the caller's
-        per_token = per_token + beta * (ratio * kl if bias_correction else kl)
+        # tether's kl_estimate is TRL's per_token_kl; importance_weighted_k3 its bias correction
+        if bias_correction:
+            kl = ppo.importance_weighted_k3(logprobs, old, ref)
+        else:
+            kl = ppo.kl_estimate(logprobs, ref, "k3")
+        per_token = per_token + beta * kl
     ours = ppo.aggregate_loss(
         per_token,
         mask,
@@ -309,6 +312,164 @@ def test_grpo_loss_matches_trl(
 
     torch.testing.assert_close(ours.detach(), theirs.detach(), rtol=0, atol=1e-6)
     _assert_same_grads(_grads(model), their_grads)
+
+
+# The 2026 losses through tether's own `rl_loss` (what the update calls) against TRL's
+# `_compute_loss`: (id, TRL config, rl_loss options, aggregation, beta). The clip ranges are set
+# so that, on the batch below, the new bound matters (the negative controls check it does).
+NEW_LOSS_CASES = [
+    # DAPO's clip-higher: epsilon 0.2 below, epsilon_high 0.28 above
+    (
+        "clip-higher",
+        dict(loss_type="dapo", epsilon_high=0.28),
+        dict(policy_loss_kind="clip", cliprange=CLIP, cliprange_high=0.28),
+        "token-mean",
+        0.0,
+    ),
+    # GSPO: one geometric-mean ratio per completion; narrow clips, as the paper's 3e-4 / 4e-4
+    # would be on ratios this far from 1; averaged over completions (TRL grpo) and over tokens
+    (
+        "gspo",
+        dict(
+            loss_type="grpo", importance_sampling_level="sequence", epsilon=0.04, epsilon_high=0.06
+        ),
+        dict(policy_loss_kind="gspo", cliprange=0.04, cliprange_high=0.06),
+        "seq-mean-token-mean",
+        0.0,
+    ),
+    (
+        "gspo-token-mean",
+        dict(
+            loss_type="dapo", importance_sampling_level="sequence", epsilon=0.04, epsilon_high=0.06
+        ),
+        dict(policy_loss_kind="gspo", cliprange=0.04, cliprange_high=0.06),
+        "token-mean",
+        0.0,
+    ),
+    # CISPO: TRL's epsilon_high is the weight's cap itself, tether's cap is 1 + cliprange_high
+    (
+        "cispo",
+        dict(loss_type="cispo", epsilon_high=1.3),
+        dict(policy_loss_kind="cispo", cliprange=CLIP, cliprange_high=0.3),
+        "token-mean",
+        0.0,
+    ),
+    # SAPO with temperatures of its own, so that which sign gets which one shows
+    (
+        "sapo",
+        dict(loss_type="sapo", sapo_temperature_pos=1.5, sapo_temperature_neg=3.0),
+        dict(policy_loss_kind="sapo", cliprange=CLIP, sapo_temperatures=(1.5, 3.0)),
+        "seq-mean-token-mean",
+        0.0,
+    ),
+    # the importance-weighted k3 (TRL's default use_bias_correction_kl) beside the new losses
+    (
+        "clip-higher+kl",
+        dict(loss_type="dapo", epsilon_high=0.28),
+        dict(policy_loss_kind="clip", cliprange=CLIP, cliprange_high=0.28),
+        "token-mean",
+        0.04,
+    ),
+    (
+        "cispo+kl",
+        dict(loss_type="cispo", epsilon_high=1.3),
+        dict(policy_loss_kind="cispo", cliprange=CLIP, cliprange_high=0.3),
+        "token-mean",
+        0.04,
+    ),
+    (
+        "sapo+kl",
+        dict(loss_type="sapo", sapo_temperature_pos=1.5, sapo_temperature_neg=3.0),
+        dict(policy_loss_kind="sapo", cliprange=CLIP, sapo_temperatures=(1.5, 3.0)),
+        "seq-mean-token-mean",
+        0.04,
+    ),
+]
+# what each case's loss is without its new piece: it must differ from TRL's by far more than the
+# tolerance, or the case would not test that piece
+NEGATIVE_CONTROLS = {
+    "clip-higher": dict(cliprange_high=None),
+    "gspo": dict(policy_loss_kind="clip"),
+    "gspo-token-mean": dict(policy_loss_kind="clip"),
+    "cispo": dict(cliprange_high=1.3),
+    "sapo": dict(sapo_temperatures=(3.0, 1.5)),
+}
+
+
+@pytest.mark.parametrize(
+    "trl_config, options, mode, beta",
+    [case[1:] for case in NEW_LOSS_CASES],
+    ids=[case[0] for case in NEW_LOSS_CASES],
+)
+def test_new_losses_match_trl(make_trainer, tokenizer, trl_config, options, mode, beta, request):
+    trainer = make_trainer(GRPOTrainer, beta=beta, use_bias_correction_kl=True, **trl_config)
+    model = trainer.model
+    batch = _loss_batch(tokenizer)
+    mask = batch["completion_mask"]
+    b = mask.shape[0]
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        current = _tether_logprobs(model, batch)
+    # as in test_grpo_loss_matches_trl: ratios 0.61..1.65, a reference off by N(0, 0.5), finite
+    # garbage at padding
+    old = torch.where(mask.bool(), current + torch.rand(current.shape, generator=gen) - 0.5, 5.0)
+    ref = torch.where(mask.bool(), current + 0.5 * torch.randn(current.shape, generator=gen), -5.0)
+    advantages = torch.randn(b, generator=gen)
+    inputs = {
+        **batch,
+        "advantages": advantages,
+        "old_per_token_logps": old,
+        "num_items_in_batch": mask.sum(),
+    }
+    if beta:
+        inputs["ref_per_token_logps"] = ref
+
+    model.zero_grad(set_to_none=True)
+    theirs = trainer._compute_loss(model, inputs)
+    theirs.backward()
+    their_grads = _grads(model)
+
+    def ours(logprobs, **changes):
+        kl = ppo.importance_weighted_k3(logprobs, old, ref) if beta else None
+        loss, stats = ppo.rl_loss(
+            logprobs,
+            old,
+            advantages[:, None].expand_as(logprobs),
+            mask,
+            aggregation=mode,
+            n_tokens=mask.sum(),
+            n_sequences=b,
+            max_len=MAX_COMPLETION,
+            kl=kl,
+            kl_coef=beta,
+            **{**options, **changes},
+        )
+        return loss, stats
+
+    loss, stats = ours(_tether_logprobs(model, batch))
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), theirs.detach(), rtol=0, atol=1e-6)
+    _assert_same_grads(_grads(model), their_grads)
+
+    case = request.node.callspec.id
+    if options["policy_loss_kind"] != "sapo":  # sapo clips nothing
+        assert 0 < stats["clipfrac"] < 1, case  # some ratios clipped (capped), some not
+    if case in NEGATIVE_CONTROLS:
+        with torch.no_grad():
+            control, _ = ours(_tether_logprobs(model, batch), **NEGATIVE_CONTROLS[case])
+        assert abs(control.item() - theirs.item()) > 1e-3, case
+
+
+def test_soft_overlong_punishment_matches_trl():
+    """DAPO eq. 13 against TRL's reward function of it, at every length around the buffer."""
+    from trl.rewards import get_soft_overlong_punishment
+
+    max_len, buffer = 20, 6
+    lengths = list(range(0, 26))
+    theirs = get_soft_overlong_punishment(max_len, buffer)([[1] * n for n in lengths])
+    ours = ppo.overlong_penalty(torch.tensor(lengths), max_len, buffer)
+    torch.testing.assert_close(ours, torch.tensor(theirs, dtype=torch.float32), rtol=0, atol=1e-6)
+    assert ours[14].item() == 0.0 and ours[17].item() == pytest.approx(-0.5)  # 14 = 20 - 6
 
 
 def test_rloo_loss_matches_trl(make_trainer, tokenizer):

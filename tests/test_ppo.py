@@ -4,6 +4,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tether import ppo
 
@@ -169,3 +170,140 @@ def test_explained_variance():
     assert ppo.explained_variance(torch.full_like(ret, 2.5), ret, mask).item() == pytest.approx(
         0.0, abs=1e-6
     )
+
+
+# ----------------------------------------------------------------------------------------------
+# the 2026 estimators: clip-higher, GSPO, CISPO, SAPO, the corrected KL, DAPO's length and
+# group filters (TRL as the oracle: test_estimators_trl.py)
+# ----------------------------------------------------------------------------------------------
+
+
+def test_clip_higher_by_hand():
+    # eps_low 0.2, eps_high 0.28, A = +1: r = 1.25 is inside [0.8, 1.28] -> -1.25 (with the
+    # symmetric 0.2 it was clipped to -1.2); r = 1.5 -> -1.28; r = 0.5, A = -1 -> 0.8 as before
+    old = torch.zeros(1, 3)
+    new = torch.log(torch.tensor([[1.25, 1.5, 0.5]]))
+    adv = torch.tensor([[1.0, 1.0, -1.0]])
+    loss, clipped, _ = ppo.policy_loss(new, old, adv, torch.ones(1, 3), 0.2, cliprange_high=0.28)
+    torch.testing.assert_close(loss, torch.tensor([[-1.25, -1.28, 0.8]]), atol=1e-6, rtol=0)
+    assert clipped.tolist() == [[False, True, True]]
+    symmetric, _, _ = ppo.policy_loss(new, old, adv, torch.ones(1, 3), 0.2)
+    assert symmetric[0, 0].item() == pytest.approx(-1.2, abs=1e-6)
+
+
+def test_gspo_ratio_is_the_geometric_mean_by_hand():
+    # row 0: log r = [0.3, -0.1] -> mean 0.1, s = e^0.1 = 1.105171 (the padding's 40 ignored);
+    #   A = 1, eps 0.05 / 0.08: clipped at 1.08 -> L = -1.08
+    # row 1: log r = [0.02, 0.0, -0.05] -> mean -0.01, s = 0.990050, A = -2: inside -> 1.980100
+    logprobs = torch.tensor([[-1.0, -2.0, 40.0], [-0.5, -0.5, -0.5]], requires_grad=True)
+    old = torch.tensor([[-1.3, -1.9, 0.0], [-0.52, -0.5, -0.45]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    adv = torch.tensor([1.0, -2.0])
+    loss, clipped, ratio = ppo.gspo_policy_loss(logprobs, old, adv, mask, 0.05, 0.08)
+    torch.testing.assert_close(ratio, torch.tensor([1.105171, 0.990050]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(loss, torch.tensor([-1.08, 1.980100]), atol=1e-6, rtol=0)
+    assert clipped.tolist() == [True, False]
+    # the gradient of an unclipped completion spreads evenly: d(-s A)/d logprob_t = -s A / |y|
+    (grad,) = torch.autograd.grad(loss.sum(), logprobs)
+    expected = torch.tensor([[0.0, 0.0, 0.0], [1.980100 / 3] * 3])
+    torch.testing.assert_close(grad, expected, atol=1e-6, rtol=0)
+
+
+def test_cispo_keeps_the_gradient_the_clip_drops():
+    # r = 2 (log r = ln 2), A = 1, eps_high 0.2: PPO's clip is flat there (gradient 0); CISPO's
+    # L = -sg(min(2, 1.2)) * A * log pi has d L / d log pi = -1.2; r = 0.5 (no lower bound):
+    # weight 0.5, A = -1 -> +0.5
+    logprobs = torch.log(torch.tensor([[2.0, 0.5]])).requires_grad_()
+    old = torch.zeros(1, 2)
+    adv = torch.tensor([[1.0, -1.0]])
+    mask = torch.ones(1, 2)
+    loss, truncated, _ = ppo.cispo_policy_loss(logprobs, old, adv, mask, 0.2)
+    # value: -1.2 * 1 * ln 2 = -0.831777; -0.5 * -1 * ln 0.5 = -0.346574
+    torch.testing.assert_close(loss, torch.tensor([[-0.831777, -0.346574]]), atol=1e-6, rtol=0)
+    assert truncated.tolist() == [[True, False]]
+    (grad,) = torch.autograd.grad(loss.sum(), logprobs)
+    torch.testing.assert_close(grad, torch.tensor([[-1.2, 0.5]]), atol=1e-6, rtol=0)
+    clip_loss, _, _ = ppo.policy_loss(logprobs, old, adv, mask, 0.2)
+    (clip_grad,) = torch.autograd.grad(clip_loss.sum(), logprobs)
+    assert clip_grad[0, 0].item() == 0.0  # the negative control: the clip drops it
+
+
+def test_sapo_gate_by_hand():
+    # f(r) = (4 / tau) sigmoid(tau (r - 1)). r = 1, tau_pos = 1, A = 1: f = 2, L = -2, and
+    # dL/dlog pi = -f'(1) r A = -4 * 0.25 = -1 (the plain policy gradient's).
+    # r = 1.5, A = -1, tau_neg = 2: sigmoid(1) = 0.731059, f = 2 * 0.731059 = 1.462117, L = 1.462117;
+    # f'(r) = 4 sigmoid(1)(1 - sigmoid(1)) = 0.786448, dL/dlog pi = f'(r) * r = 1.179672
+    logprobs = torch.log(torch.tensor([[1.0, 1.5]])).requires_grad_()
+    old = torch.zeros(1, 2)
+    adv = torch.tensor([[1.0, -1.0]])
+    loss, clipped, _ = ppo.sapo_policy_loss(logprobs, old, adv, torch.ones(1, 2), 1.0, 2.0)
+    torch.testing.assert_close(loss, torch.tensor([[-2.0, 1.462117]]), atol=1e-6, rtol=0)
+    assert not clipped.any()
+    (grad,) = torch.autograd.grad(loss.sum(), logprobs)
+    torch.testing.assert_close(grad, torch.tensor([[-1.0, 1.179672]]), atol=1e-6, rtol=0)
+
+
+def _per_sample_gradients(value_fn, theta, samples):
+    """(n, v) gradients of value_fn(log pi(x_i)) with respect to the logits theta, one per
+    sample: d/d theta = value_fn'(log pi(x)) * (onehot(x) - pi), value_fn' by autograd."""
+    log_pi = torch.log_softmax(theta, -1).detach()
+    lp = log_pi[samples].clone().requires_grad_()
+    (dvalue,) = torch.autograd.grad(value_fn(lp).sum(), lp)
+    onehot = F.one_hot(samples, theta.shape[0]).double()
+    return dvalue[:, None] * (onehot - log_pi.exp()[None])
+
+
+def test_importance_weighted_k3_gradient_is_unbiased_and_plain_k3_is_not():
+    """A categorical policy pi = softmax(theta) over 6 outcomes; tokens drawn from an older
+    policy pi_old != pi. The exact gradient of KL(pi || q) is known (autograd through the sum).
+    The importance-weighted k3's mean gradient is within 4 standard errors of it in every
+    component; plain k3's is off by more than 20 (it follows grad KL(q || pi), and E_old not
+    E_pi)."""
+    gen = torch.Generator().manual_seed(0)
+    theta = torch.randn(6, generator=gen, dtype=torch.float64)
+    theta_old = theta + 0.7 * torch.randn(6, generator=gen, dtype=torch.float64)
+    log_q = torch.log_softmax(torch.randn(6, generator=gen, dtype=torch.float64), -1)
+    samples = torch.multinomial(torch.softmax(theta_old, -1), 200_000, True, generator=gen)
+    log_old = torch.log_softmax(theta_old, -1)[samples]
+    ref = log_q[samples]
+
+    theta_exact = theta.clone().requires_grad_()
+    log_pi = torch.log_softmax(theta_exact, -1)
+    (exact,) = torch.autograd.grad((log_pi.exp() * (log_pi - log_q)).sum(), theta_exact)
+
+    def mean_and_stderr(value_fn):
+        g = _per_sample_gradients(value_fn, theta, samples)
+        return g.mean(0), g.std(0) / math.sqrt(len(g))
+
+    corrected, se_c = mean_and_stderr(lambda lp: ppo.importance_weighted_k3(lp, log_old, ref))
+    plain, se_p = mean_and_stderr(lambda lp: ppo.kl_estimate(lp, ref, "k3"))
+    assert ((corrected - exact).abs() / se_c).max() < 4, (corrected, exact)
+    assert ((plain - exact).abs() / se_p).max() > 20, (plain, exact)
+    # the value at r = 1 is k3's: on-policy the two estimates are equal
+    lp = torch.tensor([[-1.2, -0.3]], dtype=torch.float64)
+    ref_lp = torch.tensor([[-0.7, -2.0]], dtype=torch.float64)
+    torch.testing.assert_close(
+        ppo.importance_weighted_k3(lp, lp.clone(), ref_lp), ppo.kl_estimate(lp, ref_lp, "k3")
+    )
+
+
+def test_overlong_penalty_by_hand():
+    # L_max 10, L_cache 4: free up to 6 tokens; then (6 - |y|) / 4: 7 -> -0.25, 8 -> -0.5,
+    # 9 -> -0.75, 10 -> -1; beyond 10: -1
+    lengths = torch.tensor([0, 5, 6, 7, 8, 9, 10, 12])
+    expected = torch.tensor([0.0, 0.0, 0.0, -0.25, -0.5, -0.75, -1.0, -1.0])
+    torch.testing.assert_close(ppo.overlong_penalty(lengths, 10, 4), expected, atol=1e-7, rtol=0)
+    # a buffer as long as L_max punishes from the first token: |y| = 5 -> -5/10
+    assert ppo.overlong_penalty(torch.tensor([5]), 10, 10).item() == pytest.approx(-0.5)
+
+
+def test_constant_groups_are_those_without_advantage():
+    scores = torch.tensor(
+        [1.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.5, 0.5, 0.5, 0.5, 0, 0, 0, 1e-6]
+    )
+    flat = ppo.constant_groups(scores, 4)
+    assert flat.tolist() == [True, False, True, False]
+    # they are exactly the groups whose GRPO and RLOO advantages are all 0
+    for advantages in (ppo.group_advantages(scores, 4), ppo.rloo_advantages(scores, 4)):
+        no_signal = (advantages.view(-1, 4) == 0).all(1)
+        assert no_signal.tolist() == flat.tolist()

@@ -33,6 +33,7 @@ from tether.option_groups import (
     check_model,
     check_rl,
     check_rl_kl,
+    check_rl_sampling,
     check_sampling,
     check_task,
     resolve_rl,
@@ -74,6 +75,7 @@ def check_training_run(cfg: TrainConfig | DetoxConfig | HackingDemoConfig) -> No
     check_kl(cfg.kl)
     check_rl(cfg.rl)
     check_rl_kl(cfg.rl, cfg.kl)
+    check_rl_sampling(cfg.rl, cfg.sampling.max_new_tokens)
     check_task(cfg.task)
     check_model(cfg.model)
 
@@ -352,6 +354,7 @@ class CaiConfig(_Command):
         check_kl(self.rl_kl)
         check_rl(self.rl)
         check_rl_kl(self.rl, self.rl_kl)
+        check_rl_sampling(self.rl, self.max_new_tokens)
         at_least_one(
             train_prompts=self.train_prompts,
             revision_rounds=self.revision_rounds,

@@ -18,15 +18,26 @@ def train_scores_of(
     scores: list[float], rollout: Rollout, state: TrainState, cfg: TrainConfig
 ) -> list[float]:
     """The scores the update sees: normalised by the running statistics with --score-norm,
-    less --missing-eos-penalty for a completion cut at max_new_tokens."""
+    then shaped by the completions' length (`length_shaping`)."""
     out = state.score_moments.normalize(scores) if cfg.rl.score_norm else list(scores)
+    return [s + shaping for s, shaping in zip(out, length_shaping(rollout, cfg), strict=True)]
+
+
+def length_shaping(rollout: Rollout, cfg: TrainConfig) -> list[float]:
+    """What each completion's length adds to its score: -(--missing-eos-penalty) for one cut at
+    max_new_tokens, and DAPO's soft overlong punishment, --overlong-penalty x R_length
+    (`ppo.overlong_penalty`), over the last --overlong-buffer tokens."""
+    # float64: the scores are Python floats, and s + (-p) is then exactly s - p
+    shaping = torch.zeros(len(rollout), dtype=torch.float64)
     if cfg.rl.missing_eos_penalty is not None:
-        finished = rollout.finished.tolist()
-        out = [
-            s if done else s - cfg.rl.missing_eos_penalty
-            for s, done in zip(out, finished, strict=True)
-        ]
-    return out
+        shaping -= cfg.rl.missing_eos_penalty * (~rollout.finished).double().cpu()
+    if cfg.rl.overlong_buffer is not None:
+        lengths = rollout.valid_mask.sum(1).cpu().double()
+        r_length = ppo.overlong_penalty(
+            lengths, cfg.sampling.max_new_tokens, cfg.rl.overlong_buffer
+        )
+        shaping += cfg.rl.overlong_penalty * r_length
+    return shaping.tolist()
 
 
 @torch.no_grad()

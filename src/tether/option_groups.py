@@ -11,6 +11,7 @@ from tether.errors import TetherError
 from tether.options import opt
 
 Advantage = Literal["gae", "grpo", "rloo", "reinforce++"]
+PolicyLoss = Literal["clip", "gspo", "cispo", "sapo"]
 
 
 def at_least_one(**values: int | None) -> None:
@@ -173,15 +174,42 @@ class RLOptions:
     grpo_std: bool = opt(
         True, "grpo: divide each group's advantages by its std (--no-grpo-std: Dr. GRPO)"
     )
+    policy_loss: PolicyLoss = opt(
+        "clip",
+        "policy loss: clip (PPO's clipped surrogate), gspo (a sequence-level ratio, the geometric "
+        "mean of the token ratios, clipped per completion; TRL importance_sampling_level="
+        "sequence), cispo (a capped, stop-gradient ratio on a REINFORCE term; TRL loss_type="
+        "cispo) or sapo (a soft gate in place of the clip; TRL loss_type=sapo)",
+    )
     loss_aggregation: (
         Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] | None
     ) = opt(
         None,
         "policy loss over tokens: token-mean (DAPO), seq-mean-token-mean (GRPO as published) or "
-        "seq-mean-token-sum-norm (Dr. GRPO's constant); unset: token-mean (rloo: per completion)",
+        "seq-mean-token-sum-norm (Dr. GRPO's constant); unset: token-mean, seq-mean-token-mean "
+        "for gspo and sapo as their papers have it (rloo: per completion)",
+    )
+    dynamic_sampling: bool = opt(
+        False,
+        "grpo/rloo: drop the groups whose completions all scored the same (no advantage) and "
+        "sample more prompts until the batch is full (DAPO's dynamic sampling)",
+    )
+    max_extra_sampling_rounds: int = opt(
+        4,
+        "dynamic sampling: most extra rounds of sampling per step; a batch still short after "
+        "them is filled with dropped groups",
     )
     missing_eos_penalty: float | None = opt(
         None, "subtract this from the score of a completion that ends without EOS (truncated)"
+    )
+    overlong_buffer: int | None = opt(
+        None,
+        "DAPO's soft overlong punishment: the last N tokens before max_new_tokens, over which a "
+        "penalty grows linearly from 0 to overlong_penalty (TRL soft_punish_cache, DAPO "
+        "L_cache); unset: off",
+    )
+    overlong_penalty: float = opt(
+        1.0, "overlong punishment: the score penalty at max_new_tokens (DAPO's is 1)"
     )
     mask_truncated_completions: bool = opt(
         False, "leave completions that end without EOS out of the loss"
@@ -202,7 +230,18 @@ class RLOptions:
     )
     weight_decay: float = opt(0.0, "AdamW weight decay")
     max_grad_norm: float = opt(1.0, "clip the global gradient norm to this (0 = off)")
-    cliprange: float = opt(0.2, "PPO policy ratio clip epsilon")
+    cliprange: float = opt(
+        0.2, "PPO policy ratio clip epsilon; the lower one with --cliprange-high (TRL epsilon)"
+    )
+    cliprange_high: float | None = opt(
+        None,
+        "upper clip epsilon, DAPO's clip-higher (TRL epsilon_high; DAPO uses 0.28); cispo caps "
+        "its weight at 1 + this (TRL's epsilon_high is the cap itself); unset: = cliprange",
+    )
+    sapo_temperature_pos: float = opt(
+        1.0, "sapo: gate temperature for tokens with a positive advantage (TRL's name)"
+    )
+    sapo_temperature_neg: float = opt(1.05, "sapo: gate temperature for the others (TRL's name)")
     cliprange_value: float = opt(
         0.2, "value clip: how far a value may move from its rollout estimate"
     )
@@ -270,10 +309,61 @@ def check_rl(rl: RLOptions) -> None:
         )
     if rl.lr <= 0:
         raise TetherError(f"lr must be > 0, got {rl.lr}")
+    check_policy_loss(rl)
+    if rl.dynamic_sampling and rl.advantage not in ("grpo", "rloo"):
+        raise TetherError(
+            f"--dynamic-sampling drops groups whose completions all scored the same, which carry "
+            f"no group-relative advantage; --advantage {rl.advantage} has none: use grpo or rloo"
+        )
+    if rl.max_extra_sampling_rounds < 0:
+        raise TetherError(
+            f"max_extra_sampling_rounds must be >= 0, got {rl.max_extra_sampling_rounds}"
+        )
+    if rl.overlong_penalty < 0:
+        raise TetherError(f"overlong_penalty must be >= 0, got {rl.overlong_penalty}")
     if rl.max_importance_ratio is not None and rl.max_importance_ratio <= 1:
         raise TetherError(f"max_importance_ratio must be > 1, got {rl.max_importance_ratio}")
     if rl.max_consecutive_skips < 1:
         raise TetherError(f"max_consecutive_skips must be >= 1, got {rl.max_consecutive_skips}")
+
+
+def check_policy_loss(rl: RLOptions) -> None:
+    """The policy losses' ranges and the estimators they do not fit, one line each."""
+    if rl.cliprange <= 0:
+        raise TetherError(f"cliprange must be > 0, got {rl.cliprange}")
+    if rl.cliprange_high is not None and rl.cliprange_high <= 0:
+        raise TetherError(f"cliprange_high must be > 0, got {rl.cliprange_high}")
+    if rl.sapo_temperature_pos <= 0 or rl.sapo_temperature_neg <= 0:
+        raise TetherError(
+            f"sapo temperatures must be > 0, got {rl.sapo_temperature_pos}, "
+            f"{rl.sapo_temperature_neg}"
+        )
+    if rl.policy_loss == "clip":
+        return
+    if rl.advantage == "rloo":
+        raise TetherError(
+            f"--policy-loss {rl.policy_loss}: rloo's loss is its own, one clipped ratio per "
+            "completion (Ahmadian et al. 2024); use --advantage grpo"
+        )
+    if rl.policy_loss == "gspo" and rl.advantage == "gae":
+        raise TetherError(
+            "--policy-loss gspo weighs a completion by one sequence-level ratio; --advantage gae "
+            "learns a per-token critic whose value loss has no such ratio: use grpo"
+        )
+    if rl.policy_loss == "gspo" and rl.advantage == "reinforce++":
+        raise TetherError(
+            "--policy-loss gspo needs one advantage per completion; --advantage reinforce++'s "
+            "vary per token: use grpo"
+        )
+
+
+def check_rl_sampling(rl: RLOptions, max_new_tokens: int) -> None:
+    """The options of the estimator that depend on the completions' length."""
+    if rl.overlong_buffer is not None and not 1 <= rl.overlong_buffer <= max_new_tokens:
+        raise TetherError(
+            f"overlong_buffer must be in [1, max_new_tokens {max_new_tokens}], got "
+            f"{rl.overlong_buffer}"
+        )
 
 
 @dataclass
@@ -300,6 +390,12 @@ class KLOptions:
     kl_chunk_size: int = opt(
         128, "full KL: positions per chunk of the vocabulary-wide softmaxes (memory vs speed)"
     )
+    kl_bias_correction: bool = opt(
+        False,
+        "k3 in the loss weighted by the importance ratio pi / pi_old, whose gradient is unbiased "
+        "for KL(policy || reference) (TRL use_bias_correction_kl, on by default there); off: "
+        "plain k3, whose gradient is that of KL(reference || policy)",
+    )
 
 
 def check_kl(kl: KLOptions) -> None:
@@ -316,7 +412,9 @@ def resolve_rl(rl: RLOptions, kl: KLOptions) -> None:
     if rl.group_size is None:
         rl.group_size = 4 if rl.advantage in ("grpo", "rloo") else 1
     if rl.loss_aggregation is None and rl.advantage != "rloo":
-        rl.loss_aggregation = "token-mean"
+        # GSPO (Zheng et al. 2025, eq. 5) and SAPO average over completions, as TRL runs them
+        per_sequence = rl.policy_loss in ("gspo", "sapo")
+        rl.loss_aggregation = "seq-mean-token-mean" if per_sequence else "token-mean"
     if kl.kl_penalty is None:
         kl.kl_penalty = "loss" if rl.advantage == "grpo" else "reward"
     if kl.kl_estimator is None:
@@ -329,6 +427,11 @@ def check_rl_kl(rl: RLOptions, kl: KLOptions) -> None:
         raise TetherError(
             "--kl-estimator k1 in the loss has zero expected gradient (E[grad log pi] = 0 on "
             "policy samples): use k2, k3 or full with --kl-penalty loss"
+        )
+    if kl.kl_bias_correction and (kl.kl_penalty, kl.kl_estimator) != ("loss", "k3"):
+        raise TetherError(
+            f"--kl-bias-correction weights k3 in the loss; got --kl-penalty {kl.kl_penalty} "
+            f"--kl-estimator {kl.kl_estimator}: use --kl-penalty loss --kl-estimator k3"
         )
     if kl.kl_penalty == "loss" and rl.advantage == "reinforce++":
         raise TetherError(

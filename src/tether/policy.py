@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from tether import distributed, fastpath, ppo
 from tether.errors import TetherError
 from tether.models import LoadedModel, merge_adapter
-from tether.rollout import Rollout, SamplingParams, response_valid_mask
+from tether.rollout import Rollout, SamplingParams, pad_cat, response_valid_mask
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 
@@ -62,6 +62,28 @@ class PolicyOutput:
             return None if x is None else torch.where(keep, x, torch.zeros_like(x))
 
         return PolicyOutput(zeroed(self.logprobs), zeroed(self.values), zeroed(self.entropy))
+
+    def select(self, idx: torch.Tensor, t: int) -> PolicyOutput:
+        """Rows `idx`, the first `t` response columns (as `Rollout.select` trims them); no
+        logits."""
+
+        def rows(x: torch.Tensor | None) -> torch.Tensor | None:
+            return None if x is None else x[idx, :t]
+
+        return PolicyOutput(rows(self.logprobs), rows(self.values), rows(self.entropy))
+
+    @staticmethod
+    def cat(outputs: list[PolicyOutput]) -> PolicyOutput:
+        """The rows of several outputs as one, right-padded with 0 (no logits)."""
+
+        def cat(xs: list[torch.Tensor | None]) -> torch.Tensor | None:
+            return None if xs[0] is None else pad_cat(xs, 0.0)
+
+        return PolicyOutput(
+            cat([o.logprobs for o in outputs]),
+            cat([o.values for o in outputs]),
+            cat([o.entropy for o in outputs]),
+        )
 
 
 class Policy(torch.nn.Module):

@@ -17,6 +17,14 @@ Sources:
   2402.14740, sec. 3.
 - REINFORCE++ (token-level KL in the reward, returns normalised over the batch): Hu 2025, arXiv
   2501.03262, sec. 3.
+- Clip-higher (a separate, larger upper clip), dynamic sampling and soft overlong punishment:
+  DAPO, Yu et al. 2025, arXiv 2503.14476, sec. 3.1, 3.2 and 3.4 (eq. 13).
+- The sequence-level importance ratio: GSPO, Zheng et al. 2025, arXiv 2507.18071, sec. 4.1.
+- The clipped, stop-gradient importance weight on a REINFORCE term: CISPO, MiniMax-M1, MiniMax
+  2025, arXiv 2506.13585, sec. 3.1.
+- The soft, temperature-controlled gate in place of the clip: SAPO, arXiv 2511.20347.
+- The importance-weighted k3 in the loss (an unbiased gradient of KL(policy || reference) on
+  samples of an older policy): DeepSeek-V3.2, arXiv 2512.02556; TRL's `use_bias_correction_kl`.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ import torch.nn.functional as F
 
 KLEstimator = Literal["k1", "k2", "k3", "full"]
 LossAggregation = Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"]
+PolicyLossKind = Literal["clip", "gspo", "cispo", "sapo"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -150,6 +159,32 @@ def kl_estimate(
         # k3 = (p_ref / p - 1) - log(p_ref / p) = exp(-log r) - 1 + log r
         return torch.expm1(-log_ratio) + log_ratio
     raise ValueError(f"unknown KL estimator {estimator!r}; expected one of k1, k2, k3")
+
+
+def importance_weighted_k3(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, ref_logprobs: torch.Tensor
+) -> torch.Tensor:
+    """k3 weighted by the differentiable importance ratio pi / pi_old: the KL term of the loss
+    whose gradient is unbiased for grad KL(pi || pi_ref) on tokens an older policy sampled
+    (TRL's `use_bias_correction_kl`; DeepSeek-V3.2, arXiv 2512.02556).
+
+    Why: plain k3 = q/pi - 1 - log(q/pi) (q = pi_ref) has grad k3 = (1 - q/pi) grad log pi, whose
+    mean under pi is sum_y (pi - q) grad log pi = -sum_y q grad log pi = grad KL(q || pi): the
+    other KL. With r = pi / pi_old, grad(r k3) = r (k3 grad log pi + grad k3), and
+    E_old[r f] = E_pi[f], so its mean is sum_y (grad pi) k3 + pi grad k3 = grad E_pi[k3] =
+    grad KL(pi || q), as E_pi[k3] = KL(pi || q) exactly. Its value at r = 1 is k3's.
+
+    Args:
+        logprobs: (b, t) log-probs under the policy being updated (carry the gradient).
+        old_logprobs: (b, t) log-probs under the policy that sampled the tokens.
+        ref_logprobs: (b, t) reference log-probs of the same tokens.
+    Returns:
+        (b, t) r_t * k3_t.
+    """
+    # r_t = pi(y_t) / pi_old(y_t), differentiable
+    ratio = torch.exp(logprobs - old_logprobs)
+    # KL_t = r_t * ((q / pi) - 1 - log(q / pi))
+    return ratio * kl_estimate(logprobs, ref_logprobs, "k3")
 
 
 def full_kl(logits: torch.Tensor, ref_logits: torch.Tensor, chunk_size: int = 128) -> torch.Tensor:
@@ -337,6 +372,44 @@ def rloo_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
     return (grouped - baseline).reshape(-1)
 
 
+def constant_groups(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Which groups' completions all scored the same: their group-relative advantages are all 0,
+    so they carry no gradient (DAPO's dynamic sampling, Yu et al. 2025, sec. 3.2, drops them:
+    keep a group only if 0 < |{i : r_i = r_max}| < G, i.e. its scores have a spread).
+
+    Args:
+        scores: (b,) the scores the advantages see, `group_size` consecutive completions per
+            prompt.
+        group_size: G.
+    Returns:
+        (b / G,) bool, True where every score of the group equals its first.
+    """
+    grouped = scores.view(-1, group_size)  # (b / G, G)
+    return (grouped == grouped[:, :1]).all(dim=1)
+
+
+def overlong_penalty(lengths: torch.Tensor, max_len: int, buffer_len: int) -> torch.Tensor:
+    """DAPO's soft overlong punishment (Yu et al. 2025, sec. 3.4, eq. 13): 0 up to
+    L_max - L_cache tokens, then falling linearly to -1 at L_max, and -1 beyond.
+
+    R_length(y) = 0                                    if |y| <= L_max - L_cache
+                = ((L_max - L_cache) - |y|) / L_cache  if L_max - L_cache < |y| <= L_max
+                = -1                                   if |y| > L_max
+
+    Args:
+        lengths: (b,) completion lengths |y| in tokens (EOS included), integer or float.
+        max_len: L_max (max new tokens).
+        buffer_len: L_cache, 1 <= L_cache <= L_max.
+    Returns:
+        (b,) penalties in [-1, 0] (float32 for integer lengths, else their dtype).
+    """
+    lengths = lengths if lengths.is_floating_point() else lengths.float()
+    free = max_len - buffer_len  # L_max - L_cache
+    # ((L_max - L_cache) - |y|) / L_cache, 0 while |y| <= L_max - L_cache
+    penalty = (free - lengths).clamp(max=0.0) / buffer_len
+    return penalty.clamp(min=-1.0)  # -1 past L_max
+
+
 # ----------------------------------------------------------------------------------------------
 # losses
 # ----------------------------------------------------------------------------------------------
@@ -348,37 +421,207 @@ def policy_loss(
     advantages: torch.Tensor,
     valid_mask: torch.Tensor,
     cliprange: float,
+    cliprange_high: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Clipped surrogate objective, as a per-token loss to be summed (PPO eq. 7).
+    """Clipped surrogate objective, as a per-token loss to be summed (PPO eq. 7), with DAPO's
+    clip-higher when `cliprange_high` differs from `cliprange` (Yu et al. 2025, sec. 3.1).
 
     Args:
         logprobs: (b, t) log-probs under the policy being updated.
         old_logprobs: (b, t) log-probs under the policy that sampled the tokens.
         advantages: (b, t).
         valid_mask: (b, t).
-        cliprange: epsilon.
+        cliprange: epsilon (epsilon_low with clip-higher).
+        cliprange_high: epsilon_high; None: = cliprange.
     Returns:
         loss_per_token (b, t) with 0 at padding; clipped (b, t) bool: where the clipped term won;
         ratio (b, t).
     """
     ratio = torch.exp(logprobs - old_logprobs)
-    loss, clipped = clipped_surrogate(ratio, advantages, cliprange)
+    loss, clipped = clipped_surrogate(ratio, advantages, cliprange, cliprange_high)
     loss = torch.where(valid_mask.bool(), loss, torch.zeros_like(loss))
     return loss, clipped & valid_mask.bool(), ratio
 
 
 def clipped_surrogate(
-    ratio: torch.Tensor, advantages: torch.Tensor, cliprange: float
+    ratio: torch.Tensor,
+    advantages: torch.Tensor,
+    cliprange: float,
+    cliprange_high: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """PPO's clipped objective as a loss, elementwise (eq. 7), for any shape of ratio.
+    """PPO's clipped objective as a loss, elementwise (eq. 7), for any shape of ratio; the upper
+    bound is 1 + `cliprange_high` when given (DAPO's clip-higher), else 1 + `cliprange`.
 
     Returns:
         loss, and where the clipped term won (bool), both shaped like `ratio`.
     """
-    # L^CLIP = -min(r A, clip(r, 1-eps, 1+eps) A) = max(-r A, -clip(r) A)
+    high = cliprange if cliprange_high is None else cliprange_high
+    # L^CLIP = -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A) = max(-r A, -clip(r) A)
     unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + high)
     return torch.maximum(unclipped, clipped), clipped > unclipped
+
+
+def gspo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    valid_mask: torch.Tensor,
+    cliprange: float,
+    cliprange_high: float | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """GSPO's clipped objective on a sequence-level ratio, the geometric mean of the token ratios
+    (Zheng et al. 2025, sec. 4.1; TRL's `importance_sampling_level="sequence"`).
+
+    s_i = (pi(y_i) / pi_old(y_i))^(1 / |y_i|) = exp((1 / |y_i|) sum_t log(pi(y_t) / pi_old(y_t)))
+    L_i = max(-s_i A_i, -clip(s_i, 1 - eps_low, 1 + eps_high) A_i)
+
+    Unlike RLOO's `sequence_policy_loss` (the product of the ratios), the length normalisation
+    keeps s_i near 1 whatever the length, so one clip range fits every completion.
+
+    Args:
+        logprobs: (b, t) log-probs under the policy being updated.
+        old_logprobs: (b, t) log-probs under the policy that sampled the tokens.
+        advantages: (b,) one per completion.
+        valid_mask: (b, t).
+        cliprange: epsilon_low.
+        cliprange_high: epsilon_high; None: = cliprange.
+    Returns:
+        loss_per_sequence (b,); clipped (b,) bool; ratio s (b,).
+    """
+    # log s_i = masked mean over the completion of log pi - log pi_old
+    ratio = torch.exp(masked_mean(logprobs - old_logprobs, valid_mask, dim=1))
+    loss, clipped = clipped_surrogate(ratio, advantages, cliprange, cliprange_high)
+    return loss, clipped, ratio
+
+
+def cispo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    valid_mask: torch.Tensor,
+    cliprange_high: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """CISPO (MiniMax-M1, arXiv 2506.13585, sec. 3.1; TRL's `loss_type="cispo"`): REINFORCE's
+    log-prob term weighted by the importance ratio, truncated above and without gradient.
+
+    w_t = sg(min(r_t, 1 + eps_high)), L_t = -w_t A_t log pi(y_t)
+
+    PPO's clip zeroes the gradient of a token whose ratio left the trust region (often the rare,
+    high-entropy "fork" tokens); here every token keeps its gradient, only its weight is capped.
+    No lower bound, as in the paper (a large eps_low) and TRL. TRL's `epsilon_high` is the cap
+    itself (its ScaleRL-recommended 5.0 is `cliprange_high` 4.0 here).
+
+    Args:
+        logprobs: (b, t) log-probs under the policy being updated.
+        old_logprobs: (b, t) log-probs under the policy that sampled the tokens.
+        advantages: (b, t).
+        valid_mask: (b, t).
+        cliprange_high: eps_high: the weight is capped at 1 + eps_high.
+    Returns:
+        loss_per_token (b, t) with 0 at padding; truncated (b, t) bool: where the weight was
+        capped; ratio (b, t).
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    cap = 1.0 + cliprange_high
+    # w_t = sg(min(r_t, 1 + eps_high))
+    weight = torch.clamp(ratio, max=cap).detach()
+    # L_t = -w_t A_t log pi(y_t)
+    loss = -weight * advantages * logprobs
+    valid = valid_mask.bool()
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    return loss, (ratio > cap) & valid, ratio
+
+
+def sapo_policy_loss(
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    valid_mask: torch.Tensor,
+    temperature_pos: float = 1.0,
+    temperature_neg: float = 1.05,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SAPO's soft gate in place of the hard clip (arXiv 2511.20347; TRL's `loss_type="sapo"`,
+    whose default temperatures these are).
+
+    f(r) = (4 / tau) sigmoid(tau (r - 1)), tau = tau_pos if A > 0 else tau_neg
+    L_t = -f(r_t) A_t
+
+    f'(r) = 4 sigma (1 - sigma): 1 at r = 1 (the on-policy gradient is the plain policy
+    gradient's), falling smoothly as r leaves 1 either way instead of dropping to 0 at a clip
+    edge; a larger tau narrows the gate (negative advantages get the narrower one by default).
+
+    Args:
+        logprobs: (b, t) log-probs under the policy being updated.
+        old_logprobs: (b, t) log-probs under the policy that sampled the tokens.
+        advantages: (b, t).
+        valid_mask: (b, t).
+        temperature_pos: tau for tokens with A > 0.
+        temperature_neg: tau for tokens with A <= 0.
+    Returns:
+        loss_per_token (b, t) with 0 at padding; clipped (b, t) bool, all False (nothing is
+        clipped); ratio (b, t).
+    """
+    ratio = torch.exp(logprobs - old_logprobs)
+    tau = torch.where(advantages > 0, temperature_pos, temperature_neg)
+    # f(r) = (4 / tau) sigmoid(tau (r - 1))
+    gate = torch.sigmoid(tau * (ratio - 1.0)) * 4.0 / tau
+    loss = -gate * advantages
+    valid = valid_mask.bool()
+    loss = torch.where(valid, loss, torch.zeros_like(loss))
+    return loss, torch.zeros_like(valid), ratio
+
+
+def token_policy_loss(
+    kind: PolicyLossKind,
+    logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    valid_mask: torch.Tensor,
+    cliprange: float,
+    cliprange_high: float | None = None,
+    sapo_temperatures: tuple[float, float] = (1.0, 1.05),
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The chosen policy loss as a per-token loss to aggregate: `clip` (PPO's surrogate, with
+    clip-higher), `gspo` (a completion's loss on each of its tokens, as TRL broadcasts it),
+    `cispo` or `sapo`.
+
+    Args:
+        kind: clip, gspo, cispo or sapo.
+        logprobs: (b, t) log-probs under the policy being updated.
+        old_logprobs: (b, t) log-probs under the policy that sampled the tokens.
+        advantages: (b, t); gspo reads each row's first (a completion's one advantage).
+        valid_mask: (b, t).
+        cliprange: epsilon_low (unused by cispo and sapo).
+        cliprange_high: epsilon_high; None: = cliprange.
+        sapo_temperatures: sapo's (tau_pos, tau_neg).
+    Returns:
+        loss_per_token (b, t), 0 at padding; clipped (b, t) bool: where the ratio was clipped
+        (gspo: the completion's; cispo: where the weight was capped; sapo: nowhere).
+    """
+    high = cliprange if cliprange_high is None else cliprange_high
+    valid = valid_mask.bool()
+    if kind == "clip":
+        loss, clipped, _ = policy_loss(
+            logprobs, old_logprobs, advantages, valid_mask, cliprange, high
+        )
+        return loss, clipped
+    if kind == "gspo":
+        seq_loss, seq_clipped, _ = gspo_policy_loss(
+            logprobs, old_logprobs, advantages[:, 0], valid_mask, cliprange, high
+        )
+        # every token of completion i carries L_i (aggregation then weighs completions)
+        loss = torch.where(valid, seq_loss[:, None], torch.zeros_like(logprobs))
+        return loss, seq_clipped[:, None] & valid
+    if kind == "cispo":
+        loss, clipped, _ = cispo_policy_loss(logprobs, old_logprobs, advantages, valid_mask, high)
+        return loss, clipped
+    if kind == "sapo":
+        loss, clipped, _ = sapo_policy_loss(
+            logprobs, old_logprobs, advantages, valid_mask, *sapo_temperatures
+        )
+        return loss, clipped
+    raise ValueError(f"unknown policy loss {kind!r}; expected one of clip, gspo, cispo, sapo")
 
 
 def sequence_policy_loss(
@@ -387,6 +630,7 @@ def sequence_policy_loss(
     advantages: torch.Tensor,
     valid_mask: torch.Tensor,
     cliprange: float,
+    cliprange_high: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The clipped surrogate with the whole completion as one action (RLOO, Ahmadian et al. 2024,
     sec. 3: "we model the entire generation as a single action"), as TRL's RLOOTrainer has it.
@@ -398,12 +642,13 @@ def sequence_policy_loss(
         old_logprobs: (b, t).
         advantages: (b,) one per completion.
         valid_mask: (b, t).
-        cliprange: epsilon.
+        cliprange: epsilon (epsilon_low with clip-higher).
+        cliprange_high: epsilon_high; None: = cliprange.
     Returns:
         loss_per_sequence (b,); clipped (b,) bool; ratio (b,).
     """
     ratio = torch.exp(masked_sum(logprobs - old_logprobs, valid_mask, dim=1))
-    loss, clipped = clipped_surrogate(ratio, advantages, cliprange)
+    loss, clipped = clipped_surrogate(ratio, advantages, cliprange, cliprange_high)
     return loss, clipped, ratio
 
 
@@ -499,12 +744,16 @@ def rl_loss(
     returns: torch.Tensor | None = None,
     cliprange_value: float = 0.2,
     vf_coef: float = 0.1,
+    policy_loss_kind: PolicyLossKind = "clip",
+    cliprange_high: float | None = None,
+    sapo_temperatures: tuple[float, float] = (1.0, 1.05),
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The loss of one (micro-)batch, for every estimator: the clipped surrogate, plus the KL
-    penalty when it goes in the loss (GRPO, Shao et al. 2024, eq. 3), plus the clipped value loss
-    when there is a critic.
+    """The loss of one (micro-)batch, for every estimator: the policy loss (PPO's clipped
+    surrogate, or GSPO / CISPO / SAPO's, `token_policy_loss`), plus the KL penalty when it goes
+    in the loss (GRPO, Shao et al. 2024, eq. 3), plus the clipped value loss when there is a
+    critic.
 
-    L = agg(L^CLIP_t + beta * KL_t) + vf_coef * token-mean(L^V_t); with `aggregation` None the
+    L = agg(L^pi_t + beta * KL_t) + vf_coef * token-mean(L^V_t); with `aggregation` None the
     whole completion is one action (RLOO): L = sum_i L^CLIP_i / n_sequences.
 
     Args:
@@ -512,8 +761,9 @@ def rl_loss(
         old_logprobs: (b, t) log-probs at rollout time.
         advantages: (b, t); a sequence-level estimator repeats its advantage on every token.
         loss_mask: (b, t) 1 where a token enters the loss.
-        cliprange: epsilon.
-        aggregation: see `aggregate_loss`; None: sequence-level ratio (`sequence_policy_loss`).
+        cliprange: epsilon (epsilon_low with clip-higher).
+        aggregation: see `aggregate_loss`; None: sequence-level ratio (`sequence_policy_loss`,
+            `clip` only).
         n_tokens: the mini-batch's valid-token count (the whole mini-batch's normaliser).
         n_sequences: its completion count.
         max_len: its padded completion length.
@@ -523,6 +773,9 @@ def rl_loss(
         values: (b, t) for the value loss, None without a critic.
         old_values: (b, t) the values at rollout time, None without a critic.
         returns: (b, t) the value targets, None without a critic.
+        policy_loss_kind: clip, gspo, cispo or sapo (`token_policy_loss`).
+        cliprange_high: epsilon_high (clip, gspo; cispo's cap 1 + epsilon_high); None: = cliprange.
+        sapo_temperatures: sapo's (tau_pos, tau_neg).
     Returns:
         the scalar loss and detached diagnostics as () tensors (each a share of the mini-batch's
         value: micro-batches' diagnostics add up): policy_loss, clipfrac, approx_kl, and
@@ -537,14 +790,25 @@ def rl_loss(
     )
     if aggregation is None:
         # advantages[:, 0]: the completion's one advantage (the first token is always emitted)
+        if policy_loss_kind != "clip":
+            raise ValueError(f"a sequence-level action takes the clip loss, not {policy_loss_kind}")
         pg_seq, clipped_seq, _ = sequence_policy_loss(
-            logprobs, old_logprobs, advantages[:, 0], loss_mask, cliprange
+            logprobs, old_logprobs, advantages[:, 0], loss_mask, cliprange, cliprange_high
         )
         kept = loss_mask.any(1)
         pg_loss = torch.where(kept, pg_seq, torch.zeros_like(pg_seq)).sum() / n_sequences
         clipfrac = (clipped_seq & kept).float().sum() / n_sequences
     else:
-        pg, clipped, _ = policy_loss(logprobs, old_logprobs, advantages, loss_mask, cliprange)
+        pg, clipped = token_policy_loss(
+            policy_loss_kind,
+            logprobs,
+            old_logprobs,
+            advantages,
+            loss_mask,
+            cliprange,
+            cliprange_high,
+            sapo_temperatures,
+        )
         pg_loss = agg(pg, mode=aggregation)
         clipfrac = agg(clipped.float(), mode="token-mean")
     loss = pg_loss

@@ -80,6 +80,31 @@ class Rollout:
         )
 
 
+def pad_cat(tensors: list[torch.Tensor], value: float, left: bool = False) -> torch.Tensor:
+    """(b_i, t_i) blocks stacked into one (sum b_i, max t_i), each padded with `value` on the
+    right (on the left with `left`)."""
+    width = max(x.shape[1] for x in tensors)
+    padded = []
+    for x in tensors:
+        pad = x.new_full((x.shape[0], width - x.shape[1]), value)
+        padded.append(torch.cat([pad, x] if left else [x, pad], dim=1))
+    return torch.cat(padded)
+
+
+def cat_rollouts(rollouts: list[Rollout], pad_token_id: int, left_pad_prompts: bool) -> Rollout:
+    """The rows of several rollouts as one (dynamic sampling's rounds): prompts re-padded on the
+    side the policy pads them (left for causal models), responses on the right."""
+    return Rollout(
+        prompt_ids=pad_cat([r.prompt_ids for r in rollouts], pad_token_id, left_pad_prompts),
+        prompt_mask=pad_cat([r.prompt_mask for r in rollouts], 0, left_pad_prompts),
+        response_ids=pad_cat([r.response_ids for r in rollouts], pad_token_id),
+        valid_mask=pad_cat([r.valid_mask for r in rollouts], 0),
+        prompts=[p for r in rollouts for p in r.prompts],
+        completions=[c for r in rollouts for c in r.completions],
+        finished=torch.cat([r.finished for r in rollouts]),
+    )
+
+
 @dataclass
 class Experience:
     """A scored rollout with everything the update needs. All tensors (b, t) unless noted.

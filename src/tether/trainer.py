@@ -1,8 +1,9 @@
 """The RL loop: one step, for every estimator (`--advantage gae|grpo|rloo|reinforce++`), and the
 run around it.
 
-(1) rollout, G completions per prompt -> (2) score -> (3) reference log-probs (and the exact KL
-for `full`) -> (4) rewards, KL-shaped when the KL goes in the reward -> (5) advantages ->
+(1) rollout, G completions per prompt -> (2) score (1-2 in rounds with --dynamic-sampling, until
+the groups differ) -> (3) reference log-probs (and the exact KL for `full`) -> (4) rewards,
+KL-shaped when the KL goes in the reward -> (5) advantages ->
 (6) epochs x mini-batches of clipped updates, KL in the loss when it goes there -> (7) KL
 control -> (8) log and checkpoint. Steps 3-5 live in tether.experience, 6 in tether.update, the
 state a resumed run needs in tether.state.
@@ -11,6 +12,7 @@ state a resumed run needs in tether.state.
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -25,14 +27,14 @@ from tether import distributed, ppo
 from tether.config import TrainConfig
 from tether.data import PromptRecord, load_prompts
 from tether.errors import TetherError, warn
-from tether.experience import make_experience, reference_pass, train_scores_of
+from tether.experience import length_shaping, make_experience, reference_pass, train_scores_of
 from tether.guard import BEST, GUARD_JSON, Guard, GuardSettings
 from tether.models import load_model, resolve_device
 from tether.option_groups import ModelOptions, SamplingOptions
 from tether.options import config_to_yaml
-from tether.policy import LoraSettings, Policy
+from tether.policy import LoraSettings, Policy, PolicyOutput
 from tether.rewards import RewardModel, checked_scores, load_reward
-from tether.rollout import Experience, SamplingParams, step_seed
+from tether.rollout import Experience, Rollout, SamplingParams, cat_rollouts, step_seed
 from tether.rundir import RunDir, atomic_write_text
 from tether.state import TooManySkips, TrainState, release_freed_memory, restore, weights_finite
 from tether.tracking import Tracker, check_tracker
@@ -307,21 +309,15 @@ def ppo_step(
     """One step of the configured estimator; returns its metrics row."""
     t0 = time.perf_counter()
     torch.manual_seed(step_seed(cfg.training.seed, step))
-    n_prompts = cfg.rl.batch_size // cfg.rl.group_size
-    batch = [records[i] for i in batch_indices(len(records), n_prompts, cfg.training.seed, step)]
-    # a group's G completions are consecutive rows: [p0] * G + [p1] * G + ...
-    prompts = [r.prompt for r in batch for _ in range(cfg.rl.group_size)]
-
-    # 1. rollout
-    rollout, rollout_out, n_truncated = policy.generate(prompts, sampling)
-    release_freed_memory()
+    # 1-2. rollout and score (with --dynamic-sampling, in rounds until the groups differ)
+    sampled = rollout_and_score(policy, reward, records, sampling, cfg, step)
+    rollout, rollout_out, scores = sampled.rollout, sampled.rollout_out, sampled.scores
+    n_truncated = sampled.truncated_prompts
     if n_truncated:
         warn(
             f"step {step}: {n_truncated} prompt(s) longer than max_prompt_tokens {cfg.sampling.max_prompt_tokens} were cut from the left"
         )
-    t_gen = time.perf_counter()
-    # 2. score
-    scores = checked_scores(reward, rollout.prompts, rollout.completions)
+    t_gen = t0 + sampled.gen_seconds
     t_score = time.perf_counter()
     # 3. reference log-probs (and the exact KL over the vocabulary for `full`)
     ref_logprobs, full_kl = reference_pass(policy, rollout, cfg)
@@ -360,8 +356,114 @@ def ppo_step(
         "update_seconds": t_update - t_adv,
     }
     row = metrics_row(step, cfg, scores, exp, rollout_out.entropy, seq_kl, kl_coef, stats)
+    if cfg.rl.dynamic_sampling:
+        # the policy's reward is that of every completion it sampled, not of the kept groups
+        row["reward_mean"] = statistics.fmean(sampled.all_scores)
+        row["reward_std"] = statistics.stdev(sampled.all_scores)
+        row["dropped_groups"] = sampled.dropped_groups
+        row["sampling_rounds"] = sampled.rounds
     lr = state.scheduler.get_last_lr()[0]
     return {**row, "lr": lr, "truncated_prompts": n_truncated, **seconds, **monitored}
+
+
+@dataclass
+class Sampled:
+    """Steps 1-2 of a step: the batch that trains, its raw scores, and what it took."""
+
+    rollout: Rollout
+    rollout_out: PolicyOutput
+    scores: list[float]  # raw scores of the batch's completions
+    all_scores: list[float]  # raw scores of every completion sampled, dropped groups included
+    truncated_prompts: int
+    dropped_groups: int  # groups sampled with one score throughout, left out of the batch
+    rounds: int  # rounds of sampling (1 without --dynamic-sampling)
+    gen_seconds: float  # generation only, every round's
+
+
+def rollout_and_score(
+    policy: Policy,
+    reward: RewardModel,
+    records: list[PromptRecord],
+    sampling: SamplingParams,
+    cfg: TrainConfig,
+    step: int,
+) -> Sampled:
+    """Sample G completions of each of the step's prompts and score them.
+
+    With --dynamic-sampling (DAPO, Yu et al. 2025, sec. 3.2), a group whose completions all got
+    the same score and the same length shaping has no group-relative advantage: it is dropped,
+    and further rounds sample other prompts (another permutation of the data per round) until
+    the batch holds batch_size / G groups that differ, or --max-extra-sampling-rounds ran out;
+    a batch still short is then filled with dropped groups (advantage 0: no policy gradient),
+    so every step trains on batch_size completions. Under several processes, all of them run
+    the same number of rounds (the generation is collective under FSDP2).
+    """
+    group = cfg.rl.group_size
+    n_prompts = cfg.rl.batch_size // group
+    rounds = 1 + (cfg.rl.max_extra_sampling_rounds if cfg.rl.dynamic_sampling else 0)
+    kept: list[tuple[Rollout, PolicyOutput, list[float]]] = []
+    spare: list[tuple[Rollout, PolicyOutput, list[float]]] = []
+    all_scores: list[float] = []
+    n_kept = n_truncated = 0
+    gen_seconds = 0.0
+    for round_ in range(rounds):
+        # round 0 is the step's batch as without dynamic sampling; later rounds other prompts
+        seed = cfg.training.seed + round_ * 104_729
+        batch = [records[i] for i in batch_indices(len(records), n_prompts, seed, step)]
+        # a group's G completions are consecutive rows: [p0] * G + [p1] * G + ...
+        prompts = [r.prompt for r in batch for _ in range(group)]
+        t0 = time.perf_counter()
+        rollout, rollout_out, truncated = policy.generate(prompts, sampling)
+        release_freed_memory()
+        gen_seconds += time.perf_counter() - t0
+        n_truncated += truncated
+        scores = checked_scores(reward, rollout.prompts, rollout.completions)
+        if not cfg.rl.dynamic_sampling:
+            return Sampled(rollout, rollout_out, scores, scores, n_truncated, 0, 1, gen_seconds)
+        all_scores += scores
+        # one score and one length shaping throughout: every advantage of the group is 0
+        flat = ppo.constant_groups(torch.tensor(scores, dtype=torch.float64), group) & (
+            ppo.constant_groups(
+                torch.tensor(length_shaping(rollout, cfg), dtype=torch.float64), group
+            )
+        )
+        for rows, out in ((~flat, kept), (flat, spare)):
+            idx = rows.repeat_interleave(group).nonzero().squeeze(1)
+            if len(idx):
+                part = rollout.select(idx)
+                t = part.response_ids.shape[1]
+                out.append((part, rollout_out.select(idx, t), [scores[i] for i in idx.tolist()]))
+        n_kept += int((~flat).sum())
+        if distributed.everywhere(n_kept >= n_prompts):
+            break
+    # the first n_prompts groups that differ, then dropped ones while the batch is short
+    parts, rows_left = [], cfg.rl.batch_size
+    for part_rollout, part_out, part_scores in kept + spare:
+        if rows_left == 0:
+            break
+        if rows_left < len(part_rollout):  # whole groups: rows_left is a multiple of G
+            idx = torch.arange(rows_left)
+            part_rollout = part_rollout.select(idx)
+            part_out = part_out.select(idx, part_rollout.response_ids.shape[1])
+            part_scores = part_scores[:rows_left]
+        parts.append((part_rollout, part_out, part_scores))
+        rows_left -= len(part_rollout)
+    n_spare = sum(len(r) for r, _, _ in spare) // group
+    filler = max(n_prompts - n_kept, 0)
+    return Sampled(
+        cat_rollouts(
+            [r for r, _, _ in parts],
+            policy.tokenizer.pad_token_id,
+            left_pad_prompts=policy.tokenizer.padding_side == "left",
+        ),
+        PolicyOutput.cat([o for _, o, _ in parts]),
+        [s for _, _, part_scores in parts for s in part_scores],
+        all_scores,
+        n_truncated,
+        n_spare - filler,
+        round_ + 1,
+        gen_seconds,
+    )
 
 
 def metrics_row(
@@ -413,7 +515,8 @@ METRICS_FIELDS: dict[str, str] = {
     "step": "the step, counted from 0",
     "advantage": "the estimator, `--advantage`",
     "reward_mean": "mean raw score of the step's completions (before `--score-norm` and "
-    "`--missing-eos-penalty`)",
+    "`--missing-eos-penalty`; with `--dynamic-sampling`, of every completion sampled, dropped "
+    "groups included)",
     "reward_std": "standard deviation of those scores",
     "kl_mean": "mean per-completion KL to the reference (nats, summed over tokens, "
     "`--kl-estimator`)",
@@ -421,7 +524,8 @@ METRICS_FIELDS: dict[str, str] = {
     "policy_loss": "the policy loss, mean over the update's mini-batches",
     "value_loss": "the clipped value loss (`gae` only)",
     "kl_loss": "the KL term of the loss, before beta (`--kl-penalty loss` only)",
-    "clipfrac": "share of tokens whose importance ratio was clipped",
+    "clipfrac": "share of tokens whose importance ratio was clipped (gspo: whose completion's "
+    "was; cispo: whose weight was capped; sapo: 0)",
     "vf_clipfrac": "share of values whose update was clipped (`gae` only)",
     "approx_kl": "k2 estimate of the KL between the rollout policy and the updated one: how "
     "far the update moved",
@@ -435,6 +539,9 @@ METRICS_FIELDS: dict[str, str] = {
     "skipped_nonfinite": "of those, skipped for a NaN/inf loss or gradient",
     "skipped_ratio": "of those, skipped for a mean importance ratio beyond "
     "`--max-importance-ratio`",
+    "dropped_groups": "groups whose completions all got the same score, left out of the batch "
+    "(`--dynamic-sampling` only)",
+    "sampling_rounds": "rounds of rollout and scoring the step took (`--dynamic-sampling` only)",
     "ppo_epochs_run": "epochs the update ran (fewer than `--ppo-epochs` after `--early-stop-kl`)",
     "lr": "the learning rate after this step's scheduler step",
     "truncated_prompts": "prompts cut from the left to `--max-prompt-tokens`",

@@ -80,6 +80,12 @@ def ppo_update(
                         returns=mu.returns,
                         cliprange_value=cfg.rl.cliprange_value,
                         vf_coef=cfg.rl.vf_coef,
+                        policy_loss_kind=cfg.rl.policy_loss,
+                        cliprange_high=cfg.rl.cliprange_high,
+                        sapo_temperatures=(
+                            cfg.rl.sapo_temperature_pos,
+                            cfg.rl.sapo_temperature_neg,
+                        ),
                         **norm,
                     )
                     loss = guard.check(loss, out.logprobs, mu)
@@ -122,11 +128,14 @@ def _policy_pass(
     policy: Policy, mu: Experience, cfg: TrainConfig
 ) -> tuple[PolicyOutput, torch.Tensor | None]:
     """The policy's forward for the loss, and the KL to the reference when it goes in the loss
-    (the full KL runs the reference on the same micro-batch, adapter off, without grad)."""
+    (the full KL runs the reference on the same micro-batch, adapter off, without grad; k3 with
+    --kl-bias-correction is weighted by the importance ratio)."""
     full = cfg.kl.kl_penalty == "loss" and cfg.kl.kl_estimator == "full"
     out = policy(mu.rollout, with_values=cfg.rl.has_critic, with_logits=full)
     if cfg.kl.kl_penalty != "loss":
         return out, None
+    if cfg.kl.kl_bias_correction:
+        return out, ppo.importance_weighted_k3(out.logprobs, mu.old_logprobs, mu.ref_logprobs)
     if not full:
         return out, ppo.kl_estimate(out.logprobs, mu.ref_logprobs, cfg.kl.kl_estimator)
     with torch.no_grad(), policy.reference():
