@@ -229,7 +229,10 @@ def test_cai_rl_takes_the_estimator(tmp_path, monkeypatch):
     changed |= dict(vf_coef=0.2, gamma=0.99, lam=0.9, whiten_advantages=False, score_norm=False)
     changed |= dict(early_stop_kl=0.1, max_importance_ratio=5.0, max_consecutive_skips=3)
     changed |= dict(kl_coef=0.3, target_kl=2.0, kl_horizon=500, kl_penalty="loss")
-    changed |= dict(kl_estimator="k2", kl_chunk_size=64)
+    changed |= dict(kl_estimator="k3", kl_chunk_size=64, kl_bias_correction=True)
+    changed |= dict(policy_loss="sapo", cliprange_high=0.4, sapo_temperature_pos=2.0)
+    changed |= dict(sapo_temperature_neg=2.0, dynamic_sampling=True, max_extra_sampling_rounds=2)
+    changed |= dict(overlong_buffer=8, overlong_penalty=0.5)
     assert {o.saved[-1] for o in options(CaiConfig) if o.saved[0] == "rl"} == set(changed)
     given = {"out": str(tmp_path / "cai"), **{f"rl_{k}": v for k, v in changed.items()}}
     rl = pipeline.rl_config(build_config(CaiConfig, None, given), tmp_path, tmp_path)
