@@ -203,7 +203,16 @@ def run_one(args: argparse.Namespace) -> dict:
             # only what was asked for, so that without these flags the run is what it always was
             **{
                 k: v
-                for k in ("advantage", "group_size", "kl_coef", "kl_penalty", "kl_estimator")
+                for k in (
+                    "advantage",
+                    "group_size",
+                    "kl_coef",
+                    "kl_penalty",
+                    "kl_estimator",
+                    "policy_loss",
+                    "cliprange_high",
+                    "kl_bias_correction",
+                )
                 if (v := getattr(args, k)) is not None
             },
         )
@@ -276,6 +285,7 @@ def run_one(args: argparse.Namespace) -> dict:
         "reference": args.reference,
         "policy": args.policy,
         "advantage": cfg.rl.advantage,
+        "policy_loss": cfg.rl.policy_loss,
         "group_size": group,
         "batch_size": args.batch_size,
         "max_new_tokens": args.max_new_tokens,
@@ -464,6 +474,19 @@ def main() -> None:
         choices=["k1", "k2", "k3", "full"],
         help="per-token KL (default: tether's); full = exact over the vocabulary",
     )
+    parser.add_argument(
+        "--policy-loss",
+        choices=["clip", "gspo", "cispo", "sapo"],
+        help="the policy loss (default: tether's, clip)",
+    )
+    parser.add_argument("--cliprange-high", type=float, help="clip-higher's epsilon_high")
+    parser.add_argument(
+        "--kl-bias-correction",
+        nargs="?",
+        const=True,
+        type=lambda text: text.lower() in ("1", "true", "on"),
+        help="k3 in the loss weighted by the importance ratio (default: tether's, off)",
+    )
     parser.add_argument("--steps", type=int, default=5, help="including one warm-up step")
     parser.add_argument("--judge-every", type=int, default=10, help="guard probe interval")
     parser.add_argument("--probe-prompts", type=int, default=32)
@@ -491,6 +514,7 @@ def main() -> None:
     r0 = results[0]
     print(
         f"policy {r0['policy']}  advantage {r0['advantage']} (group {r0['group_size']})  "
+        f"loss {r0.get('policy_loss', 'clip')}  "
         f"batch {r0['batch_size']}  new tokens {r0['max_new_tokens']}  "
         f"threads {r0['threads']}  steps {args.steps} (median of {args.steps - 1} after 1 warm-up)"
     )
