@@ -25,36 +25,26 @@ from pathlib import Path
 
 from results_io import ROOT, measured_line, provenance, table
 
+from tether.compare import metric_change
+
 RESULTS = ROOT / "benchmarks" / "results"
 DETOX = RESULTS / "detox_seeds.json"
 HACKING = RESULTS / "hacking_demo.json"
 IMG = ROOT / "docs" / "img"
-# report.json section and key of each metric the picture shows, in order
+# the metrics the picture shows, in order, as tether.compare names them
 METRICS = (
-    ("proxy", "toxicity", "proxy", "proxy toxicity (the reward)"),
-    ("judge", "toxicity", "judge", "judge toxicity (HateSonar)"),
-    ("perplexity", "quality", "perplexity", "perplexity (reference model)"),
-    ("similarity", "quality", "similarity", "similarity to the dialogue"),
-    ("length", "quality", "response_tokens", "completion length (tokens)"),
-    ("eos", "quality", "eos_rate", "completions ending with EOS"),
+    ("proxy", "proxy toxicity (the reward)"),
+    ("judge", "judge toxicity (HateSonar)"),
+    ("perplexity", "perplexity (reference model)"),
+    ("similarity", "similarity to the dialogue"),
+    ("length", "completion length (tokens)"),
+    ("eos", "completions ending with EOS"),
 )
 
 
 def _finished(path: Path) -> str:
     stamp = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.UTC)
     return stamp.astimezone().isoformat(timespec="seconds")
-
-
-def _change(entry: dict) -> dict:
-    """A report.json entry as relative change and paired CI, both over |baseline mean|."""
-    base = abs(entry["before_mean"]) or float("nan")
-    return {
-        "before": entry["before_mean"],
-        "after": entry["after_mean"],
-        "change": entry["diff_mean"] / base,
-        "ci95": [entry["ci95_low"] / base, entry["ci95_high"] / base],
-        "ci_excludes_zero": entry["ci_excludes_zero"],
-    }
 
 
 def collect_detox(runs: list[Path], shared: tuple[Path, ...] = ()) -> dict:
@@ -75,10 +65,11 @@ def collect_detox(runs: list[Path], shared: tuple[Path, ...] = ()) -> dict:
                     "proxy": report["toxicity"]["proxy"]["metric"],
                     "judge": report["toxicity"]["judge"]["metric"],
                 },
+                # each change and its paired CI over |baseline mean|, as `tether compare` has them
                 "changes": {
-                    key: _change(report[section][name])
-                    for key, section, name, _ in METRICS
-                    if name in report[section]
+                    key: change
+                    for key, _ in METRICS
+                    if (change := metric_change(report, key, run / "report.json")) is not None
                 },
                 "minutes": {k: v / 60 for k, v in report["timing_seconds"].items()},
                 "alone": run.resolve() not in {p.resolve() for p in shared},
@@ -88,7 +79,9 @@ def collect_detox(runs: list[Path], shared: tuple[Path, ...] = ()) -> dict:
                 },
             }
         )
-    return {**provenance(), "command": "tether detox --seed S", "runs": rows}
+    # measured when the last run finished, not when this collects them
+    date = max(r["finished"] for r in rows)
+    return {**provenance(), "date": date, "command": "tether detox --seed S", "runs": rows}
 
 
 def collect_hacking(root: Path) -> dict:
@@ -105,8 +98,8 @@ def collect_hacking(root: Path) -> dict:
         }
     return {
         **provenance(),
+        "date": _finished(root / "hacking_report.json"),  # when it ran, not when collected
         "command": "tether hacking-demo",
-        "finished": _finished(root / "hacking_report.json"),
         "arms": arms,
     }
 
@@ -141,9 +134,9 @@ def _wall(run: dict, digits: int = 1) -> str:
 
 
 def _pct(change: dict) -> str:
-    lo, hi = change["ci95"]
+    lo, hi = change["relative_ci95_low"], change["relative_ci95_high"]
     star = " *" if change["ci_excludes_zero"] else ""
-    return f"{100 * change['change']:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}]{star}"
+    return f"{100 * change['relative_change']:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}]{star}"
 
 
 def show(markdown: bool, only: str | None = None) -> None:
@@ -160,7 +153,7 @@ def show_detox(markdown: bool) -> None:
     headers = ("change, after vs before (paired 95% CI)", *(f"seed {r['seed']}" for r in runs))
     body = [
         (label, *(_pct(r["changes"][key]) for r in runs))
-        for key, _, _, label in METRICS
+        for key, label in METRICS
         if all(key in r["changes"] for r in runs)
     ]
     body.append(("wall time", *(_wall(r) for r in runs)))
@@ -205,7 +198,7 @@ def readme_block() -> str:
     headers = ("change after RL (95% CI)", *(f"seed {r['seed']}" for r in runs))
     body = [
         (label.split(" (")[0], *(_pct(r["changes"][key]) for r in runs))
-        for key, _, _, label in METRICS
+        for key, label in METRICS
         if all(key in r["changes"] for r in runs)
     ]
     body.append(("wall time of `tether detox`", *(_wall(r, digits=0) for r in runs)))
@@ -240,13 +233,13 @@ def plot() -> list[Path]:
     fig, ax = plt.subplots(figsize=(8.5, 0.5 * len(metrics) * len(runs) ** 0.5 + 1.5))
     offsets = [0.22 * (i - (len(runs) - 1) / 2) for i in range(len(runs))]
     for run, off, colour in zip(runs, offsets, ("C0", "C1", "C2", "C3", "C4"), strict=False):
-        for row, (key, _, _, _) in enumerate(metrics):
+        for row, (key, _) in enumerate(metrics):
             c = run["changes"][key]
-            lo, hi = (100 * x for x in c["ci95"])
+            lo, hi = 100 * c["relative_ci95_low"], 100 * c["relative_ci95_high"]
             y = row + off
             ax.plot([lo, hi], [y, y], color=colour, lw=2)
             ax.plot(
-                100 * c["change"],
+                100 * c["relative_change"],
                 y,
                 "o",
                 color=colour,
@@ -254,7 +247,7 @@ def plot() -> list[Path]:
                 label=f"seed {run['seed']}" if row == 0 else None,
             )
     ax.axvline(0, color="black", lw=0.8)
-    ax.set_yticks(range(len(metrics)), [m[3] for m in metrics])
+    ax.set_yticks(range(len(metrics)), [label for _, label in metrics])
     ax.invert_yaxis()
     ax.set_xlabel("change after RL, % of the baseline mean, with the paired 95% CI")
     n = runs[0]["n_eval_prompts"]

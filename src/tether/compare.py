@@ -28,12 +28,14 @@ from tether.errors import TetherError
 REPORT = "report.json"
 CONFIG = "config.yaml"
 METRICS = ("proxy", "judge", "perplexity", "similarity")
-# where each metric sits in report.json: (section, key)
+# where each metric sits in report.json: (section, key); METRICS are the ones compare shows
 _REPORT_PATH = {
     "proxy": ("toxicity", "proxy"),
     "judge": ("toxicity", "judge"),
     "perplexity": ("quality", "perplexity"),
     "similarity": ("quality", "similarity"),
+    "length": ("quality", "response_tokens"),
+    "eos": ("quality", "eos_rate"),
 }
 _RL_TIMING = ("ppo", "rl")  # timing_seconds key of the RL phase (detox writes "ppo")
 # config keys that do not change what a run measures: two runs differing only in these (and in
@@ -89,7 +91,7 @@ def load_run(run: str | Path) -> dict[str, Any]:
             )
         raise TetherError(f"{name}: no {REPORT} (not a finished tether detox run)")
     report = _read_json(report_path)
-    metrics = {m: _metric(report, m, report_path) for m in METRICS}
+    metrics = {m: metric_change(report, m, report_path) for m in METRICS}
     for m in ("proxy", "judge", "perplexity"):
         if metrics[m] is None:
             sec, key = _REPORT_PATH[m]
@@ -169,7 +171,7 @@ def _number(value: Any, path: Path, what: str) -> float:
     return float(value)
 
 
-def _metric(report: dict[str, Any], metric: str, path: Path) -> dict[str, Any] | None:
+def metric_change(report: dict[str, Any], metric: str, path: Path) -> dict[str, Any] | None:
     """One metric's change and CI, relative to the baseline mean; None if the run lacks it."""
     section, key = _REPORT_PATH[metric]
     sec = report.get(section)
