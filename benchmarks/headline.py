@@ -25,7 +25,7 @@ from pathlib import Path
 
 from results_io import ROOT, measured_line, provenance, table
 
-from tether.compare import metric_change
+from tether.compare import change_cell, metric_change
 
 RESULTS = ROOT / "benchmarks" / "results"
 DETOX = RESULTS / "detox_seeds.json"
@@ -133,12 +133,6 @@ def _wall(run: dict, digits: int = 1) -> str:
     return f"{run['minutes']['total']:.{digits}f} min{shared}"
 
 
-def _pct(change: dict) -> str:
-    lo, hi = change["relative_ci95_low"], change["relative_ci95_high"]
-    star = " *" if change["ci_excludes_zero"] else ""
-    return f"{100 * change['relative_change']:+.1f}% [{100 * lo:+.1f}, {100 * hi:+.1f}]{star}"
-
-
 def show(markdown: bool, only: str | None = None) -> None:
     if only != "hacking":
         show_detox(markdown)
@@ -152,7 +146,7 @@ def show_detox(markdown: bool) -> None:
     print(measured_line(detox) + ("\n" if markdown else ""))
     headers = ("change, after vs before (paired 95% CI)", *(f"seed {r['seed']}" for r in runs))
     body = [
-        (label, *(_pct(r["changes"][key]) for r in runs))
+        (label, *(change_cell(r["changes"][key]) for r in runs))
         for key, label in METRICS
         if all(key in r["changes"] for r in runs)
     ]
@@ -197,7 +191,7 @@ def readme_block() -> str:
     runs = sorted(detox["runs"], key=lambda r: r["seed"])
     headers = ("change after RL (95% CI)", *(f"seed {r['seed']}" for r in runs))
     body = [
-        (label.split(" (")[0], *(_pct(r["changes"][key]) for r in runs))
+        (label.split(" (")[0], *(change_cell(r["changes"][key]) for r in runs))
         for key, label in METRICS
         if all(key in r["changes"] for r in runs)
     ]

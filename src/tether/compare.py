@@ -289,7 +289,7 @@ def _pct(x: float) -> str:
     return "n/a" if not math.isfinite(x) else f"{100 * x:+.1f}%"
 
 
-def _cell(v: dict[str, Any] | None) -> str:
+def change_cell(v: dict[str, Any] | None) -> str:
     """-31.2% [-40.1, -22.0]* : change, its 95% CI (in %), * when the CI excludes zero."""
     if v is None:
         return "n/a"
@@ -322,7 +322,7 @@ def _table_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
             r["run"],
             r["estimator"],
             "-" if r["seed"] is None else str(r["seed"]),
-            *(_cell(r["metrics"][m]) for m in METRICS),
+            *(change_cell(r["metrics"][m]) for m in METRICS),
             _duration(r["rl_seconds"]),
             _duration(r["total_seconds"]),
         ]
