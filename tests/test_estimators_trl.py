@@ -24,7 +24,7 @@ from datasets import Dataset
 from transformers import AutoTokenizer
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from tether import ppo
+from tether import losses, ppo
 
 G = 4  # completions per prompt
 # Four groups of four fixed rewards: a generic group, one with ties, one whose spread (std 5e-5) is
@@ -289,7 +289,7 @@ def test_grpo_loss_matches_trl(
         rtol=0,
         atol=1e-5,
     )
-    per_token, clipped, ratio = ppo.policy_loss(
+    per_token, clipped, ratio = losses.policy_loss(
         logprobs, old, advantages[:, None].expand_as(logprobs), mask, CLIP
     )
     assert clipped.any() and (mask.bool() & ~clipped).any()
@@ -300,7 +300,7 @@ def test_grpo_loss_matches_trl(
         else:
             kl = ppo.kl_estimate(logprobs, ref, "k3")
         per_token = per_token + beta * kl
-    ours = ppo.aggregate_loss(
+    ours = losses.aggregate_loss(
         per_token,
         mask,
         mode,
@@ -416,7 +416,7 @@ def test_new_losses_match_trl(make_trainer, tokenizer, trl_config, options, mode
 
     def ours(logprobs, **changes):
         kl = ppo.importance_weighted_k3(logprobs, old, ref) if beta else None
-        loss, stats = ppo.rl_loss(
+        loss, stats = losses.rl_loss(
             logprobs,
             old,
             advantages[:, None].expand_as(logprobs),
@@ -478,7 +478,7 @@ def test_rloo_loss_matches_trl(make_trainer, tokenizer):
     theirs.backward()
     their_grads = _grads(model)
 
-    per_seq, clipped, ratio = ppo.sequence_policy_loss(
+    per_seq, clipped, ratio = losses.sequence_policy_loss(
         _tether_logprobs(model, batch), old, advantages, mask, CLIP
     )
     torch.testing.assert_close(ratio.detach(), offset.neg().exp(), rtol=1e-5, atol=1e-5)
@@ -609,17 +609,17 @@ def test_aggregate_loss_modes_by_hand():
     loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 100.0, float("nan")]])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
     # token-mean: (1 + 2 + 3 + 4) / 4 = 2.5 (padding, even NaN, ignored)
-    assert ppo.aggregate_loss(loss, mask, "token-mean").item() == pytest.approx(2.5, abs=1e-6)
+    assert losses.aggregate_loss(loss, mask, "token-mean").item() == pytest.approx(2.5, abs=1e-6)
     # seq-mean-token-mean: ((1 + 2 + 3) / 3 + 4 / 1) / 2 = (2 + 4) / 2 = 3
-    got = ppo.aggregate_loss(loss, mask, "seq-mean-token-mean")
+    got = losses.aggregate_loss(loss, mask, "seq-mean-token-mean")
     assert got.item() == pytest.approx(3.0, abs=1e-6)
     # seq-mean-token-sum-norm: 10 / (2 sequences * max_len 5) = 1; max_len defaults to t = 3: 10/6
-    got = ppo.aggregate_loss(loss, mask, "seq-mean-token-sum-norm", max_len=5)
+    got = losses.aggregate_loss(loss, mask, "seq-mean-token-sum-norm", max_len=5)
     assert got.item() == pytest.approx(1.0, abs=1e-6)
-    got = ppo.aggregate_loss(loss, mask, "seq-mean-token-sum-norm")
+    got = losses.aggregate_loss(loss, mask, "seq-mean-token-sum-norm")
     assert got.item() == pytest.approx(10 / 6, abs=1e-6)
     with pytest.raises(ValueError, match="bogus"):
-        ppo.aggregate_loss(loss, mask, "bogus")
+        losses.aggregate_loss(loss, mask, "bogus")
 
 
 @pytest.mark.parametrize(
@@ -643,11 +643,11 @@ def test_aggregate_loss_micro_batches_sum_to_full_batch(mode, full_value):
         ]
     )
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0], [1, 0, 0, 0], [1, 1, 1, 0]])
-    full = ppo.aggregate_loss(loss, mask, mode, max_len=6)
+    full = losses.aggregate_loss(loss, mask, mode, max_len=6)
     assert full.item() == pytest.approx(full_value, abs=1e-6)
     # uneven halves (6 and 4 tokens), each with the full batch's normalisers
     halves = [
-        ppo.aggregate_loss(
+        losses.aggregate_loss(
             loss[rows], mask[rows], mode, n_tokens=mask.sum(), n_sequences=4, max_len=6
         )
         for rows in (slice(0, 2), slice(2, 4))
@@ -655,7 +655,7 @@ def test_aggregate_loss_micro_batches_sum_to_full_batch(mode, full_value):
     assert (halves[0] + halves[1]).item() == pytest.approx(full_value, abs=1e-6)
     if mode == "token-mean":
         # with their own token counts the halves would not add up: 21/6 + 34/4 = 12 != 5.5 * 2
-        own = [ppo.aggregate_loss(loss[r], mask[r], mode) for r in (slice(0, 2), slice(2, 4))]
+        own = [losses.aggregate_loss(loss[r], mask[r], mode) for r in (slice(0, 2), slice(2, 4))]
         assert (own[0] + own[1]).item() / 2 == pytest.approx(6.0, abs=1e-6)
 
 
@@ -669,7 +669,7 @@ def test_sequence_policy_loss_by_hand():
     )
     mask = torch.tensor([[1, 1, 0], [1, 1, 0], [1, 1, 1], [1, 1, 1]])
     advantages = torch.tensor([1.0, -2.0, -1.0, 1.0])
-    loss, clipped, ratio = ppo.sequence_policy_loss(logprobs, old, advantages, mask, 0.2)
+    loss, clipped, ratio = losses.sequence_policy_loss(logprobs, old, advantages, mask, 0.2)
     # log r = [0.5, -0.1, -0.5, -0.5]: r = [1.648721, 0.904837, 0.606531, 0.606531]
     # row 0: A = 1,  max(-1.648721, -1.2) = -1.2 (clipped)
     # row 1: A = -2, r inside [0.8, 1.2]: 2 * 0.904837 = 1.809675 (not clipped)
@@ -684,7 +684,7 @@ def test_sequence_policy_loss_by_hand():
     assert clipped.tolist() == [True, False, True, False]
     # the gradient flows through unclipped sequences only: d(-r A)/d logprob_t = -r A per token
     logprobs.requires_grad_()
-    loss, _, _ = ppo.sequence_policy_loss(logprobs, old, advantages, mask, 0.2)
+    loss, _, _ = losses.sequence_policy_loss(logprobs, old, advantages, mask, 0.2)
     (grad,) = torch.autograd.grad(loss.sum(), logprobs)
     expected = torch.tensor(
         [

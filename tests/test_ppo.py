@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tether import ppo
+from tether import losses, ppo
 
 
 def test_logprobs_and_entropy():
@@ -139,11 +139,11 @@ def test_policy_loss_clipping_by_hand():
     old = torch.zeros(1, 4)
     new = torch.log(torch.tensor([[1.5, 1.5, 0.5, 0.5]]))
     adv = torch.tensor([[1.0, -1.0, 1.0, -1.0]])
-    loss, clipped, ratio = ppo.policy_loss(new, old, adv, torch.ones(1, 4), cliprange=0.2)
+    loss, clipped, ratio = losses.policy_loss(new, old, adv, torch.ones(1, 4), cliprange=0.2)
     torch.testing.assert_close(loss, torch.tensor([[-1.2, 1.5, -0.5, 0.8]]), atol=1e-6, rtol=0)
     assert clipped.tolist() == [[True, False, False, True]]
     # padding contributes nothing
-    loss_p, clipped_p, _ = ppo.policy_loss(new, old, adv, torch.tensor([[1, 1, 0, 0]]), 0.2)
+    loss_p, clipped_p, _ = losses.policy_loss(new, old, adv, torch.tensor([[1, 1, 0, 0]]), 0.2)
     assert loss_p[0, 2:].tolist() == [0.0, 0.0] and not clipped_p[0, 3]
 
 
@@ -151,7 +151,7 @@ def test_value_loss_clipping_by_hand():
     # old 1.0, new 1.5, clip 0.2 -> V_clip = 1.2
     # R = 2.0: (1.5-2)^2 = .25, (1.2-2)^2 = .64 -> .5 * .64 = .32 (clipped term wins)
     # R = 1.0: .25 vs .04 -> .5 * .25 = .125
-    loss, clipped = ppo.value_loss(
+    loss, clipped = losses.value_loss(
         torch.tensor([[1.5, 1.5]]),
         torch.tensor([[1.0, 1.0]]),
         torch.tensor([[2.0, 1.0]]),
@@ -165,9 +165,9 @@ def test_value_loss_clipping_by_hand():
 def test_explained_variance():
     ret = torch.tensor([[1.0, 2.0, 3.0, 4.0]])
     mask = torch.ones(1, 4)
-    assert ppo.explained_variance(ret, ret, mask).item() == pytest.approx(1.0)
+    assert losses.explained_variance(ret, ret, mask).item() == pytest.approx(1.0)
     # predicting the mean explains nothing
-    assert ppo.explained_variance(torch.full_like(ret, 2.5), ret, mask).item() == pytest.approx(
+    assert losses.explained_variance(torch.full_like(ret, 2.5), ret, mask).item() == pytest.approx(
         0.0, abs=1e-6
     )
 
@@ -184,10 +184,10 @@ def test_clip_higher_by_hand():
     old = torch.zeros(1, 3)
     new = torch.log(torch.tensor([[1.25, 1.5, 0.5]]))
     adv = torch.tensor([[1.0, 1.0, -1.0]])
-    loss, clipped, _ = ppo.policy_loss(new, old, adv, torch.ones(1, 3), 0.2, cliprange_high=0.28)
+    loss, clipped, _ = losses.policy_loss(new, old, adv, torch.ones(1, 3), 0.2, cliprange_high=0.28)
     torch.testing.assert_close(loss, torch.tensor([[-1.25, -1.28, 0.8]]), atol=1e-6, rtol=0)
     assert clipped.tolist() == [[False, True, True]]
-    symmetric, _, _ = ppo.policy_loss(new, old, adv, torch.ones(1, 3), 0.2)
+    symmetric, _, _ = losses.policy_loss(new, old, adv, torch.ones(1, 3), 0.2)
     assert symmetric[0, 0].item() == pytest.approx(-1.2, abs=1e-6)
 
 
@@ -199,7 +199,7 @@ def test_gspo_ratio_is_the_geometric_mean_by_hand():
     old = torch.tensor([[-1.3, -1.9, 0.0], [-0.52, -0.5, -0.45]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
     adv = torch.tensor([1.0, -2.0])
-    loss, clipped, ratio = ppo.gspo_policy_loss(logprobs, old, adv, mask, 0.05, 0.08)
+    loss, clipped, ratio = losses.gspo_policy_loss(logprobs, old, adv, mask, 0.05, 0.08)
     torch.testing.assert_close(ratio, torch.tensor([1.105171, 0.990050]), atol=1e-6, rtol=0)
     torch.testing.assert_close(loss, torch.tensor([-1.08, 1.980100]), atol=1e-6, rtol=0)
     assert clipped.tolist() == [True, False]
@@ -217,13 +217,13 @@ def test_cispo_keeps_the_gradient_the_clip_drops():
     old = torch.zeros(1, 2)
     adv = torch.tensor([[1.0, -1.0]])
     mask = torch.ones(1, 2)
-    loss, truncated, _ = ppo.cispo_policy_loss(logprobs, old, adv, mask, 0.2)
+    loss, truncated, _ = losses.cispo_policy_loss(logprobs, old, adv, mask, 0.2)
     # value: -1.2 * 1 * ln 2 = -0.831777; -0.5 * -1 * ln 0.5 = -0.346574
     torch.testing.assert_close(loss, torch.tensor([[-0.831777, -0.346574]]), atol=1e-6, rtol=0)
     assert truncated.tolist() == [[True, False]]
     (grad,) = torch.autograd.grad(loss.sum(), logprobs)
     torch.testing.assert_close(grad, torch.tensor([[-1.2, 0.5]]), atol=1e-6, rtol=0)
-    clip_loss, _, _ = ppo.policy_loss(logprobs, old, adv, mask, 0.2)
+    clip_loss, _, _ = losses.policy_loss(logprobs, old, adv, mask, 0.2)
     (clip_grad,) = torch.autograd.grad(clip_loss.sum(), logprobs)
     assert clip_grad[0, 0].item() == 0.0  # the negative control: the clip drops it
 
@@ -236,7 +236,7 @@ def test_sapo_gate_by_hand():
     logprobs = torch.log(torch.tensor([[1.0, 1.5]])).requires_grad_()
     old = torch.zeros(1, 2)
     adv = torch.tensor([[1.0, -1.0]])
-    loss, clipped, _ = ppo.sapo_policy_loss(logprobs, old, adv, torch.ones(1, 2), 1.0, 2.0)
+    loss, clipped, _ = losses.sapo_policy_loss(logprobs, old, adv, torch.ones(1, 2), 1.0, 2.0)
     torch.testing.assert_close(loss, torch.tensor([[-2.0, 1.462117]]), atol=1e-6, rtol=0)
     assert not clipped.any()
     (grad,) = torch.autograd.grad(loss.sum(), logprobs)

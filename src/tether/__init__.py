@@ -3,7 +3,7 @@
 Library entry points (the CLI is a thin layer over these):
     - `tether.config.TrainConfig` and `tether.trainer.train` run PPO;
     - `tether.policy.Policy` wraps a Hugging Face model with LoRA, a value head and a shared reference;
-    - `tether.ppo` holds the pure tensor math; `tether.kl` the KL controllers;
+    - `tether.ppo` and `tether.losses` hold the pure tensor math; `tether.kl` the KL controllers;
     - `tether.rewards.load_reward` and `tether.data.load_prompts` parse reward and prompt specs.
 """
 

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from tether import distributed, ppo
+from tether import distributed, losses, ppo
 from tether.config import TrainConfig
 from tether.data import PromptRecord, load_prompts
 from tether.errors import TetherError, warn
@@ -482,7 +482,7 @@ def metrics_row(
     valid = exp.rollout.valid_mask
     score_t = torch.tensor(scores)
     critic = cfg.rl.has_critic
-    explained = ppo.explained_variance(exp.old_values, exp.returns, valid) if critic else None
+    explained = losses.explained_variance(exp.old_values, exp.returns, valid) if critic else None
     # the keys in the order metrics.jsonl has always had them
     return {
         "step": step,

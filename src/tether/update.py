@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from tether import distributed, ppo
+from tether import distributed, losses, ppo
 from tether.config import TrainConfig
 from tether.errors import warn
 from tether.policy import Policy, PolicyOutput
@@ -66,7 +66,7 @@ def ppo_update(
                 mu = mb.select(micro_idx)
                 with policy.accumulating(last=i == len(micro_batches) - 1):
                     out, kl = _policy_pass(policy, mu, cfg)
-                    loss, terms = ppo.rl_loss(
+                    loss, terms = losses.rl_loss(
                         out.logprobs,
                         mu.old_logprobs,
                         mu.advantages,
