@@ -214,19 +214,21 @@ def update_readme() -> bool:
     return new != text
 
 
-def plot() -> list[Path]:
+def forest(record: dict, runs: list[dict], labels: list[str], title: str, path: Path) -> None:
+    """Each run's change per metric, with its paired 95% CI, one colour a run (hollow: the CI
+    spans 0). `record` is the results file the runs come from (its date and machine go in the
+    corner)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    IMG.mkdir(parents=True, exist_ok=True)
-    detox = json.loads(DETOX.read_text())
-    runs = sorted(detox["runs"], key=lambda r: r["seed"])
     metrics = [m for m in METRICS if all(m[0] in r["changes"] for r in runs)]
     fig, ax = plt.subplots(figsize=(8.5, 0.5 * len(metrics) * len(runs) ** 0.5 + 1.5))
-    offsets = [0.22 * (i - (len(runs) - 1) / 2) for i in range(len(runs))]
-    for run, off, colour in zip(runs, offsets, ("C0", "C1", "C2", "C3", "C4"), strict=False):
+    step = min(0.22, 0.8 / len(runs))
+    offsets = [step * (i - (len(runs) - 1) / 2) for i in range(len(runs))]
+    for i, (run, off, label) in enumerate(zip(runs, offsets, labels, strict=True)):
+        colour = f"C{i % 10}"
         for row, (key, _) in enumerate(metrics):
             c = run["changes"][key]
             lo, hi = 100 * c["relative_ci95_low"], 100 * c["relative_ci95_high"]
@@ -238,25 +240,40 @@ def plot() -> list[Path]:
                 "o",
                 color=colour,
                 mfc=colour if c["ci_excludes_zero"] else "white",
-                label=f"seed {run['seed']}" if row == 0 else None,
+                label=label if row == 0 else None,
             )
     ax.axvline(0, color="black", lw=0.8)
     ax.set_yticks(range(len(metrics)), [label for _, label in metrics])
     ax.invert_yaxis()
     ax.set_xlabel("change after RL, % of the baseline mean, with the paired 95% CI")
-    n = runs[0]["n_eval_prompts"]
-    ax.set_title(
-        f"tether detox, embedded default: {len(runs)} seeds, {n} held-out prompts "
-        "(hollow: the CI spans 0)",
-        fontsize=10,
-    )
+    ax.set_title(title, fontsize=10)
     ax.grid(axis="x", alpha=0.3)
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
-    fig.text(0.01, 0.01, measured_line(detox, commit=False)[:110], fontsize=6, color="grey")
+    fig.text(0.01, 0.01, measured_line(record, commit=False)[:110], fontsize=6, color="grey")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
-    paths = [IMG / "detox_seeds.png"]
-    fig.savefig(paths[0], dpi=110)
+    fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot() -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    IMG.mkdir(parents=True, exist_ok=True)
+    detox = json.loads(DETOX.read_text())
+    runs = sorted(detox["runs"], key=lambda r: r["seed"])
+    n = runs[0]["n_eval_prompts"]
+    paths = [IMG / "detox_seeds.png"]
+    forest(
+        detox,
+        runs,
+        [f"seed {run['seed']}" for run in runs],
+        f"tether detox, embedded default: {len(runs)} seeds, {n} held-out prompts "
+        "(hollow: the CI spans 0)",
+        paths[0],
+    )
 
     hacking = json.loads(HACKING.read_text())
     fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))

@@ -4,6 +4,8 @@
     python benchmarks/ppo_step.py --scaling --plot benchmarks/results/scaling.png
     python benchmarks/ppo_step.py --memory          # what the peak RSS is made of
     python benchmarks/ppo_step.py --advantage grpo --group-size 4   # a critic-free estimator
+    python benchmarks/ppo_step.py --advantage grpo --side-by-side "" "--policy-loss sapo" \
+        --rounds 2 --save benchmarks/results/policy_losses_step.json    # options, interleaved
 
 The default run measures the shared reference (adapter disabled) and a full-copy reference
 side by side, each in its own process so peak RSS is that configuration's alone, and prints a
@@ -14,6 +16,9 @@ FLOPs it did and the FLOP/s achieved against this machine's measured fp32 matmul
 `--scaling` runs batch 4/16/64 at 48 new tokens and 24/48/96 new tokens at batch 16.
 `--memory` splits the shared run's peak RSS into libraries, weights, what autograd keeps for one
 update micro-batch and what glibc's allocator holds on to, and measures two ways to lower it.
+`--side-by-side` times variants of one configuration (each a string of this script's options
+added to the rest), round after round so that a machine's drift falls on all of them alike, and
+reports each one's median step and update phase against the first.
 
 Every completion is forced to exactly --max-new-tokens tokens (min = max) so runs compare. The
 reward is a trivial Python function: this measures the engine, not a reward model. --advantage,
@@ -27,6 +32,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -34,9 +40,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from results_io import measured_line, provenance, table
+
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = ROOT / "examples" / "prompts.jsonl"
 PHASES = ["gen", "score", "forward", "advantages", "update", "guard", "io"]
+# options of this script that stay in the parent process (or are passed on as bare flags)
+LOCAL = {"json", "scaling", "plot", "memory", "bare", "side_by_side", "rounds", "save", "show"}
+LOCAL |= {"markdown"}
 SCALING = [(4, 48), (16, 48), (64, 48), (16, 24), (16, 96)]  # (batch, new tokens)
 
 
@@ -256,7 +267,7 @@ def run_one(args: argparse.Namespace) -> dict:
             micro = micro_batch_size(cfg, policy.device)
             rollout, _, _ = policy.generate([r.prompt for r in records[:micro]], sampling)
             extra["saved_activation_mb"] = saved_activation_mb(policy, rollout)
-        if args.reference == "shared":
+        if args.reference == "shared" and not args.bare:
             # The guard's cost per step: one probe, amortised over judge_every steps.
             run = RunDir(Path(tmp) / "run")
             run.prepare(config_to_yaml(cfg), resume=False)
@@ -276,7 +287,7 @@ def run_one(args: argparse.Namespace) -> dict:
             )
             phases["io"] = extra["metrics_line_s"] + extra["checkpoint_s"] / args.save_every
         peak_mb = peak_rss_mb()  # the run's, before the decoding figures' own buffers
-        if args.reference == "shared" and not args.memory:
+        if args.reference == "shared" and not (args.memory or args.bare):
             prompts = [records[i].prompt for i in range(cfg.rl.batch_size)]
             extra.update(decoding(policy, prompts, sampling))
 
@@ -314,16 +325,79 @@ def spawn(args: argparse.Namespace, env: dict[str, str] | None = None, **overrid
     argv = [sys.executable, __file__, "--json"] + [
         f"--{k.replace('_', '-')}={v}"
         for k, v in values.items()
-        if k not in ("json", "scaling", "plot", "memory") and v is not None
+        if k not in LOCAL and v is not None
     ]
-    if args.memory:
-        argv.append("--memory")
+    argv += [f"--{flag}" for flag in ("memory", "bare") if values[flag]]
     proc = subprocess.run(
         argv, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1", **(env or {})}
     )
     if proc.returncode:
         sys.exit(f"benchmark run failed ({overrides}):\n{proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def side_by_side(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """Each variant (a string of this script's options on top of the rest) in its own process,
+    all of them once a round: the guard, I/O and decoding figures are left out (--bare)."""
+    variants = []
+    for text in args.side_by_side:
+        given = vars(parser.parse_args(shlex.split(text)))
+        over = {k: v for k, v in given.items() if k not in LOCAL and v != parser.get_default(k)}
+        variants.append((text or "(none)", over))
+    results: dict[str, list[dict]] = {name: [] for name, _ in variants}
+    for _ in range(args.rounds):
+        for name, over in variants:
+            results[name].append(spawn(args, reference="shared", bare=True, **over))
+    first = results[variants[0][0]][0]
+    return {
+        **provenance(),
+        "command": "python benchmarks/ppo_step.py " + shlex.join(sys.argv[1:]),
+        "policy": first["policy"],
+        "advantage": first["advantage"],
+        "group_size": first["group_size"],
+        "batch_size": first["batch_size"],
+        "max_new_tokens": first["max_new_tokens"],
+        "threads": first["threads"],
+        "steps": args.steps,
+        "rounds": args.rounds,
+        "variants": [
+            {
+                "options": name,
+                "policy_loss": runs[0]["policy_loss"],
+                "step_s": [r["step_s"] for r in runs],
+                "update_s": [r["phases"]["update"] for r in runs],
+                "gen_s": [r["phases"]["gen"] for r in runs],
+            }
+            for name, runs in results.items()
+        ],
+    }
+
+
+def print_side_by_side(record: dict, markdown: bool = False) -> None:
+    print(measured_line(record) + ("\n" if markdown else ""))
+    base = record["variants"][0]
+    step0, update0 = statistics.median(base["step_s"]), statistics.median(base["update_s"])
+    rows = []
+    for v in record["variants"]:
+        step, update = statistics.median(v["step_s"]), statistics.median(v["update_s"])
+        rows.append(
+            (
+                v["options"],
+                f"{step:.2f}",
+                f"{step / step0:.2f}x",
+                f"{update:.2f}",
+                f"{update / update0:.2f}x",
+                " / ".join(f"{s:.2f}" for s in v["step_s"]),
+            )
+        )
+    headers = ("options", "s/step", "vs first", "update s", "vs first", "s/step by round")
+    print(table(headers, rows, markdown))
+    print(
+        f"\n({record['policy']}, {record['advantage']} (group {record['group_size']}), batch "
+        f"{record['batch_size']}, {record['max_new_tokens']} new tokens, {record['threads']} "
+        f"threads; each figure the median over {record['rounds']} rounds of the median of "
+        f"{record['steps'] - 1} steps after a warm-up; `{record['command']}`)"
+    )
 
 
 def print_phases(r: dict) -> None:
@@ -496,12 +570,32 @@ def main() -> None:
     parser.add_argument("--plot", help="with --scaling: write the curves to this PNG")
     parser.add_argument("--memory", action="store_true", help="what the peak RSS is made of")
     parser.add_argument(
+        "--side-by-side",
+        nargs="+",
+        metavar="OPTIONS",
+        help='variants to time against each other, e.g. "" "--policy-loss sapo"',
+    )
+    parser.add_argument("--rounds", type=int, default=2, help="with --side-by-side")
+    parser.add_argument("--save", type=Path, help="with --side-by-side: the results file")
+    parser.add_argument("--show", type=Path, help="print a --side-by-side results file")
+    parser.add_argument("--markdown", action="store_true", help="with --show")
+    parser.add_argument(
         "--json", action="store_true", help="(internal) run one configuration, print JSON"
     )
+    parser.add_argument("--bare", action="store_true", help="(internal) the steps alone")
     args = parser.parse_args()
 
     if args.json:
         print(json.dumps(run_one(args)))
+        return
+    if args.show:
+        print_side_by_side(json.loads(args.show.read_text()), args.markdown)
+        return
+    if args.side_by_side:
+        record = side_by_side(args, parser)
+        if args.save:
+            args.save.write_text(json.dumps(record, indent=2) + "\n")
+        print_side_by_side(record)
         return
     if args.scaling:
         scaling(args)
