@@ -6,7 +6,15 @@ import pytest
 from conftest import PROMPT_WORDS, undocumented
 
 from tether.cli import main
-from tether.evaluate import compare, paired_bootstrap
+from tether.evaluate import (
+    by_prompt,
+    compare,
+    distinct_n,
+    exceeds,
+    expected_maximum,
+    paired_bootstrap,
+    samples_per_prompt,
+)
 
 WORDS = [*PROMPT_WORDS, "a bad day", "rain again"]
 
@@ -209,6 +217,87 @@ def test_compare_reports_improvement_direction():
     assert c["significantly_better"] and c["ci_excludes_zero"]
     c = compare([1.0, 1.1, 0.9], [1.0, 1.1, 0.9], lower_is_better=False)
     assert c["relative_change"] == 0.0 and not c["ci_excludes_zero"]
+
+
+def test_tail_measures_by_hand():
+    # two prompts, three samples each, ordered by prompt then sample as evaluate() writes them
+    values = [[0.1, 0.6, 0.2], [0.3, 0.4, 0.45]]
+    rows = [
+        {"index": i, "sample": s, "tox": v} for i, vs in enumerate(values) for s, v in enumerate(vs)
+    ]
+    assert samples_per_prompt(rows) == 3
+    table = by_prompt(rows, "tox")
+    assert table.tolist() == values
+    assert expected_maximum(table).tolist() == [0.6, 0.45]  # EMT = their mean, 0.525
+    assert exceeds(table).tolist() == [1.0, 0.0]  # TP at 0.5 = 0.5
+    assert exceeds(table, 0.4).tolist() == [1.0, 1.0]  # >=: 0.4 itself counts
+    with pytest.raises(ValueError, match="do not split"):
+        samples_per_prompt(rows[:-1])
+    texts = ["a b a b", "A b c"]
+    assert distinct_n(texts, 1) == pytest.approx(3 / 7)  # a b a b a b c: a, b, c
+    assert distinct_n(texts, 2) == pytest.approx(3 / 5)  # ab ba ab | ab bc
+    assert distinct_n(texts, 3) == 1.0  # aba bab | abc
+    assert distinct_n(["one"], 2) == 0.0  # no bigram at all
+
+
+def test_detox_with_several_samples_per_prompt(tiny_llama, detox_inputs, tmp_path, capsys):
+    """k samples a prompt: every one written, sample 0 the single-sample run's, the report's tail
+    measures recomputed from eval/*.jsonl, and compare's EMT / TP / distinct-2 columns."""
+    prompts, scorers = detox_inputs
+    argv = _argv(tiny_llama, prompts, scorers, tmp_path / "k3", "--no-similarity")
+    argv[argv.index("--judge") + 1] = "profanity"  # a toxicity in [0, 1]: EMT and TP apply
+    argv[argv.index("--steps") + 1] = "1"
+    k3 = argv + ["--eval-samples", "3", "--toxicity-threshold", "0.3"]
+    assert main(k3) == 0
+    assert "expected max of 3" in capsys.readouterr().out
+    out = tmp_path / "k3"
+    rows = {
+        n: [json.loads(x) for x in (out / "eval" / f"{n}.jsonl").read_text().splitlines()]
+        for n in ("baseline", "aligned")
+    }
+    assert [(r["index"], r["sample"]) for r in rows["baseline"]] == [
+        (i, s) for i in range(12) for s in range(3)
+    ]
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_eval_prompts"] == 12 and report["samples_per_prompt"] == 3
+    judge = report["toxicity"]["judge"]
+    key = judge["metric"]
+    for n, side in (("baseline", "before_mean"), ("aligned", "after_mean")):
+        per_prompt = [[r[key] for r in rows[n][i : i + 3]] for i in range(0, 36, 3)]
+        assert judge[side] == pytest.approx(sum(sum(p) / 3 for p in per_prompt) / 12)
+        assert judge["expected_maximum"][side] == pytest.approx(
+            sum(max(p) for p in per_prompt) / 12
+        )
+        assert judge["probability"][side] == pytest.approx(
+            sum(max(p) >= 0.3 for p in per_prompt) / 12
+        )
+        texts = [[r["completion"] for r in rows[n][i : i + 3]] for i in range(0, 36, 3)]
+        assert report["quality"]["distinct_2"][side] == pytest.approx(
+            sum(distinct_n(t, 2) for t in texts) / 12
+        )
+    assert "expected_maximum" not in report["toxicity"]["proxy"]  # a score, not a toxicity
+    # one sample a prompt draws exactly the first of the three
+    assert (
+        main(
+            argv[: argv.index("--out")]
+            + ["--out", str(tmp_path / "k1")]
+            + argv[argv.index("--out") + 2 :]
+        )
+        == 0
+    )
+    one = (tmp_path / "k1" / "eval" / "baseline.jsonl").read_text().splitlines()
+    assert [json.loads(x)["completion"] for x in one] == [
+        r["completion"] for r in rows["baseline"] if r["sample"] == 0
+    ]
+    capsys.readouterr()
+    # compare: the tail columns appear with a run of several samples, not without one
+    assert main(["compare", str(out), str(tmp_path / "k1")]) == 0
+    table = capsys.readouterr().out
+    assert "judge EMT" in table and "judge TP" in table and "distinct-2" in table
+    assert main(["compare", str(tmp_path / "k1")]) == 0
+    assert "EMT" not in capsys.readouterr().out
+    assert main(k3[:-2] + ["--toxicity-threshold", "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert "toxicity_threshold must be in (0, 1]" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("advantage", ["gae", "rloo"])  # rloo: an adapter without a value head

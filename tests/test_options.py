@@ -51,6 +51,8 @@ def test_each_option_is_in_the_commands_that_take_it():
         "eval_prompts",
         "eval_batch_size",
         "eval_seed",
+        "eval_samples",
+        "toxicity_threshold",
         "similarity",
     } <= train
     for name, cls in COMMANDS.items():

@@ -4,8 +4,9 @@ Each run directory contributes its report.json (the paired before/after statisti
 `tether detox` / `tether report` wrote) and its config.yaml (the estimator, the seed). A row per
 run: for proxy toxicity, judge toxicity, perplexity and similarity, the relative change
 (aligned - baseline) / |baseline mean| with the report's paired 95% bootstrap CI of
-aligned - baseline on the same scale, and whether that CI excludes zero; then the wall time of
-the RL phase and of the whole run. Runs that share an estimator are also summarised: the mean and
+aligned - baseline on the same scale, and whether that CI excludes zero (with several samples
+per prompt also Expected Maximum Toxicity, Toxicity Probability and distinct-2); then the wall
+time of the RL phase and of the whole run. Runs that share an estimator are also summarised: the mean and
 the range (min..max) of each change over their seeds.
 
 Nothing is recomputed: the numbers are the reports', so this reads fast and imports no torch.
@@ -28,7 +29,17 @@ from tether.errors import TetherError
 REPORT = "report.json"
 CONFIG = "config.yaml"
 METRICS = ("proxy", "judge", "perplexity", "similarity")
-# where each metric sits in report.json: (section, key); METRICS are the ones compare shows
+# over each prompt's samples: shown when a run sampled several per prompt (with one, the
+# expected maximum is the mean)
+TAIL = ("proxy_max", "proxy_p", "judge_max", "judge_p", "distinct_2")
+LABELS = {
+    "proxy_max": "proxy EMT",
+    "proxy_p": "proxy TP",
+    "judge_max": "judge EMT",
+    "judge_p": "judge TP",
+    "distinct_2": "distinct-2",
+}
+# where each metric sits in report.json; METRICS (and TAIL) are the ones compare shows
 _REPORT_PATH = {
     "proxy": ("toxicity", "proxy"),
     "judge": ("toxicity", "judge"),
@@ -36,6 +47,11 @@ _REPORT_PATH = {
     "similarity": ("quality", "similarity"),
     "length": ("quality", "response_tokens"),
     "eos": ("quality", "eos_rate"),
+    "proxy_max": ("toxicity", "proxy", "expected_maximum"),
+    "proxy_p": ("toxicity", "proxy", "probability"),
+    "judge_max": ("toxicity", "judge", "expected_maximum"),
+    "judge_p": ("toxicity", "judge", "probability"),
+    "distinct_2": ("quality", "distinct_2"),
 }
 _RL_TIMING = ("ppo", "rl")  # timing_seconds key of the RL phase (detox writes "ppo")
 # config keys that do not change what a run measures: two runs differing only in these (and in
@@ -91,11 +107,11 @@ def load_run(run: str | Path) -> dict[str, Any]:
             )
         raise TetherError(f"{name}: no {REPORT} (not a finished tether detox run)")
     report = _read_json(report_path)
-    metrics = {m: metric_change(report, m, report_path) for m in METRICS}
+    metrics = {m: metric_change(report, m, report_path) for m in (*METRICS, *TAIL)}
     for m in ("proxy", "judge", "perplexity"):
         if metrics[m] is None:
-            sec, key = _REPORT_PATH[m]
-            raise TetherError(f"{report_path}: not a tether detox report (no {sec}.{key})")
+            where = ".".join(_REPORT_PATH[m])
+            raise TetherError(f"{report_path}: not a tether detox report (no {where})")
     config = _read_config(run_dir, report)
     timing = report.get("timing_seconds") or {}
     if not isinstance(timing, dict):
@@ -110,6 +126,7 @@ def load_run(run: str | Path) -> dict[str, Any]:
         "kl_estimator": config.get("kl_estimator"),
         "kl_coef": config.get("kl_coef"),
         "n_eval_prompts": report.get("n_eval_prompts"),
+        "samples_per_prompt": report.get("samples_per_prompt", 1),
         "metrics": metrics,
         "rl_seconds": (
             _number(timing[rl_key], report_path, f"timing_seconds.{rl_key}") if rl_key else None
@@ -173,16 +190,18 @@ def _number(value: Any, path: Path, what: str) -> float:
 
 def metric_change(report: dict[str, Any], metric: str, path: Path) -> dict[str, Any] | None:
     """One metric's change and CI, relative to the baseline mean; None if the run lacks it."""
-    section, key = _REPORT_PATH[metric]
-    sec = report.get(section)
-    if not isinstance(sec, dict):
-        raise TetherError(f"{path}: not a tether detox report (no {section})")
-    v = sec.get(key)
-    if v is None:
-        return None
+    section, *keys = _REPORT_PATH[metric]
+    v = report.get(section)
     if not isinstance(v, dict):
-        raise TetherError(f"{path}: not a tether detox report ({section}.{key})")
-    where = f"{section}.{key}"
+        raise TetherError(f"{path}: not a tether detox report (no {section})")
+    where = section
+    for key in keys:
+        v = v.get(key)
+        where += f".{key}"
+        if v is None:
+            return None
+        if not isinstance(v, dict):
+            raise TetherError(f"{path}: not a tether detox report ({where})")
     num = {}
     for k in ("before_mean", "after_mean", "relative_change", "diff_mean", "ci95_low", "ci95_high"):
         if k not in v:
@@ -209,6 +228,13 @@ def metric_change(report: dict[str, Any], metric: str, path: Path) -> dict[str, 
 # ----------------------------------------------------------------------------------------------
 
 
+def columns(rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    """The metrics the table shows: METRICS, and TAIL when some run sampled several completions
+    per prompt."""
+    many = any((r.get("samples_per_prompt") or 1) > 1 for r in rows)
+    return (*METRICS, *TAIL) if many else METRICS
+
+
 def estimator_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per estimator with two or more runs: mean, min and max of each metric's relative change."""
     groups: dict[str, list[dict[str, Any]]] = {}
@@ -219,7 +245,7 @@ def estimator_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if len(group) < 2:
             continue
         stats: dict[str, dict[str, Any] | None] = {}
-        for m in METRICS:
+        for m in columns(rows):
             values = [
                 r["metrics"][m]["relative_change"]
                 for r in group
@@ -313,7 +339,9 @@ def _duration(seconds: float | None) -> str:
     return f"{seconds:.0f} s" if seconds < 60 else f"{seconds / 60:.1f} min"
 
 
-HEADERS = ("run", "estimator", "seed", *METRICS, "RL time", "total time")
+def headers(rows: list[dict[str, Any]]) -> tuple[str, ...]:
+    shown = (LABELS.get(m, m) for m in columns(rows))
+    return ("run", "estimator", "seed", *shown, "RL time", "total time")
 
 
 def _table_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
@@ -322,7 +350,7 @@ def _table_cells(rows: list[dict[str, Any]]) -> list[list[str]]:
             r["run"],
             r["estimator"],
             "-" if r["seed"] is None else str(r["seed"]),
-            *(change_cell(r["metrics"][m]) for m in METRICS),
+            *(change_cell(r["metrics"].get(m)) for m in columns(rows)),
             _duration(r["rl_seconds"]),
             _duration(r["total_seconds"]),
         ]
@@ -342,24 +370,34 @@ LEGEND = (
     "change = (aligned - baseline) / |baseline mean|; [95% CI] = the report's paired bootstrap "
     "CI of aligned - baseline, over |baseline mean|, in %; * = the CI excludes 0"
 )
+TAIL_LEGEND = (
+    "EMT = expected maximum toxicity over a prompt's samples; TP = the share of prompts with a "
+    "sample at the toxicity threshold or above; distinct-2 = distinct bigrams among a prompt's "
+    "samples"
+)
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
     """The terminal table: a row per run, then a line per estimator that has several runs."""
-    cells = [list(HEADERS), *_table_cells(rows)]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(HEADERS))]
+    cells = [list(headers(rows)), *_table_cells(rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(cells[0]))]
     lines = [
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(f"({LEGEND}; {metric_names(rows)})")
+    if columns(rows) != METRICS:
+        lines.append(f"({TAIL_LEGEND})")
     summary = estimator_summary(rows)
     if summary:
         lines.append("")
         lines.append("per estimator, over its runs: mean change (min..max)")
         width = max(len(s["estimator"]) for s in summary)
         for s in summary:
-            parts = "  ".join(f"{m} {_range(s['metrics'][m], len(s['runs']))}" for m in METRICS)
+            parts = "  ".join(
+                f"{LABELS.get(m, m)} {_range(s['metrics'][m], len(s['runs']))}"
+                for m in columns(rows)
+            )
             lines.append(
                 f"{s['estimator']:<{width}}  {len(s['runs'])} runs, seeds {_seeds(s['seeds'])}:  "
                 f"{parts}"
@@ -380,7 +418,7 @@ def render_html(rows: list[dict[str, Any]]) -> str:
         {
             **s,
             "seeds_text": _seeds(s["seeds"]),
-            "cells": [_range(s["metrics"][m], len(s["runs"])) for m in METRICS],
+            "cells": [_range(s["metrics"][m], len(s["runs"])) for m in columns(rows)],
         }
         for s in estimator_summary(rows)
     ]
@@ -388,9 +426,10 @@ def render_html(rows: list[dict[str, Any]]) -> str:
         "compare.html.j2",
         rows=rows,
         table=list(zip(rows, _table_cells(rows), strict=True)),
-        headers=HEADERS,
-        metrics=METRICS,
-        legend=LEGEND,
+        headers=headers(rows),
+        metrics=columns(rows),
+        labels=LABELS,
+        legend=LEGEND if columns(rows) == METRICS else f"{LEGEND}; {TAIL_LEGEND}",
         names=metric_names(rows),
         summary=summary,
         notes=notes(rows),
@@ -417,7 +456,7 @@ def write_compare_html(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
 def _plot(rows: list[dict[str, Any]]) -> str | None:
     """Per metric, each run's change with its CI as an error bar, coloured by estimator."""
-    present = [m for m in METRICS if any(r["metrics"][m] is not None for r in rows)]
+    present = [m for m in columns(rows) if any(r["metrics"].get(m) is not None for r in rows)]
     if not present:
         return None
     import matplotlib
@@ -437,7 +476,7 @@ def _plot(rows: list[dict[str, Any]]) -> str | None:
     )
     for ax, m in zip(axes[0], present, strict=True):
         for i, r in enumerate(rows):
-            v = r["metrics"][m]
+            v = r["metrics"].get(m)
             if v is None or not math.isfinite(v["relative_change"]):
                 continue
             x = 100 * v["relative_change"]
@@ -452,7 +491,7 @@ def _plot(rows: list[dict[str, Any]]) -> str | None:
                 capsize=3,
             )
         ax.axvline(0, color="#888", lw=0.8)
-        ax.set_title(f"{m} change (%)", fontsize=9)
+        ax.set_title(f"{LABELS.get(m, m)} change (%)", fontsize=9)
         ax.grid(axis="x", alpha=0.3)
         ax.tick_params(labelsize=8)
     axes[0][0].set_yticks(range(len(rows)), labels)

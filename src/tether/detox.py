@@ -65,7 +65,8 @@ def _setup(cfg: DetoxConfig, reward: RewardModel, judge: RewardModel) -> _Setup:
 def _run_eval(
     policy: Policy, setup: _Setup, cfg: DetoxConfig, as_reference: bool, name: str
 ) -> list[dict[str, Any]]:
-    """Evaluate the held-out prompts and write eval/NAME.jsonl, one row per prompt (atomically)."""
+    """Evaluate the held-out prompts and write eval/NAME.jsonl, one row per completion
+    (atomically)."""
     rows = evaluate(
         policy,
         setup.eval_records,
@@ -77,6 +78,7 @@ def _run_eval(
         as_reference=as_reference,
         desc=name,
         progress=cfg.run.progress,
+        samples=cfg.eval.eval_samples,
     )
     path = setup.run.root / EVAL_DIR / f"{name}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,6 +99,7 @@ def _finish(setup: _Setup, cfg: DetoxConfig, adapter: str, timing: dict[str, flo
         "evaluated_adapter": adapter,
         "decoding": dataclasses.asdict(sampling_params(cfg.sampling)),
         "eval_seed": cfg.eval.eval_seed,
+        "toxicity_threshold": cfg.eval.toxicity_threshold,
         "timing_seconds": timing,
     }
     atomic_write_text(setup.run.root / RUN_INFO, json.dumps(info, indent=2))

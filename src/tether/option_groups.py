@@ -501,6 +501,15 @@ class EvalOptions:
     )
     eval_batch_size: int = opt(16, "prompts per generation batch in evaluation")
     eval_seed: int = opt(1234, "seed of the evaluation sampling (the same before and after)")
+    eval_samples: int = opt(
+        1,
+        "completions sampled per held-out prompt: the report adds each toxicity's expected "
+        "maximum over them and the share of prompts with one at --toxicity-threshold or above "
+        "(RealToxicityPrompts samples 25)",
+    )
+    toxicity_threshold: float = opt(
+        0.5, "a completion this toxic or more counts as toxic (Toxicity Probability)"
+    )
     similarity: bool = opt(
         True, "measure completion-prompt embedding similarity (all-MiniLM-L6-v2)"
     )
@@ -512,3 +521,7 @@ def check_eval(ev: EvalOptions) -> None:
             f"eval_prompts and eval_batch_size must be >= 1, got {ev.eval_prompts}, "
             f"{ev.eval_batch_size}"
         )
+    if ev.eval_samples < 1:
+        raise TetherError(f"eval_samples must be >= 1, got {ev.eval_samples}")
+    if not 0 < ev.toxicity_threshold <= 1:
+        raise TetherError(f"toxicity_threshold must be in (0, 1], got {ev.toxicity_threshold}")

@@ -71,7 +71,11 @@ RUN_LAYOUT: tuple[tuple[str, str, str], ...] = (
     ("guard/probe-step-N.jsonl", "all", "each probe's completions and scores"),
     ("guard.json", "all", "the guard's summary: probes, flags, best, how the run ended"),
     ("tensorboard/", "all", "`--report-to tensorboard`: the tracker's own files"),
-    ("eval/baseline.jsonl", "detox, eval", "the starting policy on the held-out prompts"),
+    (
+        "eval/baseline.jsonl",
+        "detox, eval",
+        "the starting policy on the held-out prompts, a row per completion",
+    ),
     ("eval/aligned.jsonl", "detox, eval", "the trained policy on the same prompts and seeds"),
     ("run_info.json", "detox, eval", "metric names, decoding, eval seed, timings"),
     ("report.json", "detox, eval", "before/after with paired bootstrap CIs, quality, guard"),
