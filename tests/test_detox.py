@@ -291,10 +291,11 @@ def test_detox_with_several_samples_per_prompt(tiny_llama, detox_inputs, tmp_pat
     ]
     capsys.readouterr()
     # compare: the tail columns appear with a run of several samples, not without one
-    assert main(["compare", str(out), str(tmp_path / "k1")]) == 0
+    page = ["--out", str(tmp_path / "compare.html")]
+    assert main(["compare", str(out), str(tmp_path / "k1"), *page]) == 0
     table = capsys.readouterr().out
     assert "judge EMT" in table and "judge TP" in table and "distinct-2" in table
-    assert main(["compare", str(tmp_path / "k1")]) == 0
+    assert main(["compare", str(tmp_path / "k1"), *page]) == 0
     assert "EMT" not in capsys.readouterr().out
     assert main(k3[:-2] + ["--toxicity-threshold", "1.5", "--out", str(tmp_path / "bad")]) == 2
     assert "toxicity_threshold must be in (0, 1]" in capsys.readouterr().err
