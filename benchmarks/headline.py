@@ -26,6 +26,7 @@ from pathlib import Path
 from results_io import ROOT, measured_line, provenance, table
 
 from tether.compare import change_cell, metric_change
+from tether.hacking import FITTED, draw_fit, fit_of
 
 RESULTS = ROOT / "benchmarks" / "results"
 DETOX = RESULTS / "detox_seeds.json"
@@ -179,6 +180,10 @@ def show_hacking(markdown: bool) -> None:
         for name, arm in hacking["arms"].items()
     )
     print(f"\n(probe steps of 32 held-out prompts; step -1 is the starting policy; flags: {flags})")
+    for name, arm in hacking["arms"].items():
+        for key in FITTED:
+            fit = fit_of(arm["probes"], key)
+            print(f"{name}, {key.split('_')[0]} vs sqrt KL, Gao et al.'s RL form: {fit.summary()}")
 
 
 README = ROOT / "README.md"
@@ -282,9 +287,15 @@ def plot() -> list[Path]:
         (axes[1], "gold_mean", "gold judge, 1 - toxicity (what we want)"),
         (axes[2], "perplexity", "reference perplexity (fluency; lower is better)"),
     ):
-        for name, arm in hacking["arms"].items():
+        for i, (name, arm) in enumerate(hacking["arms"].items()):
             probes = arm["probes"]
-            ax.plot([p["sqrt_kl"] for p in probes], [p[key] for p in probes], "o-", label=name)
+            x, y = [p["sqrt_kl"] for p in probes], [p[key] for p in probes]
+            fit = fit_of(probes, key) if key in FITTED else None
+            if fit is not None and fit.status == "fit":  # points and the fitted curve
+                ax.plot(x, y, "o", color=f"C{i}", label=name)
+                draw_fit(ax, fit, y[0], max(x), f"C{i}")
+            else:  # no curve the points support: the points joined
+                ax.plot(x, y, "o-", color=f"C{i}", label=name)
         ax.set_title(title, fontsize=9)
         ax.set_xlabel("sqrt(KL to the starting policy)", fontsize=8)
         ax.grid(alpha=0.3)

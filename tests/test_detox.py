@@ -167,6 +167,9 @@ def test_hacking_demo_runs_both_arms_side_by_side(tiny_llama, detox_inputs, tmp_
     ref_a = (out / "no-leash" / "guard" / "reference.jsonl").read_text()
     assert ref_a == (out / "leash" / "guard" / "reference.jsonl").read_text()
     assert [p["step"] for p in leash["guard"]["probes"]] == [-1, 0, 1]
+    # two probes past the start: Gao's curve is not fitted, and the report says why
+    assert leash["fits"]["gold_mean"]["status"] == "too few points"
+    assert "Gao fit: cannot fit: too few points (2 probes" in stdout
     assert (out / "hacking_report.html").read_text().count("data:image/png;base64,") == 3
     assert undocumented(out) == [] == undocumented(out / "leash")
     (out / "hacking_report.html").unlink()

@@ -205,8 +205,11 @@ class HackingDemoConfig(_Command):
     sampling: SamplingOptions = group(SamplingOptions)
     guard: GuardOptions = group(
         GuardOptions,
-        judge_every=5,
-        help={"judge_every": "probe held-out prompts every N steps (and after the last)"},
+        judge_every=2,
+        help={
+            "judge_every": "probe held-out prompts every N steps (and after the last): 2 gives "
+            "each arm five points past the start, enough to fit the over-optimisation curve"
+        },
     )
     training: TrainingOptions = group(TrainingOptions, save_every=0)
     unleashed_lr: float = opt(2e-3, "learning rate of the arm without the KL penalty")

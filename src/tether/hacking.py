@@ -3,8 +3,9 @@
 The same short PPO job runs twice from the same starting policy, on the same prompts, probes
 and seeds: once without the KL penalty (kl_coef 0, a higher learning rate) and once with the
 leash (adaptive KL). The guard watches both. The report puts them side by side: proxy reward and
-gold judge against sqrt(KL), perplexity and diversity, the n-grams that rose, example
-completions, and every flag the guard raised.
+gold judge against sqrt(KL), each with Gao et al.'s over-optimisation curve fitted where the probes
+support one (`tether.gao`), perplexity and diversity, the n-grams that rose, example completions,
+and every flag the guard raised.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import yaml
 from tether import distributed, pages
 from tether.config import HackingDemoConfig
 from tether.errors import TetherError
+from tether.gao import GaoFit, fit_gao
 from tether.guard import GUARD_DIR, run_summary
 from tether.options import config_to_yaml
 from tether.report import guard_plot
@@ -82,6 +84,7 @@ def build_demo_report(root: Path) -> dict[str, Any]:
             "last_probe": last,
             "hacking_flagged": summary["hacking_flagged"],
             "flag_counts": summary["flag_counts"],
+            "fits": {key: fit_of(summary["probes"], key).as_dict() for key in FITTED},
             "guard": summary,
         }
     cfg = yaml.safe_load((root / "config.yaml").read_text())
@@ -92,6 +95,18 @@ def build_demo_report(root: Path) -> dict[str, Any]:
         "arms": arms,
         "verdict": {name: arms[name]["hacking_flagged"] for name in ARMS},
     }
+
+
+FITTED = ("gold_mean", "proxy_mean")  # the probe scores fitted against sqrt(KL)
+
+
+def fit_of(probes: list[dict[str, Any]], key: str) -> GaoFit:
+    """Gao et al.'s RL form fitted to one probe score against sqrt(KL); the first probe (step -1,
+    the starting policy) is the origin."""
+    points = [p for p in probes[1:] if p.get(key) is not None]
+    if not probes or probes[0].get(key) is None:
+        return GaoFit("too few points", 0)
+    return fit_gao([p["sqrt_kl"] for p in points], [p[key] for p in points], probes[0][key])
 
 
 ROWS = (
@@ -124,6 +139,10 @@ def summary_table(report: dict[str, Any]) -> str:
             f"{name}: {arm['advantage']}, kl_coef {arm['kl_coef']}, lr {arm['lr']}; "
             f"guard flags: {flags}; top rising n-grams: {top}"
         )
+        for key in FITTED:
+            if key in arm.get("fits", {}):
+                fit = GaoFit(**arm["fits"][key])
+                lines.append(f"  {key.split('_')[0]} vs sqrt(KL), Gao fit: {fit.summary()}")
     return "\n".join(lines)
 
 
@@ -142,11 +161,17 @@ def _plot(report: dict[str, Any]) -> str:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 3, figsize=(11, 3))
-    for name in ARMS:
-        probes = report["arms"][name]["guard"]["probes"]
+    for i, name in enumerate(ARMS):
+        arm = report["arms"][name]
+        probes = arm["guard"]["probes"]
         x = [p["sqrt_kl"] for p in probes]
         for ax, key in zip(axes, ("proxy_mean", "gold_mean", "perplexity"), strict=True):
-            ax.plot(x, [p[key] for p in probes], marker="o", label=name)
+            ys = [p[key] for p in probes]
+            if key in arm.get("fits", {}) and arm["fits"][key]["status"] == "fit":
+                ax.plot(x, ys, "o", color=f"C{i}", label=name)
+                draw_fit(ax, GaoFit(**arm["fits"][key]), ys[0], max(x), f"C{i}")
+            else:  # no fit the points support: joined points, no curve
+                ax.plot(x, ys, "o-", color=f"C{i}", label=name)
     for ax, title in zip(
         axes, ("proxy reward", "gold judge score", "reference perplexity"), strict=True
     ):
@@ -155,6 +180,16 @@ def _plot(report: dict[str, Any]) -> str:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     return pages.png_data_uri(fig)
+
+
+def draw_fit(ax, fit: GaoFit, y0: float, max_d: float, colour: str) -> None:
+    """The fitted curve y0 + R(d) over the probed distances, its peak marked when it has one."""
+    import numpy as np
+
+    d = np.linspace(0.0, max_d, 100)
+    ax.plot(d, y0 + fit.curve(d), "--", color=colour, lw=1)
+    if fit.peak_d is not None and fit.peak_within_probes:
+        ax.axvline(fit.peak_d, color=colour, ls=":", lw=0.8)
 
 
 def _html(report: dict[str, Any]) -> str:
