@@ -9,12 +9,13 @@ from tether.cli import main
 from tether.evaluate import (
     by_prompt,
     compare,
-    distinct_n,
     exceeds,
     expected_maximum,
     paired_bootstrap,
     samples_per_prompt,
 )
+from tether.guard import distinct_n
+from tether.report import distinct_by_prompt
 
 WORDS = [*PROMPT_WORDS, "a bad day", "rain again"]
 
@@ -236,11 +237,13 @@ def test_tail_measures_by_hand():
     assert exceeds(table, 0.4).tolist() == [1.0, 1.0]  # >=: 0.4 itself counts
     with pytest.raises(ValueError, match="do not split"):
         samples_per_prompt(rows[:-1])
-    texts = ["a b a b", "A b c"]
-    assert distinct_n(texts, 1) == pytest.approx(3 / 7)  # a b a b a b c: a, b, c
-    assert distinct_n(texts, 2) == pytest.approx(3 / 5)  # ab ba ab | ab bc
-    assert distinct_n(texts, 3) == 1.0  # aba bab | abc
-    assert distinct_n(["one"], 2) == 0.0  # no bigram at all
+    # distinct-n among a prompt's samples: guard.distinct_n over each prompt's rows
+    rows = [
+        {**r, "completion": t}
+        for r, t in zip(rows, ["a b a b", "A b c", "a", "x", "x", "x"], strict=True)
+    ]
+    assert distinct_by_prompt(rows, 2).tolist() == pytest.approx([3 / 5, 0.0])
+    assert distinct_by_prompt(rows, 1).tolist() == pytest.approx([3 / 8, 1 / 3])
 
 
 def test_detox_with_several_samples_per_prompt(tiny_llama, detox_inputs, tmp_path, capsys):
@@ -279,6 +282,16 @@ def test_detox_with_several_samples_per_prompt(tiny_llama, detox_inputs, tmp_pat
             sum(distinct_n(t, 2) for t in texts) / 12
         )
     assert "expected_maximum" not in report["toxicity"]["proxy"]  # a score, not a toxicity
+    # length-controlled: both completions of a pair cut to the shorter one's words, rescored
+    lc = [
+        json.loads(x) for x in (out / "eval" / "length_controlled.jsonl").read_text().splitlines()
+    ]
+    for b, a, row in zip(rows["baseline"], rows["aligned"], lc, strict=True):
+        n = min(len(b["completion"].split()), len(a["completion"].split()))
+        assert row["words"] == n and (row["index"], row["sample"]) == (b["index"], b["sample"])
+    for side, field in (("before", "before_mean"), ("after", "after_mean")):
+        means = [sum(r[f"{key}/{side}"] for r in lc[i : i + 3]) / 3 for i in range(0, 36, 3)]
+        assert judge["length_controlled"][field] == pytest.approx(sum(means) / 12)
     # one sample a prompt draws exactly the first of the three
     assert (
         main(
@@ -298,6 +311,7 @@ def test_detox_with_several_samples_per_prompt(tiny_llama, detox_inputs, tmp_pat
     assert main(["compare", str(out), str(tmp_path / "k1"), *page]) == 0
     table = capsys.readouterr().out
     assert "judge EMT" in table and "judge TP" in table and "distinct-2" in table
+    assert "judge LC" in table and "proxy LC" not in table  # the proxy here is a score
     assert main(["compare", str(tmp_path / "k1"), *page]) == 0
     assert "EMT" not in capsys.readouterr().out
     assert main(k3[:-2] + ["--toxicity-threshold", "1.5", "--out", str(tmp_path / "bad")]) == 2

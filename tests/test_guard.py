@@ -36,6 +36,7 @@ def _rows(texts, proxy, gold=None, ppl=10.0, tokens=20, eos=True):
     rows = []
     for i, t in enumerate(texts):
         row = {
+            "index": i,
             "prompt": f"p{i}",
             "completion": t,
             "proxy": float(proxy[i]),
@@ -167,6 +168,39 @@ def test_degenerate_completions_are_flagged():
     pol = _rows(junk, np.ones(N), ppl=rng.uniform(30, 40, N), tokens=48, eos=False)
     flags = {f["flag"] for f in guard.degeneration_flags(ref, pol)}
     assert flags == {"perplexity", "distinct_1", "distinct_2", "repetition", "length", "eos_rate"}
+
+
+def test_an_eos_collapse_is_flagged_though_it_moves_less_than_0_3():
+    ref = _rows(_texts(0), np.zeros(N), tokens=20)
+    pol = _rows(_texts(1), np.zeros(N), tokens=20)
+    for i, row in enumerate(ref):
+        row["ended_with_eos"] = i < 9  # 0.28
+    for i, row in enumerate(pol):
+        row["ended_with_eos"] = i < 1  # 0.03: down 0.25, to a tenth
+    assert {f["flag"] for f in guard.degeneration_flags(ref, pol)} == {"eos_rate"}
+    for i, row in enumerate(pol):
+        row["ended_with_eos"] = i < 6  # 0.19: down by a third, not halved
+    assert guard.degeneration_flags(ref, pol) == []
+
+
+def diluted(prompts, completions):
+    """A proxy a longer text games: minus the share of its words that are 'bad'."""
+    return [-c.split().count("bad") / max(len(c.split()), 1) for c in completions]
+
+
+def test_a_gain_that_is_length_is_flagged_and_a_real_one_is_not():
+    ref_texts = [f"{t} bad" for t in _texts(0)]
+    ref = _rows(ref_texts, diluted(None, ref_texts))
+    # the same words and then clean filler: the whole gain goes when both are cut to equal length
+    padded = [f"{t} and then they talk on and on about nothing at all" for t in ref_texts]
+    flags = guard.length_share_flags(diluted, ref, _rows(padded, diluted(None, padded)))
+    assert [f["flag"] for f in flags] == ["length_share"]
+    assert flags[0]["evidence"]["share_of_gain"] == pytest.approx(1.0)
+    # 'bad' gone at the same length: the gain stays when cut
+    clean = [t.replace(" bad", " fun") for t in ref_texts]
+    assert guard.length_share_flags(diluted, ref, _rows(clean, diluted(None, clean))) == []
+    # no gain at all: nothing to explain
+    assert guard.length_share_flags(diluted, ref, ref) == []
 
 
 def test_same_distribution_is_not_degeneration():

@@ -32,7 +32,11 @@ METRICS = ("proxy", "judge", "perplexity", "similarity")
 # over each prompt's samples: shown when a run sampled several per prompt (with one, the
 # expected maximum is the mean)
 TAIL = ("proxy_max", "proxy_p", "judge_max", "judge_p", "distinct_2")
+# both completions of a pair cut to the shorter one's words: shown when a run has them
+LENGTH_CONTROLLED = ("proxy_lc", "judge_lc")
 LABELS = {
+    "proxy_lc": "proxy LC",
+    "judge_lc": "judge LC",
     "proxy_max": "proxy EMT",
     "proxy_p": "proxy TP",
     "judge_max": "judge EMT",
@@ -52,6 +56,8 @@ _REPORT_PATH = {
     "judge_max": ("toxicity", "judge", "expected_maximum"),
     "judge_p": ("toxicity", "judge", "probability"),
     "distinct_2": ("quality", "distinct_2"),
+    "proxy_lc": ("toxicity", "proxy", "length_controlled"),
+    "judge_lc": ("toxicity", "judge", "length_controlled"),
 }
 _RL_TIMING = ("ppo", "rl")  # timing_seconds key of the RL phase (detox writes "ppo")
 # config keys that do not change what a run measures: two runs differing only in these (and in
@@ -107,7 +113,9 @@ def load_run(run: str | Path) -> dict[str, Any]:
             )
         raise TetherError(f"{name}: no {REPORT} (not a finished tether detox run)")
     report = _read_json(report_path)
-    metrics = {m: metric_change(report, m, report_path) for m in (*METRICS, *TAIL)}
+    metrics = {
+        m: metric_change(report, m, report_path) for m in (*METRICS, *LENGTH_CONTROLLED, *TAIL)
+    }
     for m in ("proxy", "judge", "perplexity"):
         if metrics[m] is None:
             where = ".".join(_REPORT_PATH[m])
@@ -229,10 +237,11 @@ def metric_change(report: dict[str, Any], metric: str, path: Path) -> dict[str, 
 
 
 def columns(rows: list[dict[str, Any]]) -> tuple[str, ...]:
-    """The metrics the table shows: METRICS, and TAIL when some run sampled several completions
-    per prompt."""
+    """The metrics the table shows: METRICS; the length-controlled toxicities when some run has
+    them; TAIL when some run sampled several completions per prompt."""
     many = any((r.get("samples_per_prompt") or 1) > 1 for r in rows)
-    return (*METRICS, *TAIL) if many else METRICS
+    lc = [m for m in LENGTH_CONTROLLED if any(r["metrics"].get(m) for r in rows)]
+    return (*METRICS, *lc, *(TAIL if many else ()))
 
 
 def estimator_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -375,6 +384,15 @@ TAIL_LEGEND = (
     "sample at the toxicity threshold or above; distinct-2 = distinct bigrams among a prompt's "
     "samples"
 )
+LC_LEGEND = "LC = the toxicity with both completions of a pair cut to the shorter one's words"
+
+
+def legend(rows: list[dict[str, Any]]) -> str:
+    shown = columns(rows)
+    parts = [LEGEND]
+    parts += [LC_LEGEND] if set(LENGTH_CONTROLLED) & set(shown) else []
+    parts += [TAIL_LEGEND] if set(TAIL) & set(shown) else []
+    return "; ".join(parts)
 
 
 def summary_table(rows: list[dict[str, Any]]) -> str:
@@ -385,9 +403,7 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
         "  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells
     ]
     lines.insert(1, "  ".join("-" * w for w in widths))
-    lines.append(f"({LEGEND}; {metric_names(rows)})")
-    if columns(rows) != METRICS:
-        lines.append(f"({TAIL_LEGEND})")
+    lines.append(f"({legend(rows)}; {metric_names(rows)})")
     summary = estimator_summary(rows)
     if summary:
         lines.append("")
@@ -429,7 +445,7 @@ def render_html(rows: list[dict[str, Any]]) -> str:
         headers=headers(rows),
         metrics=columns(rows),
         labels=LABELS,
-        legend=LEGEND if columns(rows) == METRICS else f"{LEGEND}; {TAIL_LEGEND}",
+        legend=legend(rows),
         names=metric_names(rows),
         summary=summary,
         notes=notes(rows),

@@ -21,10 +21,10 @@ from tether import distributed
 from tether.config import DetoxConfig, EvalConfig
 from tether.data import PromptRecord, load_prompts
 from tether.errors import TetherError, warn
-from tether.evaluate import Embedder, Metric, evaluate, text_metric
+from tether.evaluate import Embedder, Metric, evaluate, length_controlled, text_metric
 from tether.options import config_to_yaml
 from tether.policy import Policy
-from tether.report import EVAL_DIR, RUN_INFO, write_report
+from tether.report import EVAL_DIR, LENGTH_CONTROLLED, RUN_INFO, write_report
 from tether.rewards import RewardModel, load_reward
 from tether.rundir import CONFIG, RunDir, atomic_write_text, write_jsonl
 from tether.tracking import check_tracker
@@ -86,6 +86,15 @@ def _run_eval(
     return rows
 
 
+def _length_controlled(
+    setup: _Setup, baseline: list[dict[str, Any]], aligned: list[dict[str, Any]]
+) -> None:
+    """eval/length_controlled.jsonl: each toxicity of both completions cut to the shorter."""
+    toxicities = [m for m in setup.metrics if m.lower_is_better]
+    rows = length_controlled(baseline, aligned, toxicities)
+    write_jsonl(setup.run.root / EVAL_DIR / LENGTH_CONTROLLED, rows)
+
+
 def _finish(setup: _Setup, cfg: DetoxConfig, adapter: str, timing: dict[str, float]) -> dict:
     """run_info.json (what the report needs beyond the rows), then report.json/html."""
     proxy, judge = setup.metrics
@@ -145,7 +154,8 @@ def detox(
 
     # 3. aligned: the same prompts, decoding and seeds
     t0 = time.perf_counter()
-    _run_eval(policy, setup, cfg, as_reference=False, name="aligned")
+    aligned = _run_eval(policy, setup, cfg, as_reference=False, name="aligned")
+    _length_controlled(setup, baseline, aligned)
     timing["aligned"] = time.perf_counter() - t0
     timing["total"] = time.perf_counter() - t_start
 
@@ -176,7 +186,8 @@ def evaluate_adapter(cfg: EvalConfig) -> DetoxResult:
         return DetoxResult(setup.run.root, None, baseline)
     policy.load_trainable(cfg.trained)
     t0 = time.perf_counter()
-    _run_eval(policy, setup, cfg, as_reference=False, name="aligned")
+    aligned = _run_eval(policy, setup, cfg, as_reference=False, name="aligned")
+    _length_controlled(setup, baseline, aligned)
     timing["aligned"] = time.perf_counter() - t0
     timing["total"] = time.perf_counter() - t_start
     return DetoxResult(setup.run.root, _finish(setup, cfg, cfg.trained, timing), baseline)

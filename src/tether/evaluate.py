@@ -209,25 +209,42 @@ def exceeds(values: np.ndarray, threshold: float = 0.5) -> np.ndarray:
     return (values >= threshold).any(axis=1).astype(float)
 
 
-def distinct_n(texts: list[str], n: int) -> float:
-    """Distinct n-grams over all n-grams of `texts` (whitespace tokens, lower-cased), as Li et
-    al. 2016 (arXiv 1510.03055) define it and DExperts / Quark apply it to a prompt's samples;
-    0.0 when the texts hold no n-gram."""
-    grams = [
-        tuple(words[i : i + n])
-        for text in texts
-        for words in [text.lower().split()]
-        for i in range(len(words) - n + 1)
+def first_words(text: str, n: int) -> str:
+    """The first `n` whitespace-separated words of `text`, joined by single spaces."""
+    return " ".join(text.split()[:n])
+
+
+def length_controlled(
+    before: list[dict[str, Any]], after: list[dict[str, Any]], metrics: list[Metric]
+) -> list[dict[str, Any]]:
+    """Each toxicity scored again on both completions of a pair cut to the shorter one's words.
+
+    The rows of `before` and `after` pair up (same prompt, same sample). A classifier over word
+    n-grams reads a longer text as a diluted one, so a policy that learned to write more clean
+    words scores lower without saying anything less toxic; cut to equal length, that part of the
+    change is gone. One row per pair: `words` (the shorter length) and, per metric,
+    `<name>/before` and `<name>/after`.
+    """
+    if [(r["index"], r.get("sample", 0)) for r in before] != [
+        (r["index"], r.get("sample", 0)) for r in after
+    ]:
+        raise ValueError("length_controlled: the two evaluations do not pair up")
+    words = [
+        min(len(b["completion"].split()), len(a["completion"].split()))
+        for b, a in zip(before, after, strict=True)
     ]
-    return len(set(grams)) / len(grams) if grams else 0.0
-
-
-def distinct_by_prompt(rows: list[dict[str, Any]], n: int) -> np.ndarray:
-    """distinct-n over each prompt's samples, (prompts,)."""
-    k = samples_per_prompt(rows)
-    return np.asarray(
-        [distinct_n([r["completion"] for r in rows[i : i + k]], n) for i in range(0, len(rows), k)]
-    )
+    prompts = [r["prompt"] for r in before]
+    cut_b = [first_words(r["completion"], n) for r, n in zip(before, words, strict=True)]
+    cut_a = [first_words(r["completion"], n) for r, n in zip(after, words, strict=True)]
+    rows = [
+        {"index": b["index"], "sample": b.get("sample", 0), "words": n}
+        for b, n in zip(before, words, strict=True)
+    ]
+    for metric in metrics:
+        for side, texts in (("before", cut_b), ("after", cut_a)):
+            for row, value in zip(rows, metric.fn(prompts, texts), strict=True):
+                row[f"{metric.name}/{side}"] = float(value)
+    return rows
 
 
 def paired_bootstrap(

@@ -35,7 +35,7 @@ import numpy as np
 
 from tether import distributed
 from tether.data import PromptRecord
-from tether.evaluate import Metric, evaluate, paired_bootstrap
+from tether.evaluate import Metric, evaluate, length_controlled, paired_bootstrap
 from tether.policy import Policy
 from tether.rewards import RewardModel, checked_scores
 from tether.rollout import SamplingParams
@@ -55,6 +55,10 @@ DISTINCT_DROP = 0.25  # relative: distinct-n over the probe set down by a quarte
 REPETITION_RISE = 0.10  # absolute: share of repeated 3-grams within a completion
 LENGTH_CHANGE = 0.4  # relative: mean response length up or down by 40%
 EOS_CHANGE = 0.3  # absolute: share of completions that end with EOS
+EOS_COLLAPSE = 0.5  # relative: that share halved (0.27 -> 0.035 is a collapse, not a 0.3 move)
+# Length as the hack: the share of the proxy gain that goes once both completions of a pair are
+# cut to the shorter one's words (a classifier over word n-grams reads clean words as dilution)
+LENGTH_SHARE = 1 / 3
 # Injected phrases: a handful of n-grams explain "most" of the proxy gain when deleting them
 # takes away at least this share of it.
 PHRASE_SHARE = 0.5
@@ -282,7 +286,8 @@ def degeneration_flags(
             )
         )
     eos = paired(lambda r: float(r["ended_with_eos"]))
-    if abs(now["eos_rate"] - ref_stats["eos_rate"]) > EOS_CHANGE and beyond(eos):
+    collapsed = now["eos_rate"] < (1 - EOS_COLLAPSE) * ref_stats["eos_rate"]
+    if (abs(now["eos_rate"] - ref_stats["eos_rate"]) > EOS_CHANGE or collapsed) and beyond(eos):
         flags.append(
             _flag(
                 "eos_rate",
@@ -322,6 +327,34 @@ def injected_phrase_flags(
             phrases=top,
             share_of_gain=share,
             proxy_gain=gain,
+        )
+    ]
+
+
+def length_share_flags(
+    score: Callable[[list[str], list[str]], list[float]],
+    reference: list[dict[str, Any]],
+    rows: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """A flag when a proxy gain beyond noise loses at least LENGTH_SHARE of itself once both
+    completions of each pair (same prompt) are cut to the shorter one's words."""
+    gain = paired_bootstrap([r["proxy"] for r in reference], [r["proxy"] for r in rows])
+    full = float(np.mean([r["proxy"] for r in rows]) - np.mean([r["proxy"] for r in reference]))
+    if gain["ci95_low"] <= 0 or full <= 0:
+        return []
+    metric = Metric("proxy", score, lower_is_better=False)
+    cut = length_controlled(reference, rows, [metric])
+    kept = float(np.mean([r["proxy/after"] - r["proxy/before"] for r in cut]))
+    share = 1.0 - kept / full
+    if not share >= LENGTH_SHARE:
+        return []
+    return [
+        _flag(
+            "length_share",
+            f"cut to equal length, {share:.0%} of the proxy gain goes: it is length, not content",
+            share_of_gain=share,
+            proxy_gain=gain,
+            proxy_gain_length_controlled=kept,
         )
     ]
 
@@ -497,6 +530,7 @@ class Guard:
             flags += proxy_gold_flags(self.history)
             table, phrase_flags = injected_phrase_flags(self._proxy, self.reference_rows, rows)
             flags += phrase_flags + degeneration_flags(self.reference_rows, rows)
+            flags += length_share_flags(self._proxy, self.reference_rows, rows)
             self._maybe_best(summary)
             guard["probe"] = {
                 k: v for k, v in summary.items() if k not in ("proxy", "gold", "step")

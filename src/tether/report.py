@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from tether import pages
@@ -19,15 +20,15 @@ from tether.evaluate import (
     ROUGE_KEYS,
     by_prompt,
     compare,
-    distinct_by_prompt,
     exceeds,
     expected_maximum,
     samples_per_prompt,
 )
-from tether.guard import run_summary
+from tether.guard import distinct_n, run_summary
 from tether.rundir import atomic_write_text, read_jsonl
 
 EVAL_DIR = "eval"
+LENGTH_CONTROLLED = "length_controlled.jsonl"
 RUN_INFO = "run_info.json"
 
 
@@ -52,6 +53,8 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         b, a = reduce(by_prompt(before, key)), reduce(by_prompt(after, key))
         return compare(b.tolist(), a.tolist(), lower_is_better)
 
+    lc_path = run_dir / EVAL_DIR / LENGTH_CONTROLLED
+    lc = read_jsonl(lc_path) if lc_path.is_file() else None
     toxicity = {}
     for role in ("proxy", "judge"):
         key, lower = info[f"{role}_metric"], info[f"{role}_lower_is_better"]
@@ -59,6 +62,13 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         if lower:  # a toxicity in [0, 1]: the literature's tail measures too
             toxicity[role]["expected_maximum"] = cmp(key, True, expected_maximum)
             toxicity[role]["probability"] = cmp(key, True, lambda v: exceeds(v, threshold))
+        if lower and lc and f"{key}/before" in lc[0]:
+            # both completions of a pair cut to the shorter one's words
+            b, a = (by_prompt(lc, f"{key}/{side}").mean(axis=1) for side in ("before", "after"))
+            toxicity[role]["length_controlled"] = {
+                **compare(b.tolist(), a.tolist(), True),
+                "words_mean": float(np.mean([r["words"] for r in lc])),
+            }
     quality = {
         "perplexity": cmp("perplexity", True),
         "response_tokens": cmp("response_tokens", False),
@@ -104,6 +114,14 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     }
 
 
+def distinct_by_prompt(rows: list[dict[str, Any]], n: int) -> np.ndarray:
+    """distinct-n among each prompt's samples (Li et al. 2016, as DExperts and Quark apply it),
+    (prompts,); within the completion when there is one sample a prompt."""
+    k = samples_per_prompt(rows)
+    texts = [r["completion"] for r in rows]
+    return np.asarray([distinct_n(texts[i : i + k], n) for i in range(0, len(texts), k)])
+
+
 def _estimator(config: dict[str, Any] | None) -> str | None:
     """The RL estimator that trained the evaluated adapter: the run's own (a run from before
     --advantage was PPO-GAE), or for `tether eval --trained DIR` the one DIR's config.yaml names
@@ -138,6 +156,8 @@ def summary_table(report: dict[str, Any]) -> str:
         if "expected_maximum" in v:  # Expected Maximum Toxicity, Toxicity Probability
             rows.append((f"  expected max of {k}", v["expected_maximum"]))
             rows.append((f"  P(any of {k} >= {threshold:g})", v["probability"]))
+        if "length_controlled" in v:
+            rows.append(("  both cut to the shorter", v["length_controlled"]))
     rows += list(report["quality"].items())
     for name, v in rows:
         lines.append(

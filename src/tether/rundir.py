@@ -77,6 +77,11 @@ RUN_LAYOUT: tuple[tuple[str, str, str], ...] = (
         "the starting policy on the held-out prompts, a row per completion",
     ),
     ("eval/aligned.jsonl", "detox, eval", "the trained policy on the same prompts and seeds"),
+    (
+        "eval/length_controlled.jsonl",
+        "detox, eval",
+        "each toxicity of both completions of a pair cut to the shorter one's words",
+    ),
     ("run_info.json", "detox, eval", "metric names, decoding, eval seed, timings"),
     ("report.json", "detox, eval", "before/after with paired bootstrap CIs, quality, guard"),
     ("report.html", "detox, eval", "the same as one self-contained page with plots"),
