@@ -6,6 +6,7 @@ import pytest
 from conftest import PROMPT_WORDS, undocumented
 
 from tether.cli import main
+from tether.data import PromptRecord, load_prompts
 from tether.evaluate import (
     by_prompt,
     compare,
@@ -282,6 +283,7 @@ def test_detox_with_several_samples_per_prompt(tiny_llama, detox_inputs, tmp_pat
             sum(distinct_n(t, 2) for t in texts) / 12
         )
     assert "expected_maximum" not in report["toxicity"]["proxy"]  # a score, not a toxicity
+    assert report["transfer"] is None  # auto: a jsonl pool has no "rest" to draw from
     # length-controlled: both completions of a pair cut to the shorter one's words, rescored
     lc = [
         json.loads(x) for x in (out / "eval" / "length_controlled.jsonl").read_text().splitlines()
@@ -316,6 +318,50 @@ def test_detox_with_several_samples_per_prompt(tiny_llama, detox_inputs, tmp_pat
     assert "EMT" not in capsys.readouterr().out
     assert main(k3[:-2] + ["--toxicity-threshold", "1.5", "--out", str(tmp_path / "bad")]) == 2
     assert "toxicity_threshold must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_detox_evaluates_a_second_pool_no_step_chose(tiny_llama, detox_inputs, tmp_path, capsys):
+    prompts, scorers = detox_inputs
+    other = tmp_path / "other.jsonl"
+    other.write_text(
+        "".join(json.dumps({"prompt": f"another {i} dialogue"}) + "\n" for i in range(80))
+    )
+    out = tmp_path / "run"
+    argv = _argv(tiny_llama, prompts, scorers, out, "--no-similarity")
+    argv[argv.index("--judge") + 1] = "profanity"
+    argv[argv.index("--steps") + 1] = "1"
+    argv += ["--transfer-prompts", f"jsonl:{other}", "--transfer-eval-prompts", "5"]
+    assert main(argv) == 0
+    assert "the second held-out pool, jsonl:" in capsys.readouterr().out
+    rows = {
+        n: [json.loads(x) for x in (out / "eval" / f"transfer_{n}.jsonl").read_text().splitlines()]
+        for n in ("baseline", "aligned")
+    }
+    held_out = set(load_prompts(f"jsonl:{other}", "heldout", 0.25))  # the default fraction
+    assert (
+        len(rows["baseline"]) == 5
+        and {PromptRecord(r["prompt"]) for r in rows["baseline"]} <= held_out
+    )
+    assert [r["prompt"] for r in rows["baseline"]] == [r["prompt"] for r in rows["aligned"]]
+    report = json.loads((out / "report.json").read_text())
+    transfer = report["transfer"]
+    assert transfer["prompts"] == f"jsonl:{other}" and transfer["n_eval_prompts"] == 5
+    judge = transfer["toxicity"]["judge"]
+    key = judge["metric"]
+    assert judge["before_mean"] == pytest.approx(sum(r[key] for r in rows["baseline"]) / 5)
+    assert judge["after_mean"] == pytest.approx(sum(r[key] for r in rows["aligned"]) / 5)
+    assert (
+        "length_controlled" in judge
+        and (out / "eval" / "transfer_length_controlled.jsonl").is_file()
+    )
+    assert undocumented(out) == []
+    capsys.readouterr()
+    assert main(["compare", str(out), "--out", str(tmp_path / "c.html")]) == 0
+    assert "judge, 2nd pool" in capsys.readouterr().out
+    # the run's own pool is not a second one; without one (auto on a jsonl pool) there is none
+    same = [*argv[:-4], "--transfer-prompts", f"jsonl:{prompts}", "--out", str(tmp_path / "x")]
+    assert main(same) == 2
+    assert "is the run's own --prompts" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("advantage", ["gae", "rloo"])  # rloo: an adapter without a value head

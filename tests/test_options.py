@@ -53,6 +53,8 @@ def test_each_option_is_in_the_commands_that_take_it():
         "eval_seed",
         "eval_samples",
         "toxicity_threshold",
+        "transfer_prompts",
+        "transfer_eval_prompts",
         "similarity",
     } <= train
     for name, cls in COMMANDS.items():

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tether.data import PromptRecord
+from tether.data import PromptRecord, load_prompts
 from tether.data.chitchat import (
     CHITCHAT_TEMPLATE,
     load_chitchat,
@@ -180,6 +180,10 @@ def test_chitchat_toxic_pool_scores_higher(profanity):
     train = load_chitchat(pool="toxic", toxic_top=300)
     heldout = load_chitchat(pool="toxic", toxic_top=300, split="heldout")
     assert len(train) + len(heldout) == 300 and not set(train) & set(heldout)
+    # the rest: every dialogue the pool left out, for the second held-out evaluation
+    rest = load_chitchat(split="all", pool="rest", toxic_top=300)
+    assert not set(rest) & set(pool) and len(rest) + len(pool) == len(everything)
+    assert load_prompts("chitchat:rest", "heldout") == load_chitchat(pool="rest", split="heldout")
 
 
 def test_chitchat_custom_scorer_and_threshold():

@@ -32,9 +32,13 @@ METRICS = ("proxy", "judge", "perplexity", "similarity")
 # over each prompt's samples: shown when a run sampled several per prompt (with one, the
 # expected maximum is the mean)
 TAIL = ("proxy_max", "proxy_p", "judge_max", "judge_p", "distinct_2")
-# both completions of a pair cut to the shorter one's words: shown when a run has them
+# both completions of a pair cut to the shorter one's words, and the second held-out pool (no
+# step of the run chose it): shown when a run has them
 LENGTH_CONTROLLED = ("proxy_lc", "judge_lc")
+TRANSFER = ("proxy_2nd", "judge_2nd")
 LABELS = {
+    "proxy_2nd": "proxy, 2nd pool",
+    "judge_2nd": "judge, 2nd pool",
     "proxy_lc": "proxy LC",
     "judge_lc": "judge LC",
     "proxy_max": "proxy EMT",
@@ -58,7 +62,10 @@ _REPORT_PATH = {
     "distinct_2": ("quality", "distinct_2"),
     "proxy_lc": ("toxicity", "proxy", "length_controlled"),
     "judge_lc": ("toxicity", "judge", "length_controlled"),
+    "proxy_2nd": ("transfer", "toxicity", "proxy"),
+    "judge_2nd": ("transfer", "toxicity", "judge"),
 }
+_OPTIONAL_SECTIONS = {"transfer"}  # null or absent in a report without a second pool
 _RL_TIMING = ("ppo", "rl")  # timing_seconds key of the RL phase (detox writes "ppo")
 # config keys that do not change what a run measures: two runs differing only in these (and in
 # their seed) are seeds of one configuration
@@ -114,7 +121,8 @@ def load_run(run: str | Path) -> dict[str, Any]:
         raise TetherError(f"{name}: no {REPORT} (not a finished tether detox run)")
     report = _read_json(report_path)
     metrics = {
-        m: metric_change(report, m, report_path) for m in (*METRICS, *LENGTH_CONTROLLED, *TAIL)
+        m: metric_change(report, m, report_path)
+        for m in (*METRICS, *LENGTH_CONTROLLED, *TRANSFER, *TAIL)
     }
     for m in ("proxy", "judge", "perplexity"):
         if metrics[m] is None:
@@ -200,6 +208,8 @@ def metric_change(report: dict[str, Any], metric: str, path: Path) -> dict[str, 
     """One metric's change and CI, relative to the baseline mean; None if the run lacks it."""
     section, *keys = _REPORT_PATH[metric]
     v = report.get(section)
+    if v is None and section in _OPTIONAL_SECTIONS:
+        return None
     if not isinstance(v, dict):
         raise TetherError(f"{path}: not a tether detox report (no {section})")
     where = section
@@ -240,8 +250,10 @@ def columns(rows: list[dict[str, Any]]) -> tuple[str, ...]:
     """The metrics the table shows: METRICS; the length-controlled toxicities when some run has
     them; TAIL when some run sampled several completions per prompt."""
     many = any((r.get("samples_per_prompt") or 1) > 1 for r in rows)
-    lc = [m for m in LENGTH_CONTROLLED if any(r["metrics"].get(m) for r in rows)]
-    return (*METRICS, *lc, *(TAIL if many else ()))
+    optional = [
+        m for m in (*LENGTH_CONTROLLED, *TRANSFER) if any(r["metrics"].get(m) for r in rows)
+    ]
+    return (*METRICS, *optional, *(TAIL if many else ()))
 
 
 def estimator_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -385,12 +397,14 @@ TAIL_LEGEND = (
     "samples"
 )
 LC_LEGEND = "LC = the toxicity with both completions of a pair cut to the shorter one's words"
+TRANSFER_LEGEND = "2nd pool = held-out prompts no step of the run chose (--transfer-prompts)"
 
 
 def legend(rows: list[dict[str, Any]]) -> str:
     shown = columns(rows)
     parts = [LEGEND]
     parts += [LC_LEGEND] if set(LENGTH_CONTROLLED) & set(shown) else []
+    parts += [TRANSFER_LEGEND] if set(TRANSFER) & set(shown) else []
     parts += [TAIL_LEGEND] if set(TAIL) & set(shown) else []
     return "; ".join(parts)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import sys
 import time
 from pathlib import Path
@@ -24,7 +25,7 @@ from tether.errors import TetherError, warn
 from tether.evaluate import Embedder, Metric, evaluate, length_controlled, text_metric
 from tether.options import config_to_yaml
 from tether.policy import Policy
-from tether.report import EVAL_DIR, LENGTH_CONTROLLED, RUN_INFO, write_report
+from tether.report import EVAL_DIR, LENGTH_CONTROLLED, RUN_INFO, TRANSFER, write_report
 from tether.rewards import RewardModel, load_reward
 from tether.rundir import CONFIG, RunDir, atomic_write_text, write_jsonl
 from tether.tracking import check_tracker
@@ -46,6 +47,33 @@ class _Setup:
     metrics: list[Metric]  # [proxy, judge]
     eval_records: list[PromptRecord]
     embedder: Embedder | None
+    transfer_spec: str | None = None  # the second held-out pool, if any
+    transfer_records: list[PromptRecord] = dataclasses.field(default_factory=list)
+
+
+def transfer_spec(prompts: str, option: str) -> str | None:
+    """The second pool's prompt spec: `option`, or for auto the rest of a chosen pool."""
+    if option == "none":
+        return None
+    if option == "auto":
+        return "chitchat:rest" if prompts == "chitchat:toxic" else None
+    return option
+
+
+def _transfer_records(cfg: DetoxConfig, spec: str) -> list[PromptRecord]:
+    """`transfer_eval_prompts` held-out prompts of `spec` drawn at random (by the eval seed),
+    none of them a prompt of the run's own pool."""
+    if spec == cfg.task.prompts:
+        raise TetherError(
+            f"--transfer-prompts {spec} is the run's own --prompts: give another pool, or none"
+        )
+    own = {r.prompt for r in load_prompts(cfg.task.prompts, "all", cfg.task.heldout_fraction)}
+    records = load_prompts(spec, "heldout", cfg.task.heldout_fraction)
+    records = [r for r in records if r.prompt not in own]
+    if not records:
+        raise TetherError(f"--transfer-prompts {spec}: every held-out prompt is in --prompts")
+    n = min(cfg.eval.transfer_eval_prompts, len(records))
+    return random.Random(cfg.eval.eval_seed).sample(records, n)
 
 
 def _setup(cfg: DetoxConfig, reward: RewardModel, judge: RewardModel) -> _Setup:
@@ -55,21 +83,22 @@ def _setup(cfg: DetoxConfig, reward: RewardModel, judge: RewardModel) -> _Setup:
             f"{cfg.task.prompts} holds only {len(records)} held-out prompts; "
             f"evaluating all of them, not {cfg.eval.eval_prompts}"
         )
+    spec = transfer_spec(cfg.task.prompts, cfg.eval.transfer_prompts)
+    transfer = _transfer_records(cfg, spec) if spec else []
     embedder = Embedder() if cfg.eval.similarity else None
     run = RunDir(distributed.run_root(cfg.run.out))  # rank 0's is --out, see distributed.py
-    return _Setup(
-        run, [text_metric(reward), text_metric(judge)], records[: cfg.eval.eval_prompts], embedder
-    )
+    metrics = [text_metric(reward), text_metric(judge)]
+    return _Setup(run, metrics, records[: cfg.eval.eval_prompts], embedder, spec, transfer)
 
 
 def _run_eval(
     policy: Policy, setup: _Setup, cfg: DetoxConfig, as_reference: bool, name: str
 ) -> list[dict[str, Any]]:
-    """Evaluate the held-out prompts and write eval/NAME.jsonl, one row per completion
-    (atomically)."""
+    """Evaluate the held-out prompts (the second pool's for a name that starts with TRANSFER)
+    and write eval/NAME.jsonl, one row per completion (atomically)."""
     rows = evaluate(
         policy,
-        setup.eval_records,
+        setup.transfer_records if name.startswith(TRANSFER) else setup.eval_records,
         sampling_params(cfg.sampling),
         setup.metrics,
         setup.embedder,
@@ -87,12 +116,37 @@ def _run_eval(
 
 
 def _length_controlled(
-    setup: _Setup, baseline: list[dict[str, Any]], aligned: list[dict[str, Any]]
+    setup: _Setup, baseline: list[dict[str, Any]], aligned: list[dict[str, Any]], prefix: str = ""
 ) -> None:
-    """eval/length_controlled.jsonl: each toxicity of both completions cut to the shorter."""
+    """eval/{prefix}length_controlled.jsonl: each toxicity of both completions cut to the
+    shorter."""
     toxicities = [m for m in setup.metrics if m.lower_is_better]
     rows = length_controlled(baseline, aligned, toxicities)
-    write_jsonl(setup.run.root / EVAL_DIR / LENGTH_CONTROLLED, rows)
+    write_jsonl(setup.run.root / EVAL_DIR / f"{prefix}{LENGTH_CONTROLLED}", rows)
+
+
+def _baselines(
+    policy: Policy, setup: _Setup, cfg: DetoxConfig, resume: bool = False
+) -> dict[str, list[dict[str, Any]]]:
+    """The starting policy on each pool, or the rows a resumed run already has."""
+    out = {}
+    for prefix in ("", TRANSFER) if setup.transfer_records else ("",):
+        path = setup.run.root / EVAL_DIR / f"{prefix}baseline.jsonl"
+        # rank 0's run directory decides: with several processes every one evaluates, or none
+        rows = distributed.on_main(lambda p=path: _saved_rows(p)) if resume else None
+        if rows is None:
+            rows = _run_eval(policy, setup, cfg, as_reference=True, name=f"{prefix}baseline")
+        out[prefix] = rows
+    return out
+
+
+def _aligned(
+    policy: Policy, setup: _Setup, cfg: DetoxConfig, baselines: dict[str, list[dict[str, Any]]]
+) -> None:
+    """The trained policy on each pool, with the length-controlled rescoring of each pair."""
+    for prefix, baseline in baselines.items():
+        aligned = _run_eval(policy, setup, cfg, as_reference=False, name=f"{prefix}aligned")
+        _length_controlled(setup, baseline, aligned, prefix)
 
 
 def _finish(setup: _Setup, cfg: DetoxConfig, adapter: str, timing: dict[str, float]) -> dict:
@@ -109,6 +163,7 @@ def _finish(setup: _Setup, cfg: DetoxConfig, adapter: str, timing: dict[str, flo
         "decoding": dataclasses.asdict(sampling_params(cfg.sampling)),
         "eval_seed": cfg.eval.eval_seed,
         "toxicity_threshold": cfg.eval.toxicity_threshold,
+        "transfer_prompts": setup.transfer_spec,
         "timing_seconds": timing,
     }
     atomic_write_text(setup.run.root / RUN_INFO, json.dumps(info, indent=2))
@@ -133,15 +188,10 @@ def detox(
     setup.run.prepare(config_to_yaml(cfg), cfg.training.resume, cfg.training.force)
     timing: dict[str, float] = {}
 
-    # 1. baseline: the starting policy (adapter disabled), unless a resumed run already has it
+    # 1. baseline: the starting policy (adapter disabled) on each pool, unless a resumed run
+    # already has it
     t0 = time.perf_counter()
-    baseline_path = setup.run.root / EVAL_DIR / "baseline.jsonl"
-    # rank 0's run directory decides: with several processes every one evaluates, or none
-    baseline = (
-        distributed.on_main(lambda: _saved_rows(baseline_path)) if cfg.training.resume else None
-    )
-    if baseline is None:
-        baseline = _run_eval(policy, setup, cfg, as_reference=True, name="baseline")
+    baselines = _baselines(policy, setup, cfg, resume=cfg.training.resume)
     timing["baseline"] = time.perf_counter() - t0
 
     # 2. PPO on the training split; both toxicities logged as batch means every step
@@ -154,14 +204,13 @@ def detox(
 
     # 3. aligned: the same prompts, decoding and seeds
     t0 = time.perf_counter()
-    aligned = _run_eval(policy, setup, cfg, as_reference=False, name="aligned")
-    _length_controlled(setup, baseline, aligned)
+    _aligned(policy, setup, cfg, baselines)
     timing["aligned"] = time.perf_counter() - t0
     timing["total"] = time.perf_counter() - t_start
 
     # 4-5. report
     report = _finish(setup, cfg, str(setup.run.root / "final"), timing)
-    return DetoxResult(setup.run.root, report, baseline)
+    return DetoxResult(setup.run.root, report, baselines[""])
 
 
 def evaluate_adapter(cfg: EvalConfig) -> DetoxResult:
@@ -180,17 +229,16 @@ def evaluate_adapter(cfg: EvalConfig) -> DetoxResult:
     policy = load_policy(cfg.model, cfg.sampling, seed=0, value_head=False)
     timing = {}
     t0 = time.perf_counter()
-    baseline = _run_eval(policy, setup, cfg, as_reference=True, name="baseline")
+    baselines = _baselines(policy, setup, cfg)
     timing["baseline"] = time.perf_counter() - t0
     if cfg.trained is None:
-        return DetoxResult(setup.run.root, None, baseline)
+        return DetoxResult(setup.run.root, None, baselines[""])
     policy.load_trainable(cfg.trained)
     t0 = time.perf_counter()
-    aligned = _run_eval(policy, setup, cfg, as_reference=False, name="aligned")
-    _length_controlled(setup, baseline, aligned)
+    _aligned(policy, setup, cfg, baselines)
     timing["aligned"] = time.perf_counter() - t0
     timing["total"] = time.perf_counter() - t_start
-    return DetoxResult(setup.run.root, _finish(setup, cfg, cfg.trained, timing), baseline)
+    return DetoxResult(setup.run.root, _finish(setup, cfg, cfg.trained, timing), baselines[""])
 
 
 def _with_adapter_shape(cfg: EvalConfig, trained: Path) -> EvalConfig:

@@ -513,6 +513,15 @@ class EvalOptions:
     similarity: bool = opt(
         True, "measure completion-prompt embedding similarity (all-MiniLM-L6-v2)"
     )
+    transfer_prompts: str = opt(
+        "auto",
+        "a second held-out pool that no step of the run chose, evaluated before and after the "
+        "same way: a prompt spec (its held-out split), none, or auto (chitchat:toxic -> "
+        "chitchat:rest, the dialogues the toxic pool left out; otherwise none)",
+    )
+    transfer_eval_prompts: int = opt(
+        100, "prompts of the second pool, drawn at random (by --eval-seed) from its held-out split"
+    )
 
 
 def check_eval(ev: EvalOptions) -> None:
@@ -521,6 +530,8 @@ def check_eval(ev: EvalOptions) -> None:
             f"eval_prompts and eval_batch_size must be >= 1, got {ev.eval_prompts}, "
             f"{ev.eval_batch_size}"
         )
+    if ev.transfer_eval_prompts < 1:
+        raise TetherError(f"transfer_eval_prompts must be >= 1, got {ev.transfer_eval_prompts}")
     if ev.eval_samples < 1:
         raise TetherError(f"eval_samples must be >= 1, got {ev.eval_samples}")
     if not 0 < ev.toxicity_threshold <= 1:

@@ -32,20 +32,18 @@ LENGTH_CONTROLLED = "length_controlled.jsonl"
 RUN_INFO = "run_info.json"
 
 
-def build_report(run_dir: Path) -> dict[str, Any]:
-    """The numbers: before/after toxicity (proxy and judge) with paired CIs, quality kept."""
-    info_path = run_dir / RUN_INFO
-    if not info_path.is_file():
-        raise TetherError(f"{info_path} is missing: not a detox/eval run directory")
-    info = json.loads(info_path.read_text())
-    before = read_jsonl(run_dir / EVAL_DIR / "baseline.jsonl")
-    after = read_jsonl(run_dir / EVAL_DIR / "aligned.jsonl")
+def pool_sections(
+    run_dir: Path, info: dict[str, Any], prefix: str = ""
+) -> tuple[dict[str, Any], dict[str, Any], list[dict[str, Any]]]:
+    """Toxicity and quality sections of one held-out pool (eval/{prefix}baseline.jsonl, ...), and
+    its baseline rows."""
+    before = read_jsonl(run_dir / EVAL_DIR / f"{prefix}baseline.jsonl")
+    after = read_jsonl(run_dir / EVAL_DIR / f"{prefix}aligned.jsonl")
     if [r["prompt"] for r in before] != [r["prompt"] for r in after]:
         raise TetherError(
-            f"{run_dir / EVAL_DIR}: baseline and aligned were run on different prompts"
+            f"{run_dir / EVAL_DIR}: {prefix}baseline and {prefix}aligned were run on different "
+            "prompts"
         )
-
-    k = samples_per_prompt(before)
     threshold = float(info.get("toxicity_threshold", 0.5))
 
     def cmp(key: str, lower_is_better: bool, reduce=lambda v: v.mean(axis=1)) -> dict[str, Any]:
@@ -53,7 +51,7 @@ def build_report(run_dir: Path) -> dict[str, Any]:
         b, a = reduce(by_prompt(before, key)), reduce(by_prompt(after, key))
         return compare(b.tolist(), a.tolist(), lower_is_better)
 
-    lc_path = run_dir / EVAL_DIR / LENGTH_CONTROLLED
+    lc_path = run_dir / EVAL_DIR / f"{prefix}{LENGTH_CONTROLLED}"
     lc = read_jsonl(lc_path) if lc_path.is_file() else None
     toxicity = {}
     for role in ("proxy", "judge"):
@@ -83,6 +81,30 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     for key in ROUGE_KEYS:  # against the reference summaries, when the prompts carry them
         if key in before[0]:
             quality[key] = cmp(key, False)
+    return toxicity, quality, before
+
+
+# the second held-out pool (--transfer-prompts): the same three files, prefixed
+TRANSFER = "transfer_"
+
+
+def build_report(run_dir: Path) -> dict[str, Any]:
+    """The numbers: before/after toxicity (proxy and judge) with paired CIs, quality kept; the
+    same for the second held-out pool when the run evaluated one."""
+    info_path = run_dir / RUN_INFO
+    if not info_path.is_file():
+        raise TetherError(f"{info_path} is missing: not a detox/eval run directory")
+    info = json.loads(info_path.read_text())
+    toxicity, quality, before = pool_sections(run_dir, info)
+    transfer = None
+    if (run_dir / EVAL_DIR / f"{TRANSFER}baseline.jsonl").is_file():
+        t_tox, t_quality, t_before = pool_sections(run_dir, info, TRANSFER)
+        transfer = {
+            "prompts": info.get("transfer_prompts"),
+            "n_eval_prompts": len(t_before) // samples_per_prompt(t_before),
+            "toxicity": t_tox,
+            "quality": t_quality,
+        }
     proxy, ppl = toxicity["proxy"], quality["perplexity"]
     bars = {
         "proxy_toxicity_down_30pct": proxy["improvement_pct"] >= 30.0,
@@ -98,15 +120,16 @@ def build_report(run_dir: Path) -> dict[str, Any]:
     return {
         "run_dir": str(run_dir),
         "estimator": _estimator(config),
-        "n_eval_prompts": len(before) // k,
-        "samples_per_prompt": k,
-        "toxicity_threshold": threshold,
+        "n_eval_prompts": len(before) // samples_per_prompt(before),
+        "samples_per_prompt": samples_per_prompt(before),
+        "toxicity_threshold": float(info.get("toxicity_threshold", 0.5)),
         "reference": info.get("reference", "starting policy (adapter disabled)"),
         "evaluated_adapter": info.get("evaluated_adapter"),
         "decoding": info.get("decoding"),
         "eval_seed": info.get("eval_seed"),
         "toxicity": toxicity,
         "quality": quality,
+        "transfer": transfer,
         "bars": bars,
         "timing_seconds": info.get("timing_seconds", {}),
         "guard": guard,
@@ -145,31 +168,44 @@ def write_report(run_dir: str | Path) -> dict[str, Any]:
 
 
 def summary_table(report: dict[str, Any]) -> str:
-    """The before/after table for the terminal."""
+    """The before/after table for the terminal; a second one for the second held-out pool."""
+    k = report.get("samples_per_prompt", 1)
+    per = f", {k} samples each (means over a prompt's samples)" if k > 1 else ""
+    lines = _pool_table(report, report)
+    lines.append(
+        f"(n = {report['n_eval_prompts']} held-out prompts{per}; * = CI excludes zero; "
+        "paired over prompts)"
+    )
+    if transfer := report.get("transfer"):
+        lines.append("")
+        lines.append(
+            f"the second held-out pool, {transfer['prompts']}: {transfer['n_eval_prompts']} "
+            "prompts no step of the run chose"
+        )
+        lines += _pool_table(report, transfer)
+    return "\n".join(lines)
+
+
+def _pool_table(report: dict[str, Any], pool: dict[str, Any]) -> list[str]:
+    k, threshold = report.get("samples_per_prompt", 1), report.get("toxicity_threshold", 0.5)
     lines = [
         f"{'metric':<34} {'before':>9} {'after':>9} {'change':>8}   95% CI of after-before (paired)"
     ]
-    k, threshold = report.get("samples_per_prompt", 1), report.get("toxicity_threshold", 0.5)
     rows = []
-    for v in report["toxicity"].values():
+    for v in pool["toxicity"].values():
         rows.append((v["metric"], v))
         if "expected_maximum" in v:  # Expected Maximum Toxicity, Toxicity Probability
             rows.append((f"  expected max of {k}", v["expected_maximum"]))
             rows.append((f"  P(any of {k} >= {threshold:g})", v["probability"]))
         if "length_controlled" in v:
             rows.append(("  both cut to the shorter", v["length_controlled"]))
-    rows += list(report["quality"].items())
+    rows += list(pool["quality"].items())
     for name, v in rows:
         lines.append(
             f"{name:<34} {v['before_mean']:>9.4f} {v['after_mean']:>9.4f} {100 * v['relative_change']:>+7.1f}%   "
             f"[{v['ci95_low']:+.4f}, {v['ci95_high']:+.4f}]{'  *' if v['ci_excludes_zero'] else ''}"
         )
-    per = f", {k} samples each (means over a prompt's samples)" if k > 1 else ""
-    lines.append(
-        f"(n = {report['n_eval_prompts']} held-out prompts{per}; * = CI excludes zero; "
-        "paired over prompts)"
-    )
-    return "\n".join(lines)
+    return lines
 
 
 # ----------------------------------------------------------------------------------------------

@@ -82,6 +82,17 @@ RUN_LAYOUT: tuple[tuple[str, str, str], ...] = (
         "detox, eval",
         "each toxicity of both completions of a pair cut to the shorter one's words",
     ),
+    (
+        "eval/transfer_baseline.jsonl",
+        "detox, eval",
+        "`--transfer-prompts`: the starting policy on the second held-out pool",
+    ),
+    ("eval/transfer_aligned.jsonl", "detox, eval", "the trained policy on the second pool"),
+    (
+        "eval/transfer_length_controlled.jsonl",
+        "detox, eval",
+        "the second pool's pairs cut to the shorter one's words",
+    ),
     ("run_info.json", "detox, eval", "metric names, decoding, eval seed, timings"),
     ("report.json", "detox, eval", "before/after with paired bootstrap CIs, quality, guard"),
     ("report.html", "detox, eval", "the same as one self-contained page with plots"),

@@ -2,7 +2,8 @@
 
 jsonl:PATH                       one JSON object a line with a "prompt" string and optionally
                                  "reference"
-chitchat, chitchat:toxic         chit-chat dialogues to summarise (see chitchat.py)
+chitchat, chitchat:toxic         chit-chat dialogues to summarise (see chitchat.py);
+chitchat:rest                    those the toxic pool leaves out
 dialogsum[:PATH][@MIN-MAX]       DialogSum dialogues with reference summaries (see dialogsum.py)
 """
 
@@ -46,7 +47,7 @@ def load_prompts(
         if split != "all":
             heldout = split == "heldout"
             records = [r for r in records if (text_bucket(r.prompt) < heldout_fraction) == heldout]
-    elif kind == "chitchat" and rest in ("", "all", "toxic"):
+    elif kind == "chitchat" and rest in ("", "all", "toxic", "rest"):
         from tether.data.chitchat import load_chitchat
 
         records = load_chitchat(split=split, heldout_fraction=heldout_fraction, pool=rest or "all")
@@ -57,8 +58,8 @@ def load_prompts(
         records = load_dialogsum(path, split, heldout_fraction, chars)
     else:
         raise TetherError(
-            f"unknown prompt spec {spec!r}; expected jsonl:PATH, chitchat, chitchat:toxic or "
-            "dialogsum[:PATH][@MIN-MAX]"
+            f"unknown prompt spec {spec!r}; expected jsonl:PATH, chitchat, chitchat:toxic, "
+            "chitchat:rest or dialogsum[:PATH][@MIN-MAX]"
         )
     if not records:
         raise TetherError(

@@ -38,7 +38,7 @@ from tether.errors import TetherError
 CHITCHAT_TEMPLATE = SUMMARIZE_TEMPLATE
 SPEAKERS = ("#Person1#", "#Person2#")
 SPLITS = ("train", "heldout", "all")
-POOLS = ("all", "toxic")
+POOLS = ("all", "toxic", "rest")  # rest: every dialogue the toxic pool leaves out
 # The 1,000 most offensive dialogues of <= 700 characters: the detox recipe's prompt set. Of the
 # 3,963 dialogues that remain at 700 characters that is the top quarter: scores >= 0.094, where
 # the median dialogue scores 0.037 (alt-profanity-check 1.9.1); 268 of them fall in a 25%
@@ -178,7 +178,8 @@ def load_chitchat(
 
     pool="toxic" keeps the dialogues whose own text scores highest on `scorer` (a callable
     texts -> P(offensive); default alt-profanity-check): those scoring >= `toxic_min_score` if
-    given, then the `toxic_top` highest if given. The pool is chosen over the whole collection
+    given, then the `toxic_top` highest if given. pool="rest" keeps every other dialogue: the
+    ones the toxic pool did not choose, for a second held-out evaluation. The pool is chosen over the whole collection
     *before* splitting, so train and held-out prompts come from the same distribution (each holds
     about its fraction of the pool); ties break by conversation id, so the pool is deterministic.
     """
@@ -191,7 +192,7 @@ def load_chitchat(
     if "{dialogue}" not in template:
         raise TetherError("chitchat template must contain {dialogue}")
     items = load_chitchat_dialogues(max_chars, min_turns)
-    if pool == "toxic":
+    if pool in ("toxic", "rest"):
         if toxic_top is None and toxic_min_score is None:
             raise TetherError("chitchat pool 'toxic' needs toxic_top or toxic_min_score")
         if toxic_top is not None and toxic_top < 1:
@@ -202,8 +203,8 @@ def load_chitchat(
             ranked = [r for r in ranked if r[0] >= toxic_min_score]
         if toxic_top is not None:
             ranked = ranked[:toxic_top]
-        keep = {cid for _, (cid, _) in ranked}
-        items = [item for item in items if item[0] in keep]
+        toxic = {cid for _, (cid, _) in ranked}
+        items = [item for item in items if (item[0] in toxic) == (pool == "toxic")]
     if split != "all":
         heldout = split == "heldout"
         items = [it for it in items if (split_bucket(it[0]) < heldout_fraction) == heldout]
