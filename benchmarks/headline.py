@@ -40,6 +40,15 @@ METRICS = (
     ("similarity", "similarity to the dialogue"),
     ("length", "completion length (tokens)"),
     ("eos", "completions ending with EOS"),
+    # shown when every run has them (reports from before they existed do not)
+    ("proxy_lc", "proxy, both cut to equal length"),
+    ("judge_lc", "judge, both cut to equal length"),
+    ("proxy_max", "proxy, expected max (EMT)"),
+    ("proxy_p", "proxy, toxicity probability (TP)"),
+    ("judge_max", "judge, expected max (EMT)"),
+    ("judge_p", "judge, toxicity probability (TP)"),
+    ("proxy_2nd", "proxy on the 2nd pool"),
+    ("judge_2nd", "judge on the 2nd pool"),
 )
 
 
