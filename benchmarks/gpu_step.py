@@ -12,7 +12,7 @@ targets: q/v projections) trained in fp32; GRPO with 8 completions of each of 8 
 PPO with GAE and a critic on 64 prompts, exactly 256 new tokens each (min = max), mini-batch
 16, one epoch, a trivial reward (examples/rewards.py:positive_words). `--cpu`: the same config
 files scaled down (2 layers, width 64, vocabulary 512), 2 prompts x 2 completions, 8 new
-tokens, fp32, in this process: the test suite runs it (tests/test_gpu_step.py) so it stays
+tokens, fp32, in this process (TRL in its own): the test suite runs it (tests/test_gpu_step.py) so it stays
 alive where there is no GPU.
 
 A run is MODEL:ESTIMATOR:DECODE: MODEL a config file's short name (qwen, smollm2, t5),
@@ -69,9 +69,8 @@ TINY = {
     "vocab_size": 512,
 }
 PHASES = ["gen", "score", "forward", "advantages", "update"]
-GPU_RUNS = "qwen:grpo:eager,qwen:gae:eager,qwen:trl:eager,t5:grpo:eager,t5:gae:eager"
-GPU_RUNS += ",qwen:grpo:static"
-CPU_RUNS = "qwen:grpo:eager,qwen:gae:eager,qwen:grpo:static,t5:grpo:eager,t5:gae:eager"
+# in order of what matters most, so that a run cut short by --budget loses the least
+RUNS = "qwen:grpo:eager,qwen:trl:eager,qwen:gae:eager,t5:grpo:eager,t5:gae:eager,qwen:grpo:static"
 # a chat template for the synthetic tokenizer: TRL applies one to conversational prompts, and
 # tether then applies the same one (its chat_template "auto")
 CHAT_TEMPLATE = (
@@ -414,7 +413,22 @@ def benchmark(args: argparse.Namespace) -> dict:
 
     start = time.perf_counter()
     runs = parse_runs(args.runs)
-    results = []
+    results: list[dict] = []
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
+    record = {
+        **provenance(),
+        "gpu": gpu,
+        "command": "python benchmarks/gpu_step.py " + " ".join(sys.argv[1:]),
+        "cpu_mode": args.cpu,
+        "device": args.device,
+        "dtype": args.dtype,
+        "prompts": args.prompts,
+        "group_size": args.group_size,
+        "new_tokens": args.new_tokens,
+        "steps": args.steps,
+        "runs": results,
+        "complete": False,
+    }
     with tempfile.TemporaryDirectory() as tmp:
         dirs = {}
         for name in dict.fromkeys(m for m, _, _ in runs):
@@ -433,21 +447,17 @@ def benchmark(args: argparse.Namespace) -> dict:
             r["wall_s"] = time.perf_counter() - t
             results.append(r)
             print(summary_line(r), file=sys.stderr, flush=True)
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
-    return {
-        **provenance(),
-        "gpu": gpu,
-        "command": "python benchmarks/gpu_step.py " + " ".join(sys.argv[1:]),
-        "cpu_mode": args.cpu,
-        "device": args.device,
-        "dtype": args.dtype,
-        "prompts": args.prompts,
-        "group_size": args.group_size,
-        "new_tokens": args.new_tokens,
-        "steps": args.steps,
-        "runs": results,
-        "wall_s": time.perf_counter() - start,
-    }
+            save(args.save, {**record, "wall_s": time.perf_counter() - start})
+    record.update(complete=True, wall_s=time.perf_counter() - start)
+    save(args.save, record)
+    return record
+
+
+def save(path: Path | None, record: dict) -> None:
+    """The results so far (after every run: a run that is killed keeps the ones before it)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n")
 
 
 def summary_line(r: dict) -> str:
@@ -509,7 +519,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--cpu", action="store_true", help="tiny models on the CPU, in-process")
-    parser.add_argument("--runs", help=f"MODEL:ESTIMATOR:DECODE,... (GPU default: {GPU_RUNS})")
+    parser.add_argument("--runs", help=f"MODEL:ESTIMATOR:DECODE,... (default: {RUNS})")
     parser.add_argument("--device", help="default: cuda (cpu with --cpu)")
     parser.add_argument("--dtype", help="the base's dtype; default bfloat16 (float32 with --cpu)")
     parser.add_argument("--prompts", type=int, help="prompts a step (default 8; 2 with --cpu)")
@@ -519,10 +529,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="including one warm-up step")
     parser.add_argument("--budget", type=float, default=1e9, help="seconds; later runs skip")
     parser.add_argument("--timeout", type=float, default=600, help="seconds, each spawned run")
+    parser.add_argument(
+        "--spawn", action="store_true", help="each run in its own process (the default off --cpu)"
+    )
     parser.add_argument("--trl-python", help="the interpreter for TRL (default: this one)")
     parser.add_argument("--save", type=Path, help="write the results as JSON")
     parser.add_argument("--show", type=Path, help="print a results file")
     parser.add_argument("--markdown", action="store_true", help="with --show")
+    parser.add_argument(
+        "--write-model",
+        metavar="NAME:DIR",
+        help="only write a random-init model dir (NAME a config's short name) into DIR, e.g. for "
+        "`tether train --policy DIR/flan-t5-base`",
+    )
     parser.add_argument("--one", help=argparse.SUPPRESS)  # (internal) DIR:ESTIMATOR:DECODE
     args = parser.parse_args()
     if args.show:
@@ -536,12 +555,20 @@ def main() -> None:
         group_size=2 if tiny else 8,
         new_tokens=8 if tiny else 256,
         mini_batch_size=2 if tiny else 16,
-        runs=CPU_RUNS if tiny else GPU_RUNS,
+        runs=RUNS,
     )
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.spawn = not tiny
+    args.spawn = args.spawn or not tiny
+    if args.write_model:
+        name, _, out = args.write_model.partition(":")
+        if name not in MODELS or not out:
+            raise SystemExit(
+                f"--write-model {args.write_model!r}: NAME:DIR, NAME one of {list(MODELS)}"
+            )
+        print(build_model_dir(name, tiny, args.device, args.dtype, Path(out)))
+        return
     if args.one:
         path, estimator, decode = args.one.rsplit(":", 2)
         args.model_names = {Path(path): Path(path).name}
@@ -553,9 +580,6 @@ def main() -> None:
         if not torch.cuda.is_available():
             raise SystemExit("gpu_step.py: no CUDA device here; --cpu runs the tiny CPU version")
     record = benchmark(args)
-    if args.save:
-        args.save.parent.mkdir(parents=True, exist_ok=True)
-        args.save.write_text(json.dumps(record, indent=2) + "\n")
     print_results(record)
     print(json.dumps(record))
 

@@ -58,6 +58,7 @@ def test_gpu_step_runs_on_the_cpu(tmp_path):
     assert "s/step" in proc.stdout and "decode ms/tok" in proc.stdout
     for key in ("date", "machine", "tether", "revision", "torch", "transformers"):
         assert record[key]
+    assert record["complete"]
     assert [r["run"] for r in record["runs"]] == runs.split(",")
     for r in record["runs"]:
         assert r["tool"] == "tether" and r["device"] == "cpu"
@@ -74,9 +75,27 @@ def test_gpu_step_runs_on_the_cpu(tmp_path):
     assert grpo["batch"] == gae["batch"] == 4 and grpo["group_size"] == 2 and gae["group_size"] == 1
 
 
+def test_each_run_in_its_own_process_as_on_a_gpu(tmp_path):
+    """--spawn (the default off --cpu): the parent builds the model dir, a child process runs
+    and reports; a run that cannot run is reported as skipped, with the reason."""
+    out = tmp_path / "gpu_step.json"
+    proc = subprocess.run(
+        [sys.executable, str(SCRIPT), "--cpu", "--spawn", "--steps", "2", "--save", str(out)]
+        + ["--runs", "qwen:gae:eager,t5:trl:eager"],
+        capture_output=True,
+        text=True,
+        env=_env(),
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    gae, trl = json.loads(out.read_text())["runs"]
+    assert gae["run"] == "qwen:gae:eager" and gae["steps_timed"] == 1 and gae["floor_ms"] > 0
+    assert trl == {"run": "t5:trl:eager", "skipped": "TRL's GRPOTrainer is causal-only"}
+
+
 def test_runs_are_checked_with_the_values():
     with pytest.raises(SystemExit, match="'llama:grpo:eager'"):
         gpu_step.parse_runs("llama:grpo:eager")
     with pytest.raises(SystemExit, match="'qwen:ppo:eager'"):
         gpu_step.parse_runs("qwen:ppo:eager")
-    assert gpu_step.parse_runs(gpu_step.GPU_RUNS)[0] == ("qwen", "grpo", "eager")
+    assert gpu_step.parse_runs(gpu_step.RUNS)[0] == ("qwen", "grpo", "eager")
