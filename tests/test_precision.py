@@ -11,6 +11,9 @@ from tether.config import TrainConfig
 from tether.models import resolve_device
 from tether.trainer import train
 
+# device-capable: `--device auto` is CUDA where there is one (benchmarks/device_check.sh)
+pytestmark = pytest.mark.device
+
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_half_precision_base_trains_float32_adapter(

@@ -35,6 +35,10 @@ def parse_args(doc: str) -> argparse.Namespace:
     parser.add_argument(
         "--kl-coef", type=float, default=0.05, help="KL coefficient beta (tether's default kl_coef)"
     )
+    # benchmarks/gpu_step.py runs the GRPO peer on a GPU with a bf16 base; the CPU comparison
+    # (compare_trl.py) keeps these defaults
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
     return parser.parse_args()
 
 
@@ -66,9 +70,15 @@ def e_fraction(text: str) -> float:
 def report(step_s: list[float], gen_s: list[float], response_lens: list[int], batch: int) -> None:
     """Print the one JSON line compare_trl.py reads; the first step is the warm-up and dropped."""
     step = statistics.median(step_s[1:])
+    gpu = (
+        {"peak_gpu_mb": torch.cuda.max_memory_allocated() / 2**20}
+        if torch.cuda.is_available() and torch.cuda.is_initialized()
+        else {}
+    )
     print(
         json.dumps(
             {
+                **gpu,
                 "step_s": step,
                 "gen_s": statistics.median(gen_s[1:]),
                 "samples_per_s": batch / step,

@@ -46,9 +46,9 @@ def conversational_dataset(path: str) -> Dataset:
     )
 
 
-def load_model(path: str):
+def load_model(path: str, dtype: str = "float32"):
     return (
-        AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
+        AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype)),
         AutoTokenizer.from_pretrained(path),
     )
 
@@ -57,10 +57,11 @@ def shared_config(args: argparse.Namespace, out: str, steps_per_round: int) -> d
     """The RLOOConfig / GRPOConfig fields both peers set alike: the shape, sampling, schedule."""
     return dict(
         output_dir=out,
-        use_cpu=True,
+        use_cpu=args.device == "cpu",
         # TRL's configs default to bf16 and gradient checkpointing; tether uses fp32 and no
-        # checkpointing. transformers 5 calls checkpointing activation_checkpointing.
-        bf16=False,
+        # checkpointing on the CPU, a bf16 base on a GPU (gpu_step.py: --dtype bfloat16).
+        # transformers 5 calls checkpointing activation_checkpointing.
+        bf16=args.dtype == "bfloat16",
         activation_checkpointing=False,
         per_device_train_batch_size=args.mini_batch_size,  # one optimizer step = one mini-batch
         gradient_accumulation_steps=1,

@@ -35,7 +35,7 @@ from trl116_common import (
 def main() -> None:
     args = parse_args(__doc__)
     steps_per_round = check_shape(args)
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, args.dtype)
     timer = RoundTimer(steps_per_round)
     with tempfile.TemporaryDirectory() as out:
         config = GRPOConfig(

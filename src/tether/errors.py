@@ -57,10 +57,11 @@ def warn(msg: str) -> None:
     tqdm.write(f"warning: {msg}", file=sys.stderr)
 
 
-def env_switch(var: str, on: str = "the default") -> bool:
-    """An on/off environment variable that is on unless set to 0 (or false/off/no); any other
-    value than those and 1/true/on/yes is refused with the value (`on` says what 1 means)."""
-    value = os.environ.get(var, "1").strip().lower()
+def env_switch(var: str, on: str = "the default", default: bool = True) -> bool:
+    """An on/off environment variable that is on unless set to 0 (or false/off/no), or off
+    unless set to 1 where `default` is False; any other value than those and 1/true/on/yes is
+    refused with the value (`on` says what 1 means)."""
+    value = os.environ.get(var, "1" if default else "0").strip().lower()
     if value in ("0", "false", "off", "no"):
         return False
     if value in ("", "1", "true", "on", "yes"):

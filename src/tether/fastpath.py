@@ -40,12 +40,47 @@ from tether.errors import env_switch
 from tether.rollout import SamplingParams
 
 ENV_VAR = "TETHER_FAST_PATH"
+# off by default: decode with a static KV cache, which transformers' generate() compiles on a
+# GPU (torch.compile, mode "reduce-overhead": CUDA graphs); see `static_decoding`
+STATIC_ENV_VAR = "TETHER_STATIC_DECODE"
+# prompts are padded to a multiple of this many tokens under static decoding, so that a few
+# cache shapes, not one per prompt length, are compiled
+STATIC_BUCKET = 64
 
 
 def enabled(requested: bool | None = None) -> bool:
     """Whether to take the fast path: `requested` where a caller gives it (the `fast_path`
     argument of Policy and ChatModel), else on unless $TETHER_FAST_PATH says 0."""
     return env_switch(ENV_VAR, on="the fast path, the default") if requested is None else requested
+
+
+def static_decoding(requested: bool | None = None) -> bool:
+    """Whether to decode with a static KV cache (`requested` where a caller gives it, else off
+    unless $TETHER_STATIC_DECODE says 1). Experimental, off by default.
+
+    Why it exists: on a GPU a decoding step of a small model is bound by kernel launches, not
+    by reading the weights, unless the step is captured; with a static cache (and
+    `disable_compile` off) transformers' generate() compiles the model's forward with
+    torch.compile's "reduce-overhead" mode (CUDA graphs). On the CPU nothing is compiled and the
+    static cache only changes where the keys live: tests/test_gpu.py checks that it samples the
+    same tokens and log-probs there. Whether it pays on a GPU is what `benchmarks/gpu_step.py
+    --decode eager,static` measures; no GPU figure has been taken yet."""
+    if requested is not None:
+        return requested
+    return env_switch(STATIC_ENV_VAR, on="static-cache decoding", default=False)
+
+
+def _bucketed(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, pad_token_id: int, left: bool
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(b, p) prompts padded to a multiple of `STATIC_BUCKET` columns (on the left for a causal
+    model, masked out), and how many columns were added."""
+    extra = -input_ids.shape[1] % STATIC_BUCKET
+    if extra == 0:
+        return input_ids, attention_mask, 0
+    side = (extra, 0) if left else (0, extra)
+    ids = torch.nn.functional.pad(input_ids, side, value=pad_token_id)
+    return ids, torch.nn.functional.pad(attention_mask, side, value=0), extra
 
 
 # ----------------------------------------------------------------------------------------------
@@ -105,9 +140,20 @@ def frozen_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
     return [m for m in model.modules() if type(m) is torch.nn.Linear and not m.weight.requires_grad]
 
 
+def onednn_applies(model: torch.nn.Module) -> bool:
+    """Whether `use_onednn_linears` installs anything on `model`: where this torch build has
+    oneDNN's linear and the model's weights are on the CPU. On a GPU every linear stays
+    nn.Linear's own (cuBLAS), with no Python wrapper around each call."""
+    weight = next(model.parameters(), None)
+    return torch_ops.has_onednn_linear() and weight is not None and weight.device.type == "cpu"
+
+
 def use_onednn_linears(model: torch.nn.Module) -> None:
     """Run every plain nn.Linear of the model through `frozen_linear`: the base layers (under
-    LoRA's wrappers too) and the lm_head; a layer that trains falls back to nn.Linear per call."""
+    LoRA's wrappers too) and the lm_head; a layer that trains falls back to nn.Linear per call.
+    Nothing is installed where `onednn_applies` says no (a model on a GPU)."""
+    if not onednn_applies(model):
+        return
     for module in model.modules():
         if type(module) is torch.nn.Linear:
             module.forward = functools.partial(frozen_linear, module)
@@ -292,6 +338,8 @@ def sample(
     decoder_start_token_id: int | None = None,
     fast: bool = True,
     sharded: bool = False,
+    static: bool | None = None,
+    compile_ok: bool = True,
 ) -> Sampled:
     """Sample one continuation of each row, batched, with the KV cache.
 
@@ -304,6 +352,12 @@ def sample(
             decoding step), else plain generate(do_sample=True).
         sharded: the model is FSDP2-sharded: every process runs as many forward passes as the
             longest one needs, so that the all-gathers pair up (generate's synced_gpus).
+        static: decode inside generate() with a static KV cache, prompts padded to a multiple
+            of `STATIC_BUCKET` (None: `static_decoding()`, off by default; never when sharded,
+            and the CPU Llama step keeps its own cache).
+        compile_ok: under static decoding, let transformers compile the forward on a GPU
+            (CUDA graphs); a caller whose forward hooks keep tensors across steps says False,
+            since a captured graph reuses its output buffers at every replay.
     """
     config = dict(
         max_new_tokens=sampling.max_new_tokens,
@@ -314,6 +368,13 @@ def sample(
         disable_compile=True,  # prompt lengths change every batch: compiling never pays
         return_dict_in_generate=True,
     )
+    cut = 0
+    if static_decoding(static) and not sharded and not (fast and llama_step.applies(model, False)):
+        causal = not getattr(model.config, "is_encoder_decoder", False)
+        pad = pad_token_id if pad_token_id is not None else eos_token_ids[0]
+        input_ids, attention_mask, extra = _bucketed(input_ids, attention_mask, pad, causal)
+        cut = extra if causal else 0  # the added columns come off the returned sequences
+        config.update(cache_implementation="static", disable_compile=not compile_ok)
     if fast:
         sampler = StepSampler(sampling, temperature, eos_token_ids)
         if llama_step.applies(model, sharded):
@@ -335,7 +396,9 @@ def sample(
                 logits_processor=LogitsProcessorList([sampler]),
                 synced_gpus=sharded,
             ).sequences
-        return Sampled(sequences, torch.cat(sampler.logprobs, 1), torch.cat(sampler.entropy, 1))
+        return Sampled(
+            sequences[:, cut:], torch.cat(sampler.logprobs, 1), torch.cat(sampler.entropy, 1)
+        )
     knobs = dict(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p)
     out = model.generate(
         input_ids=input_ids,
@@ -353,5 +416,7 @@ def sample(
     t = logits.shape[1]
     tokens = out.sequences[:, out.sequences.shape[1] - t :]
     return Sampled(
-        out.sequences, ppo.logprobs_from_logits(logits, tokens), ppo.entropy_from_logits(logits)
+        out.sequences[:, cut:],
+        ppo.logprobs_from_logits(logits, tokens),
+        ppo.entropy_from_logits(logits),
     )

@@ -50,8 +50,9 @@ def enabled() -> bool:
 
 def applies(model: torch.nn.Module, sharded: bool) -> bool:
     """Whether `model` (PEFT-wrapped or not) decodes through `LlamaStep`: an fp32
-    `LlamaForCausalLM` made of Llama's own layers, in one process (FSDP2 gathers weights in
-    module hooks), on a tested transformers release, with the step switched on."""
+    `LlamaForCausalLM` made of Llama's own layers, on the CPU (the step is written for CPU
+    dispatch costs; on a GPU the model's own forward runs, SDPA and all), in one process (FSDP2
+    gathers weights in module hooks), on a tested transformers release, with the step on."""
     if sharded or not enabled() or not tested():
         return False
     from transformers.models.llama import modeling_llama as llama
@@ -59,7 +60,10 @@ def applies(model: torch.nn.Module, sharded: bool) -> bool:
     core = model.get_base_model() if hasattr(model, "get_base_model") else model
     if type(core) is not llama.LlamaForCausalLM:
         return False
-    if core.model.embed_tokens.weight.dtype != torch.float32:
+    weight = core.model.embed_tokens.weight
+    if weight.device.type != "cpu":
+        return False
+    if weight.dtype != torch.float32:
         return False  # Llama's norms compute in fp32 inside a bf16/fp16 model; these do not
     return all(
         type(layer) is llama.LlamaDecoderLayer

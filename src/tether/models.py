@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 from transformers import (
+    MODEL_FOR_CAUSAL_LM_MAPPING,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING,
     AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSeq2SeqLM,
@@ -133,6 +135,26 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def attention_implementation(config: Any, is_encoder_decoder: bool) -> str | None:
+    """ "sdpa" (PyTorch's scaled_dot_product_attention: fused kernels on a GPU) where the
+    transformers class for `config` supports it, else None (transformers' own choice; a model
+    with its own code is not in transformers' mappings).
+
+    transformers 5 already picks SDPA by default where it can; asking for it by name keeps a
+    GPU run on it whatever a later release's default, and the loaded model's
+    `config._attn_implementation` says what it got (benchmarks/gpu_step.py prints it)."""
+    mapping = (
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+        if is_encoder_decoder
+        else MODEL_FOR_CAUSAL_LM_MAPPING
+    )
+    try:
+        cls = mapping[type(config)]
+    except (KeyError, ValueError):
+        return None
+    return "sdpa" if getattr(cls, "_supports_sdpa", False) else None
+
+
 def load_config(path: str, spec: str, role: str, trust_remote_code: bool = False) -> Any:
     """The Hugging Face config at `path` (a local dir or a hub id), or one line saying how to
     provide it: without the network a hub id only loads from a local copy. A model that ships
@@ -186,10 +208,12 @@ def load_model(
     config = load_config(path, spec, "model", trust_remote_code)
     is_enc_dec = bool(getattr(config, "is_encoder_decoder", False))
     auto = AutoModelForSeq2SeqLM if is_enc_dec else AutoModelForCausalLM
+    attention = attention_implementation(config, is_enc_dec)
     try:
         model = auto.from_pretrained(
             path,
             dtype=_dtype(dtype),
+            **({"attn_implementation": attention} if attention else {}),
             trust_remote_code=trust_remote_code,
             use_safetensors=None if allow_bin_weights else True,
         )

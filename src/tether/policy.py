@@ -164,8 +164,9 @@ class Policy(torch.nn.Module):
         # d_model**-0.5 rescale): the value head reads it there, so one pass gives both.
         self._hidden: torch.Tensor | None = None
         self._gen_hidden: list[torch.Tensor] | None = None
+        self._sampling = False  # inside generate(): the hook keeps nothing without a value head
         base.get_output_embeddings().register_forward_pre_hook(self._capture_hidden)
-        if self.fast_path:
+        if self.fast_path:  # oneDNN's linears on the CPU only (`fastpath.onednn_applies`)
             fastpath.use_onednn_linears(base)
             if self._ref_model is not None:
                 fastpath.use_onednn_linears(self._ref_model)
@@ -194,7 +195,8 @@ class Policy(torch.nn.Module):
             # during generate(): each decoding step feeds the lm_head the state that predicts
             # the next token, i.e. exactly the state whose value PPO needs
             self._gen_hidden.append(args[0][:, -1:])
-        else:
+        elif not self._sampling:
+            # (sampling without a value head keeps no tensor across decoding steps)
             self._hidden = args[0]
 
     @property
@@ -361,7 +363,8 @@ class Policy(torch.nn.Module):
             full-copy reference), entropy; and the number of prompts truncated to max_prompt_tokens.
         """
         prompt_ids, prompt_mask, n_truncated = self.encode_prompts(prompts)
-        self._gen_hidden = []
+        self._gen_hidden = [] if self.value_head is not None else None
+        self._sampling = True
         try:
             sampled = fastpath.sample(
                 self._active_model,
@@ -374,9 +377,12 @@ class Policy(torch.nn.Module):
                 self.decoder_start_token_id,
                 fast=self.fast_path,
                 sharded=self.engine == "fsdp2",
+                # the value head's states are kept across steps: no CUDA graphs under them
+                compile_ok=self.value_head is None,
             )
         finally:
-            hidden_steps, self._gen_hidden = self._gen_hidden, None
+            hidden_steps, self._gen_hidden = self._gen_hidden or [], None
+            self._sampling = False
         response_ids = sampled.response_ids
         valid_mask = response_valid_mask(response_ids, self.eos_token_ids)
         completions = self.decode(response_ids, valid_mask)
