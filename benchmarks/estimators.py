@@ -59,8 +59,13 @@ def variant_of(cfg: dict) -> str:
     return label
 
 
-def collect(runs: list[Path], shared: tuple[Path, ...], notes: dict[str, str]) -> dict:
+def collect(
+    runs: list[Path], shared: tuple[Path, ...], notes: dict[str, str], revision: str | None = None
+) -> dict:
+    """`revision`: the commit the runs ran at, where that is not this checkout's."""
     record = collect_detox(runs, shared)
+    if revision:
+        record["revision"] = revision
     for row, run in zip(record["runs"], runs, strict=True):
         cfg = json.loads((run / "report.json").read_text())["config"]
         row["variant"] = variant_of(cfg)
@@ -154,6 +159,7 @@ def main() -> None:
         metavar="RUN=TEXT",
         help="a footnote for one run (by its directory name), e.g. where it was run",
     )
+    p_col.add_argument("--revision", help="the commit the runs ran at (default: this checkout's)")
     sub.add_parser("plot", help="docs/img/estimators.png from the results file")
     p_show = sub.add_parser("show", help="print the table of the results file")
     p_show.add_argument("--markdown", action="store_true")
@@ -162,7 +168,7 @@ def main() -> None:
         run(args.seed, args.out)
     elif args.what == "collect":
         notes = dict(note.split("=", 1) for note in args.note)
-        save(collect(args.runs, tuple(args.shared), notes), RESULTS_FILE)
+        save(collect(args.runs, tuple(args.shared), notes, args.revision), RESULTS_FILE)
     elif args.what == "plot":
         plot()
     else:
