@@ -69,9 +69,7 @@ SPEED_GRPO = bench(
 )
 CHOICES = bench("benchmarks/cpu_choices.py", "--show", "benchmarks/results/cpu_choices.json")
 ESTIMATORS = bench("benchmarks/estimators.py", "show")
-LOSS_COST = bench(
-    "benchmarks/ppo_step.py", "--show", "benchmarks/results/policy_losses_step.json"
-)
+LOSS_COST = bench("benchmarks/ppo_step.py", "--show", "benchmarks/results/policy_losses_step.json")
 
 write(
     "results.md",
