@@ -22,7 +22,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from headline import IMG, METRICS, RESULTS, _wall, collect_detox, forest, save
+from headline import IMG, METRICS, RESULTS, _wall, add_shared_option, collect_detox, forest, save
 from results_io import ROOT, measured_line, table
 
 from tether.compare import change_cell
@@ -144,14 +144,7 @@ def main() -> None:
     p_run.add_argument("--out", type=Path, default=ROOT / "runs" / "estimators")
     p_col = sub.add_parser("collect", help="the results file from finished runs")
     p_col.add_argument("runs", type=Path, nargs="+", metavar="RUN")
-    p_col.add_argument(
-        "--shared",
-        type=Path,
-        nargs="*",
-        default=[],
-        metavar="RUN",
-        help="runs that shared the cores with other work: their wall time is marked",
-    )
+    add_shared_option(p_col)
     p_col.add_argument(
         "--note",
         action="append",

@@ -321,6 +321,18 @@ def plot() -> list[Path]:
     return paths
 
 
+def add_shared_option(parser: argparse.ArgumentParser) -> None:
+    """`--shared RUN...`, for the collect commands of this script and estimators.py."""
+    parser.add_argument(
+        "--shared",
+        type=Path,
+        nargs="*",
+        default=[],
+        metavar="RUN",
+        help="runs that shared the cores with other work: their wall time is marked",
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="what", required=True)
@@ -330,14 +342,7 @@ def main() -> None:
     p_col = sub.add_parser("collect", help="results files from finished runs")
     p_col.add_argument("--detox", type=Path, nargs="+", required=True, metavar="RUN")
     p_col.add_argument("--hacking", type=Path, required=True, metavar="DIR")
-    p_col.add_argument(
-        "--shared",
-        type=Path,
-        nargs="*",
-        default=[],
-        metavar="RUN",
-        help="runs that shared the cores with other work: their wall time is marked",
-    )
+    add_shared_option(p_col)
     sub.add_parser("plot", help="docs/img/*.png and the README block, from the results files")
     p_show = sub.add_parser("show", help="print the tables of the results files")
     p_show.add_argument("--markdown", action="store_true")
