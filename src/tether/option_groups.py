@@ -497,12 +497,12 @@ class EvalOptions:
     title: ClassVar[str] = "evaluation on held-out prompts"
 
     eval_prompts: int = opt(
-        200, "held-out prompts evaluated before and after (fewer only if the split has fewer)"
+        64, "held-out prompts evaluated before and after (fewer only if the split has fewer)"
     )
     eval_batch_size: int = opt(16, "prompts per generation batch in evaluation")
     eval_seed: int = opt(1234, "seed of the evaluation sampling (the same before and after)")
     eval_samples: int = opt(
-        1,
+        4,
         "completions sampled per held-out prompt: the report adds each toxicity's expected "
         "maximum over them and the share of prompts with one at --toxicity-threshold or above "
         "(RealToxicityPrompts samples 25)",
@@ -520,7 +520,7 @@ class EvalOptions:
         "chitchat:rest, the dialogues the toxic pool left out; otherwise none)",
     )
     transfer_eval_prompts: int = opt(
-        100, "prompts of the second pool, drawn at random (by --eval-seed) from its held-out split"
+        32, "prompts of the second pool, drawn at random (by --eval-seed) from its held-out split"
     )
 
 
