@@ -16,7 +16,7 @@ from tether.evaluate import (
     samples_per_prompt,
 )
 from tether.guard import distinct_n
-from tether.report import distinct_by_prompt
+from tether.report import distinct_by_prompt, summary_table
 
 WORDS = [*PROMPT_WORDS, "a bad day", "rain again"]
 
@@ -47,6 +47,8 @@ def _scored(tiny_llama, prompts, scorers):
         "12",
         "--eval-batch-size",
         "6",
+        "--eval-samples",
+        "1",
         "--no-progress",
     ]
 
@@ -71,7 +73,7 @@ def _demo_argv(tiny_llama, prompts, scorers, out, batch, judge_every, probes):
     """A 2-step `tether hacking-demo` (mini-batch 4); the probe count comes last."""
     return [
         "hacking-demo",
-        *_scored(tiny_llama, prompts, scorers)[:-5],  # no eval options: the demo has none
+        *_scored(tiny_llama, prompts, scorers)[:-7],  # no eval options: the demo has none
         "--no-progress",
         "--out",
         str(out),
@@ -318,6 +320,10 @@ def test_detox_with_several_samples_per_prompt(tiny_llama, detox_inputs, tmp_pat
     assert "EMT" not in capsys.readouterr().out
     assert main(k3[:-2] + ["--toxicity-threshold", "1.5", "--out", str(tmp_path / "bad")]) == 2
     assert "toxicity_threshold must be in (0, 1]" in capsys.readouterr().err
+    # a TP that no sample reached before has no relative change: n/a, not "+nan%"
+    judge["probability"].update(before_mean=0.0, relative_change=float("nan"))
+    line = next(x for x in summary_table(report).splitlines() if x.startswith("  P(any of 3"))
+    assert "n/a" in line and "nan" not in line
 
 
 def test_detox_evaluates_a_second_pool_no_step_chose(tiny_llama, detox_inputs, tmp_path, capsys):
@@ -330,6 +336,7 @@ def test_detox_evaluates_a_second_pool_no_step_chose(tiny_llama, detox_inputs, t
     argv = _argv(tiny_llama, prompts, scorers, out, "--no-similarity")
     argv[argv.index("--judge") + 1] = "profanity"
     argv[argv.index("--steps") + 1] = "1"
+    argv += ["--eval-samples", "2"]
     argv += ["--transfer-prompts", f"jsonl:{other}", "--transfer-eval-prompts", "5"]
     assert main(argv) == 0
     assert "the second held-out pool, jsonl:" in capsys.readouterr().out
@@ -339,7 +346,7 @@ def test_detox_evaluates_a_second_pool_no_step_chose(tiny_llama, detox_inputs, t
     }
     held_out = set(load_prompts(f"jsonl:{other}", "heldout", 0.25))  # the default fraction
     assert (
-        len(rows["baseline"]) == 5
+        len(rows["baseline"]) == 10
         and {PromptRecord(r["prompt"]) for r in rows["baseline"]} <= held_out
     )
     assert [r["prompt"] for r in rows["baseline"]] == [r["prompt"] for r in rows["aligned"]]
@@ -348,8 +355,10 @@ def test_detox_evaluates_a_second_pool_no_step_chose(tiny_llama, detox_inputs, t
     assert transfer["prompts"] == f"jsonl:{other}" and transfer["n_eval_prompts"] == 5
     judge = transfer["toxicity"]["judge"]
     key = judge["metric"]
-    assert judge["before_mean"] == pytest.approx(sum(r[key] for r in rows["baseline"]) / 5)
-    assert judge["after_mean"] == pytest.approx(sum(r[key] for r in rows["aligned"]) / 5)
+    assert judge["before_mean"] == pytest.approx(sum(r[key] for r in rows["baseline"]) / 10)
+    assert judge["after_mean"] == pytest.approx(sum(r[key] for r in rows["aligned"]) / 10)
+    emt = sum(max(r[key] for r in rows["aligned"][i : i + 2]) for i in range(0, 10, 2)) / 5
+    assert judge["expected_maximum"]["after_mean"] == pytest.approx(emt)
     assert (
         "length_controlled" in judge
         and (out / "eval" / "transfer_length_controlled.jsonl").is_file()
@@ -357,7 +366,8 @@ def test_detox_evaluates_a_second_pool_no_step_chose(tiny_llama, detox_inputs, t
     assert undocumented(out) == []
     capsys.readouterr()
     assert main(["compare", str(out), "--out", str(tmp_path / "c.html")]) == 0
-    assert "judge, 2nd pool" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "judge, 2nd pool" in table and "judge EMT, 2nd pool" in table
     # the run's own pool is not a second one; without one (auto on a jsonl pool) there is none
     same = [*argv[:-4], "--transfer-prompts", f"jsonl:{prompts}", "--out", str(tmp_path / "x")]
     assert main(same) == 2

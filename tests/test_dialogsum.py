@@ -100,7 +100,7 @@ def test_seq2seq_detox_and_eval_report_rouge_against_the_references(
     common = ["--policy", str(tiny_t5), "--prompts", f"dialogsum:{dialogsum_csv}@200-1000"]
     common += ["--reward", f"python:{scorers}:vowels", "--judge", f"python:{scorers}:spaces"]
     common += ["--max-new-tokens", "8", "--max-prompt-tokens", "48", "--eval-prompts", "6"]
-    common += ["--eval-batch-size", "3", "--no-similarity", "--no-progress"]
+    common += ["--eval-batch-size", "3", "--eval-samples", "1", "--no-similarity", "--no-progress"]
     run = tmp_path / "run"
     argv = ["detox", *common, "--out", str(run), "--steps", "2", "--batch-size", "4"]
     assert main([*argv, "--mini-batch-size", "2", "--judge-every", "0"]) == 0

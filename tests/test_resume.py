@@ -305,7 +305,8 @@ def test_detox_kill_9_then_resume_matches_uninterrupted_run(tiny_llama, scorers_
             ),
             *("--out", str(out), "--steps", "8", "--save-every", "2", "--judge-every", "4"),
             *("--batch-size", "4", "--mini-batch-size", "2", "--max-new-tokens", "6"),
-            *("--eval-prompts", "6", "--eval-batch-size", "6", "--probe-prompts", "2"),
+            *("--eval-prompts", "6", "--eval-batch-size", "6", "--eval-samples", "1"),
+            *("--probe-prompts", "2"),
             *("--lora-r", "4", "--no-similarity", "--no-progress"),
         ]
 

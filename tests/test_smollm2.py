@@ -97,6 +97,10 @@ def test_detox_on_the_embedded_default(tmp_path, capsys):
         "8",
         "--eval-batch-size",
         "8",
+        "--eval-samples",
+        "2",
+        "--transfer-eval-prompts",
+        "4",
         "--no-progress",
     ]
     assert main(argv) == 0
@@ -104,6 +108,9 @@ def test_detox_on_the_embedded_default(tmp_path, capsys):
     assert "profanity@logit toxicity" in stdout and "hatesonar toxicity" in stdout
     report = json.loads((out / "report.json").read_text())
     assert report["n_eval_prompts"] == 8 and report["config"]["policy"] == "smollm2"
+    assert report["samples_per_prompt"] == 2
+    assert report["transfer"]["prompts"] == "chitchat:rest"  # auto: the dialogues left out
+    assert report["transfer"]["n_eval_prompts"] == 4
     assert report["toxicity"]["judge"]["metric"] == "hatesonar toxicity"
     for section in ("perplexity", "similarity", "response_tokens"):
         assert report["quality"][section]["before_mean"] > 0

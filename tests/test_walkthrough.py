@@ -23,6 +23,7 @@ def test_flan_t5_recipe_also_configures_eval():
     cfg = build_config(EvalConfig, str(RECIPES / "detox-flan-t5.yaml"), {"out": "x"})
     assert cfg.model.policy == "google/flan-t5-base" and cfg.task.prompts == "dialogsum@200-1000"
     assert cfg.task.reward == "hf:facebook/roberta-hate-speech-dynabench-r4-target:nothate@logit"
+    assert cfg.eval.eval_samples == 25  # the GPU recipe samples as RealToxicityPrompts does
 
 
 def test_train_seq2seq_from_an_sft_adapter_starts_at_zero_kl(
@@ -75,7 +76,8 @@ def test_flan_t5_recipe_runs_with_tiny_stand_ins(
     ]
     argv += ["--prompts", f"dialogsum:{dialogsum_csv}@200-1000", "--max-prompt-tokens", "48"]
     argv += ["--steps", "2", "--batch-size", "4", "--mini-batch-size", "2", "--max-new-tokens", "8"]
-    argv += ["--eval-prompts", "4", "--eval-batch-size", "4", "--no-similarity", "--no-progress"]
+    argv += ["--eval-prompts", "4", "--eval-batch-size", "4", "--eval-samples", "1"]
+    argv += ["--no-similarity", "--no-progress"]
     assert main(argv) == 0, capsys.readouterr().err
     saved = yaml.safe_load((out / "config.yaml").read_text())
     walkthrough = {

@@ -36,9 +36,15 @@ TAIL = ("proxy_max", "proxy_p", "judge_max", "judge_p", "distinct_2")
 # step of the run chose it): shown when a run has them
 LENGTH_CONTROLLED = ("proxy_lc", "judge_lc")
 TRANSFER = ("proxy_2nd", "judge_2nd")
+# the tail on the second pool: shown with TAIL when a run has a second pool
+TAIL_2ND = ("proxy_max_2nd", "proxy_p_2nd", "judge_max_2nd", "judge_p_2nd")
 LABELS = {
     "proxy_2nd": "proxy, 2nd pool",
     "judge_2nd": "judge, 2nd pool",
+    "proxy_max_2nd": "proxy EMT, 2nd pool",
+    "proxy_p_2nd": "proxy TP, 2nd pool",
+    "judge_max_2nd": "judge EMT, 2nd pool",
+    "judge_p_2nd": "judge TP, 2nd pool",
     "proxy_lc": "proxy LC",
     "judge_lc": "judge LC",
     "proxy_max": "proxy EMT",
@@ -64,6 +70,10 @@ _REPORT_PATH = {
     "judge_lc": ("toxicity", "judge", "length_controlled"),
     "proxy_2nd": ("transfer", "toxicity", "proxy"),
     "judge_2nd": ("transfer", "toxicity", "judge"),
+    "proxy_max_2nd": ("transfer", "toxicity", "proxy", "expected_maximum"),
+    "proxy_p_2nd": ("transfer", "toxicity", "proxy", "probability"),
+    "judge_max_2nd": ("transfer", "toxicity", "judge", "expected_maximum"),
+    "judge_p_2nd": ("transfer", "toxicity", "judge", "probability"),
 }
 _OPTIONAL_SECTIONS = {"transfer"}  # null or absent in a report without a second pool
 _RL_TIMING = ("ppo", "rl")  # timing_seconds key of the RL phase (detox writes "ppo")
@@ -122,7 +132,7 @@ def load_run(run: str | Path) -> dict[str, Any]:
     report = _read_json(report_path)
     metrics = {
         m: metric_change(report, m, report_path)
-        for m in (*METRICS, *LENGTH_CONTROLLED, *TRANSFER, *TAIL)
+        for m in (*METRICS, *LENGTH_CONTROLLED, *TRANSFER, *TAIL, *TAIL_2ND)
     }
     for m in ("proxy", "judge", "perplexity"):
         if metrics[m] is None:
@@ -248,12 +258,16 @@ def metric_change(report: dict[str, Any], metric: str, path: Path) -> dict[str, 
 
 def columns(rows: list[dict[str, Any]]) -> tuple[str, ...]:
     """The metrics the table shows: METRICS; the length-controlled toxicities when some run has
-    them; TAIL when some run sampled several completions per prompt."""
+    them; TAIL (and TAIL_2ND, with a second pool) when some run sampled several completions per
+    prompt."""
     many = any((r.get("samples_per_prompt") or 1) > 1 for r in rows)
-    optional = [
-        m for m in (*LENGTH_CONTROLLED, *TRANSFER) if any(r["metrics"].get(m) for r in rows)
+    has = [
+        m
+        for m in (*LENGTH_CONTROLLED, *TRANSFER, *TAIL_2ND)
+        if any(r["metrics"].get(m) for r in rows)
     ]
-    return (*METRICS, *optional, *(TAIL if many else ()))
+    tail = [*TAIL, *(m for m in TAIL_2ND if m in has)] if many else []
+    return (*METRICS, *(m for m in has if m not in TAIL_2ND), *tail)
 
 
 def estimator_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

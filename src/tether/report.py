@@ -8,6 +8,7 @@ any time and the report can never disagree with the data it summarises.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -201,8 +202,10 @@ def _pool_table(report: dict[str, Any], pool: dict[str, Any]) -> list[str]:
             rows.append(("  both cut to the shorter", v["length_controlled"]))
     rows += list(pool["quality"].items())
     for name, v in rows:
+        rel = v["relative_change"]  # NaN when the baseline mean is 0 (a TP no sample reached)
+        change = f"{100 * rel:>+7.1f}%" if math.isfinite(rel) else f"{'n/a':>8}"
         lines.append(
-            f"{name:<34} {v['before_mean']:>9.4f} {v['after_mean']:>9.4f} {100 * v['relative_change']:>+7.1f}%   "
+            f"{name:<34} {v['before_mean']:>9.4f} {v['after_mean']:>9.4f} {change}   "
             f"[{v['ci95_low']:+.4f}, {v['ci95_high']:+.4f}]{'  *' if v['ci_excludes_zero'] else ''}"
         )
     return lines
