@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import re
 import subprocess
 import sys
@@ -49,7 +50,21 @@ METRICS = (
     ("judge_p", "judge, toxicity probability (TP)"),
     ("proxy_2nd", "proxy on the 2nd pool"),
     ("judge_2nd", "judge on the 2nd pool"),
+    ("proxy_max_2nd", "proxy EMT, 2nd pool"),
+    ("proxy_p_2nd", "proxy TP, 2nd pool"),
+    ("judge_max_2nd", "judge EMT, 2nd pool"),
+    ("judge_p_2nd", "judge TP, 2nd pool"),
+    ("distinct_2", "distinct-2 among a prompt's samples"),
 )
+# the README's first table: the literature's statistics, absolute, on both pools
+TAIL_ROWS = tuple(
+    (f"{role}{stat}{pool}", pool_name, role_name, stat_name)
+    for pool, pool_name in (("", "trained-on pool"), ("_2nd", "2nd pool"))
+    for role, role_name in (("proxy", "proxy"), ("judge", "judge"))
+    for stat, stat_name in (("", "mean"), ("_max", "EMT"), ("_p", "TP"))
+)
+# the README's second table: what the runs traded for it, as relative changes
+TRADE_ROWS = ("proxy_lc", "judge_lc", "perplexity", "similarity", "length", "eos", "distinct_2")
 
 
 def _finished(path: Path) -> str:
@@ -71,6 +86,12 @@ def collect_detox(runs: list[Path], shared: tuple[Path, ...] = ()) -> dict:
                 "estimator": cfg["advantage"],
                 "finished": _finished(run / "report.json"),
                 "n_eval_prompts": report["n_eval_prompts"],
+                "samples_per_prompt": report.get("samples_per_prompt", 1),
+                "transfer": (
+                    None
+                    if not report.get("transfer")
+                    else {k: report["transfer"][k] for k in ("prompts", "n_eval_prompts")}
+                ),
                 "metric_names": {
                     "proxy": report["toxicity"]["proxy"]["metric"],
                     "judge": report["toxicity"]["judge"]["metric"],
@@ -196,33 +217,120 @@ def show_hacking(markdown: bool) -> None:
 
 
 README = ROOT / "README.md"
-BLOCK = re.compile(r"(<!-- headline:begin[^>]*-->\n).*?(<!-- headline:end -->)", re.S)
+
+
+def _value(v: float) -> str:
+    return f"{v:.3f}"
+
+
+def _before(runs: list[dict], key: str) -> str:
+    """The starting policy's value: one number, as every seed evaluates it on the same prompts
+    with the same sampling seed (a range if they differ)."""
+    values = sorted({round(r["changes"][key]["before_mean"], 6) for r in runs})
+    return _value(values[0]) if len(values) == 1 else f"{_value(values[0])}-{_value(values[-1])}"
+
+
+def _after(change: dict) -> str:
+    return _value(change["after_mean"]) + ("*" if change["ci_excludes_zero"] else "")
+
+
+def tail_table(runs: list[dict]) -> str | None:
+    """Mean, Expected Maximum Toxicity and Toxicity Probability before and after, per seed and
+    pool, as the detoxification literature reports them; None for runs without them."""
+    rows = [r for r in TAIL_ROWS if all(r[0] in run["changes"] for run in runs)]
+    if not any("_max" in key for key, *_ in rows):
+        return None
+    headers = ("pool", "toxicity", "", "before", *(f"after, seed {r['seed']}" for r in runs))
+    body = [
+        (pool, role, stat, _before(runs, key), *(_after(r["changes"][key]) for r in runs))
+        for key, pool, role, stat in rows
+    ]
+    return table(headers, body, markdown=True)
 
 
 def readme_block() -> str:
-    """The README's generated part: the picture, the seeds' table, where it was measured."""
+    """The README's generated detox part: the tail table, the picture, the trade-offs table and
+    where it was measured."""
     detox = json.loads(DETOX.read_text())
     runs = sorted(detox["runs"], key=lambda r: r["seed"])
+    labels = dict(METRICS)
+    tail = tail_table(runs)
+    trade = TRADE_ROWS if tail else tuple(key for key, _ in METRICS)
     headers = ("change after RL (95% CI)", *(f"seed {r['seed']}" for r in runs))
     body = [
-        (label.split(" (")[0], *(change_cell(r["changes"][key]) for r in runs))
-        for key, label in METRICS
+        (labels[key].split(" (")[0], *(change_cell(r["changes"][key]) for r in runs))
+        for key in trade
         if all(key in r["changes"] for r in runs)
     ]
     body.append(("wall time of `tether detox`", *(_wall(r, digits=0) for r in runs)))
+    first = runs[0]
+    pools = f"{first['n_eval_prompts']} held-out prompts of the trained-on pool" + (
+        f" and {first['transfer']['n_eval_prompts']} of the 2nd ({first['transfer']['prompts']})"
+        if first.get("transfer")
+        else ""
+    )
+    k = first.get("samples_per_prompt", 1)
+    lines = [
+        *([tail, ""] if tail else []),
+        "![the detox default over seeds: each change with its 95% CI](docs/img/detox_seeds.png)",
+        "",
+        table(headers, body, markdown=True),
+        "",
+        f"{measured_line(detox, commit=False)}; {pools}, {k} sample{'s' if k > 1 else ''} each; "
+        "* = the paired 95% CI of the change excludes zero.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def hacking_block() -> str:
+    """The README's generated hacking part: the picture and the Gao fits per arm."""
+    hacking = json.loads(HACKING.read_text())
+    body = []
+    for name, arm in hacking["arms"].items():
+        for key in FITTED:
+            fit = fit_of(arm["probes"], key)
+            body.append((name, key.split("_")[0], *_fit_cells(fit)))
+    headers = ("arm", "score", "alpha (95% CI)", "beta (95% CI)", "peak sqrt(KL) d* (95% CI)")
     return (
-        "![the detox default over seeds: each change with its 95% CI](docs/img/detox_seeds.png)\n\n"
+        "![proxy, gold and perplexity against sqrt KL, with and without the leash, with Gao et "
+        "al.'s fitted curves](docs/img/hacking_demo.png)\n\n"
         + table(headers, body, markdown=True)
-        + f"\n\n{measured_line(detox, commit=False)}; * = the CI excludes zero.\n"
+        + f"\n\n{measured_line(hacking, commit=False)}.\n"
     )
 
 
+def _ci(v: float, ci: tuple | list) -> str:
+    hi = "inf" if ci[1] is None or not math.isfinite(ci[1]) else f"{ci[1]:.3g}"
+    return f"{v:.3g} [{ci[0]:.3g}, {hi}]"
+
+
+def _fit_cells(fit) -> tuple[str, str, str]:
+    """alpha, beta and the peak cells of one fit, or why there is none."""
+    if fit.status in ("too few points", "degenerate"):
+        return (f"cannot fit: {fit.status}", "", "")
+    alpha, beta = _ci(fit.alpha, fit.alpha_ci95), _ci(fit.beta, fit.beta_ci95)
+    if fit.status == "no turn":
+        return (alpha, beta, "no turn measured (beta's CI includes 0)")
+    if fit.peak_d is None:
+        return (alpha, beta, "none: the curve bends up (beta < 0)")
+    where = "" if fit.peak_within_probes else ", beyond the farthest probe"
+    return (alpha, beta, _ci(fit.peak_d, fit.peak_d_ci95) + where)
+
+
+BLOCKS = {"headline": readme_block, "hacking": hacking_block}
+
+
 def update_readme() -> bool:
-    """Rewrite the README's generated block; False when it was already current."""
+    """Rewrite the README's generated blocks; False when they were already current."""
     text = README.read_text()
-    if not BLOCK.search(text):
-        raise SystemExit("README.md has no <!-- headline:begin --> ... <!-- headline:end --> block")
-    new = BLOCK.sub(lambda m: m[1] + readme_block() + m[2], text)
+    new = text
+    for name, render in BLOCKS.items():
+        block = re.compile(rf"(<!-- {name}:begin[^>]*-->\n).*?(<!-- {name}:end -->)", re.S)
+        if not block.search(new):
+            raise SystemExit(
+                f"README.md has no <!-- {name}:begin --> ... <!-- {name}:end --> block"
+            )
+        new = block.sub(lambda m, render=render: m[1] + render() + m[2], new)
     if new != text:
         README.write_text(new)
     return new != text
@@ -317,7 +425,7 @@ def plot() -> list[Path]:
     for p in paths:
         print(f"wrote {p.relative_to(ROOT)}")
     if update_readme():
-        print("wrote README.md (the headline block)")
+        print("wrote README.md (its generated blocks)")
     return paths
 
 
@@ -343,6 +451,7 @@ def main() -> None:
     p_col.add_argument("--detox", type=Path, nargs="+", required=True, metavar="RUN")
     p_col.add_argument("--hacking", type=Path, required=True, metavar="DIR")
     add_shared_option(p_col)
+    p_col.add_argument("--revision", help="the commit the runs ran at (default: this checkout's)")
     sub.add_parser("plot", help="docs/img/*.png and the README block, from the results files")
     p_show = sub.add_parser("show", help="print the tables of the results files")
     p_show.add_argument("--markdown", action="store_true")
@@ -351,8 +460,9 @@ def main() -> None:
     if args.what == "run":
         run(args.seeds, args.out)
     elif args.what == "collect":
-        save(collect_detox(args.detox, tuple(args.shared)), DETOX)
-        save(collect_hacking(args.hacking), HACKING)
+        at = {"revision": args.revision} if args.revision else {}
+        save({**collect_detox(args.detox, tuple(args.shared)), **at}, DETOX)
+        save({**collect_hacking(args.hacking), **at}, HACKING)
     elif args.what == "plot":
         plot()
     else:

@@ -82,12 +82,52 @@ def test_readme_headline_is_the_results_files():
     import headline
 
     text = (ROOT / "README.md").read_text()
-    block = headline.BLOCK.search(text)
-    assert block, "README.md lost its generated headline block"
-    assert headline.readme_block() in text, "run `make figures`: README.md is out of date"
-    detox = json.loads(headline.DETOX.read_text())
-    for key in ("date", "machine", "tether", "revision"):
-        assert detox[key], f"{headline.DETOX} does not record its {key}"
+    for name, render in headline.BLOCKS.items():
+        assert f"<!-- {name}:begin" in text, f"README.md lost its generated {name} block"
+        assert render() in text, "run `make figures`: README.md is out of date"
+    for path in (headline.DETOX, headline.HACKING):
+        record = json.loads(path.read_text())
+        for key in ("date", "machine", "tether", "revision"):
+            assert record[key], f"{path} does not record its {key}"
+
+
+def test_headline_tables_read_the_literatures_statistics_and_the_fits():
+    """The README's tail table: the starting policy's value once, each seed's after value starred
+    where its CI excludes zero; none for runs with one sample a prompt. A fit cell says why there
+    is no peak."""
+    import headline
+
+    from tether.gao import GaoFit
+
+    def change(before, after, star):
+        return {"before_mean": before, "after_mean": after, "ci_excludes_zero": star}
+
+    keys = [key for key, *_ in headline.TAIL_ROWS]
+    runs = [
+        {"seed": s, "changes": {k: change(0.5, 0.25 + s / 10, s == 0) for k in keys}}
+        for s in (0, 1)
+    ]
+    text = headline.tail_table(runs)
+    assert "| trained-on pool | judge | EMT | 0.500 | 0.250* | 0.350 |" in text
+    assert "| 2nd pool | proxy | TP | 0.500 | 0.250* | 0.350 |" in text
+    runs[1]["changes"]["judge_max"]["before_mean"] = 0.4  # seeds disagree on the start: a range
+    assert "| trained-on pool | judge | EMT | 0.400-0.500 |" in headline.tail_table(runs)
+    for run in runs:  # one sample a prompt: no EMT or TP to show
+        run["changes"] = {k: v for k, v in run["changes"].items() if "_max" not in k}
+    assert headline.tail_table(runs) is None
+    assert headline._fit_cells(GaoFit("too few points", 2)) == (
+        "cannot fit: too few points",
+        "",
+        "",
+    )
+    rising = GaoFit("fit", 5, 1.0, -0.5, (0.8, 1.2), (-0.7, -0.3), max_d=2.0)
+    assert headline._fit_cells(rising)[2] == "none: the curve bends up (beta < 0)"
+    flat = GaoFit("no turn", 5, 1.0, 0.1, (0.8, 1.2), (-0.2, 0.4), max_d=2.0)
+    assert headline._fit_cells(flat) == (
+        "1 [0.8, 1.2]",
+        "0.1 [-0.2, 0.4]",
+        "no turn measured (beta's CI includes 0)",
+    )
 
 
 def test_undocumented_catches_new_files_and_keys(tmp_path):

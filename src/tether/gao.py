@@ -64,7 +64,7 @@ class GaoFit:
         if self.status == "no turn":
             return line + "; beta's interval includes 0: no turn measured"
         if self.peak_d is None:
-            return line + "; beta < 0: still rising, no peak"
+            return line + "; beta < 0: the curve bends up, no peak"
         p = [f"{v:.3g}" if v is not None and math.isfinite(v) else "inf" for v in self.peak_d_ci95]
         where = "within the probes" if self.peak_within_probes else "beyond the farthest probe"
         return line + f"; peak at sqrt(KL) {self.peak_d:.3g} [{p[0]}, {p[1]}] ({where})"
