@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import re
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from pathlib import Path
 from results_io import ROOT, measured_line, provenance, table
 
 from tether.compare import change_cell, metric_change
+from tether.gao import GaoFit, with_ci
 from tether.hacking import FITTED, draw_fit, fit_of
 
 RESULTS = ROOT / "benchmarks" / "results"
@@ -290,7 +290,7 @@ def hacking_block() -> str:
         for key in FITTED:
             fit = fit_of(arm["probes"], key)
             body.append((name, key.split("_")[0], *_fit_cells(fit)))
-    headers = ("arm", "score", "alpha (95% CI)", "beta (95% CI)", "peak sqrt(KL) d* (95% CI)")
+    headers = ("arm", "score", "alpha (95% CI)", "beta (95% CI)", "peak d* (95% CI), or why none")
     return (
         "![proxy, gold and perplexity against sqrt KL, with and without the leash, with Gao et "
         "al.'s fitted curves](docs/img/hacking_demo.png)\n\n"
@@ -299,22 +299,12 @@ def hacking_block() -> str:
     )
 
 
-def _ci(v: float, ci: tuple | list) -> str:
-    hi = "inf" if ci[1] is None or not math.isfinite(ci[1]) else f"{ci[1]:.3g}"
-    return f"{v:.3g} [{ci[0]:.3g}, {hi}]"
-
-
-def _fit_cells(fit) -> tuple[str, str, str]:
-    """alpha, beta and the peak cells of one fit, or why there is none."""
-    if fit.status in ("too few points", "degenerate"):
-        return (f"cannot fit: {fit.status}", "", "")
-    alpha, beta = _ci(fit.alpha, fit.alpha_ci95), _ci(fit.beta, fit.beta_ci95)
-    if fit.status == "no turn":
-        return (alpha, beta, "no turn measured (beta's CI includes 0)")
-    if fit.peak_d is None:
-        return (alpha, beta, "none: the curve bends up (beta < 0)")
-    where = "" if fit.peak_within_probes else ", beyond the farthest probe"
-    return (alpha, beta, _ci(fit.peak_d, fit.peak_d_ci95) + where)
+def _fit_cells(fit: GaoFit) -> tuple[str, str, str]:
+    """alpha and beta with their intervals, and where gold peaks or why it gives no peak (the
+    words of the hacking report's own summary); a fit that could not be made has only the why."""
+    if fit.alpha is None:
+        return (fit.verdict(), "", "")
+    return (with_ci(fit.alpha, fit.alpha_ci95), with_ci(fit.beta, fit.beta_ci95), fit.verdict())
 
 
 BLOCKS = {"headline": readme_block, "hacking": hacking_block}

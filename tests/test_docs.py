@@ -116,17 +116,22 @@ def test_headline_tables_read_the_literatures_statistics_and_the_fits():
         run["changes"] = {k: v for k, v in run["changes"].items() if "_max" not in k}
     assert headline.tail_table(runs) is None
     assert headline._fit_cells(GaoFit("too few points", 2)) == (
-        "cannot fit: too few points",
+        "cannot fit: too few points (2 probes past the start)",
         "",
         "",
     )
     rising = GaoFit("fit", 5, 1.0, -0.5, (0.8, 1.2), (-0.7, -0.3), max_d=2.0)
-    assert headline._fit_cells(rising)[2] == "none: the curve bends up (beta < 0)"
+    assert headline._fit_cells(rising)[2] == "beta < 0: the curve bends up, no peak"
     flat = GaoFit("no turn", 5, 1.0, 0.1, (0.8, 1.2), (-0.2, 0.4), max_d=2.0)
     assert headline._fit_cells(flat) == (
         "1 [0.8, 1.2]",
         "0.1 [-0.2, 0.4]",
-        "no turn measured (beta's CI includes 0)",
+        "beta's interval includes 0: no turn measured",
+    )
+    beyond = GaoFit("fit", 5, 1.0, 0.2, (0.8, 1.2), (0.1, 0.3), 54.6, (20.1, float("inf")), False)
+    assert (
+        headline._fit_cells(beyond)[2]
+        == "peak at sqrt(KL) 54.6 [20.1, inf] (beyond the farthest probe)"
     )
 
 

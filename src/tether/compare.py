@@ -261,13 +261,13 @@ def columns(rows: list[dict[str, Any]]) -> tuple[str, ...]:
     them; TAIL (and TAIL_2ND, with a second pool) when some run sampled several completions per
     prompt."""
     many = any((r.get("samples_per_prompt") or 1) > 1 for r in rows)
-    has = [
-        m
-        for m in (*LENGTH_CONTROLLED, *TRANSFER, *TAIL_2ND)
-        if any(r["metrics"].get(m) for r in rows)
-    ]
-    tail = [*TAIL, *(m for m in TAIL_2ND if m in has)] if many else []
-    return (*METRICS, *(m for m in has if m not in TAIL_2ND), *tail)
+
+    def present(m: str) -> bool:
+        return any(r["metrics"].get(m) for r in rows)
+
+    optional = [m for m in (*LENGTH_CONTROLLED, *TRANSFER) if present(m)]
+    tail = [*TAIL, *filter(present, TAIL_2ND)] if many else []
+    return (*METRICS, *optional, *tail)
 
 
 def estimator_summary(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -52,22 +52,32 @@ class GaoFit:
         safe = np.where(d > 0, d, 1.0)
         return np.where(d > 0, d * (self.alpha - self.beta * np.log(safe)), 0.0)
 
-    def summary(self) -> str:
-        """One line for a report."""
+    def verdict(self) -> str:
+        """Where the fitted curve peaks, or why it gives no peak to report."""
         if self.status in ("too few points", "degenerate"):
             return f"cannot fit: {self.status} ({self.n_points} probes past the start)"
-        a, b = self.alpha_ci95, self.beta_ci95
-        line = (
-            f"alpha {self.alpha:.3g} [{a[0]:.3g}, {a[1]:.3g}], beta {self.beta:.3g} "
-            f"[{b[0]:.3g}, {b[1]:.3g}] over {self.n_points} probes"
-        )
         if self.status == "no turn":
-            return line + "; beta's interval includes 0: no turn measured"
+            return "beta's interval includes 0: no turn measured"
         if self.peak_d is None:
-            return line + "; beta < 0: the curve bends up, no peak"
-        p = [f"{v:.3g}" if v is not None and math.isfinite(v) else "inf" for v in self.peak_d_ci95]
+            return "beta < 0: the curve bends up, no peak"
         where = "within the probes" if self.peak_within_probes else "beyond the farthest probe"
-        return line + f"; peak at sqrt(KL) {self.peak_d:.3g} [{p[0]}, {p[1]}] ({where})"
+        return f"peak at sqrt(KL) {with_ci(self.peak_d, self.peak_d_ci95)} ({where})"
+
+    def summary(self) -> str:
+        """One line for a report."""
+        if self.alpha is None:
+            return self.verdict()
+        return (
+            f"alpha {with_ci(self.alpha, self.alpha_ci95)}, beta "
+            f"{with_ci(self.beta, self.beta_ci95)} over {self.n_points} probes; {self.verdict()}"
+        )
+
+
+def with_ci(value: float, ci: tuple[float, float] | list) -> str:
+    """The value and its 95% interval to 3 significant digits; an interval open to the right
+    (None or inf, as a peak beyond every probe can have) ends in inf."""
+    hi = f"{ci[1]:.3g}" if ci[1] is not None and math.isfinite(ci[1]) else "inf"
+    return f"{value:.3g} [{ci[0]:.3g}, {hi}]"
 
 
 def _lstsq(d: np.ndarray, gain: np.ndarray) -> tuple[float, float] | None:
